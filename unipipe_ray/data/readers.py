@@ -1,0 +1,151 @@
+"""Read raw records from files, saved datasets and the hub, each with a location for error messages.
+
+Locations: `path:LINE` (1-based) for JSON Lines, `path[record I]` (0-based) for everything else.
+`datasets` and `pyarrow` are imported only when a source needs them.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from unipipe_ray.data.records import DataError
+
+SUPPORTED = ".jsonl, .jsonl.gz, .json (a list of objects), .json.gz, .parquet, a directory written by " \
+            "datasets' save_to_disk, hf:<name>[:split]"
+
+
+def read_raw(path) -> Iterator[tuple[str, dict]]:
+    """Yield (location, record) from `path`; the first bad line raises its DataError."""
+    for loc, record in iter_raw(path):
+        if isinstance(record, DataError):
+            raise record
+        yield loc, record
+
+
+def iter_raw(path) -> Iterator[tuple[str, dict | DataError]]:
+    """Like read_raw, but a bad line comes back as its DataError so a caller may skip it and read on.
+    Problems that spoil the whole source (missing file, unknown format, broken .json) are raised."""
+    name = os.fspath(path)
+    if name.startswith("hf:"):
+        yield from _read_hub(name)
+        return
+    p = Path(name)
+    if not p.exists():
+        raise FileNotFoundError(f"data source not found: {name}")
+    if p.is_dir():
+        yield from _read_saved(p, name)
+    elif name.endswith((".jsonl", ".jsonl.gz")):
+        yield from _read_jsonl(p, name)
+    elif name.endswith((".json", ".json.gz")):
+        yield from _read_json(p, name)
+    elif name.endswith(".parquet"):
+        yield from _read_parquet(p, name)
+    else:
+        raise DataError(f"unsupported data format; supported: {SUPPORTED}", "unsupported_format", name)
+
+
+def _read_jsonl(p: Path, name: str):
+    # Decode line by line from bytes: one bad byte then names its line instead of failing the whole file.
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(p, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                loc = f"{name}:{lineno}"
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    yield loc, DataError(f"invalid UTF-8 (byte {e.start} of the line)", "invalid_utf8", loc)
+                    continue
+                if not line.strip():
+                    continue  # blank lines (a trailing newline, spacing) hold no record
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield loc, DataError(f"malformed JSON: {e.msg} (column {e.colno})", "malformed_json", loc)
+                    continue
+                yield loc, _as_object(record, loc)
+    except (EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read gzip stream: {e}", "unreadable_file", name) from e
+
+
+def _read_json(p: Path, name: str):
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(p, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError("invalid UTF-8", "invalid_utf8", f"{name}:{line}") from e
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", "malformed_json",
+                        f"{name}:{e.lineno}") from e
+    if not isinstance(records, list):
+        raise DataError(f"expected a JSON list of objects, got {type(records).__name__}", "wrong_type", name)
+    for i, record in enumerate(records):
+        loc = f"{name}[record {i}]"
+        yield loc, _as_object(record, loc)
+
+
+def _read_parquet(p: Path, name: str):
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(p).iter_batches(batch_size=1024)
+        rows = (row for batch in batches for row in batch.to_pylist())
+        yield from ((f"{name}[record {i}]", row) for i, row in enumerate(rows))
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"cannot read parquet: {e}", "unreadable_file", name) from e
+
+
+def _read_saved(p: Path, name: str):
+    if (p / "dataset_dict.json").exists():
+        splits = json.loads((p / "dataset_dict.json").read_text())["splits"]
+        if len(splits) != 1:
+            raise DataError(f"a saved DatasetDict with splits {splits}; pass one split's directory, e.g. "
+                            f"{name}/{splits[0]}", "ambiguous_split", name)
+        p, name = p / splits[0], f"{name}/{splits[0]}"
+    if not (p / "state.json").exists():
+        raise DataError(f"a directory, but not one written by datasets' save_to_disk (no state.json); "
+                        f"supported: {SUPPORTED}", "unsupported_format", name)
+    from datasets import load_from_disk
+
+    yield from _rows(load_from_disk(str(p)), name)
+
+
+def _read_hub(name: str):
+    dataset, _, split = name[3:].partition(":")
+    split = split or "train"
+    if _offline():
+        raise DataError(f"hub dataset '{dataset}' needs network access but HF_HUB_OFFLINE or "
+                        f"HF_DATASETS_OFFLINE is set; download it and pass a local path", "hub_unavailable", name)
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(dataset, split=split)
+    except Exception as e:  # the hub fails in many ways (no network, no such name/split); all mean "not here"
+        raise DataError(f"cannot load hub dataset '{dataset}' split '{split}' (hf: sources need network "
+                        f"access; offline, pass a local path): {type(e).__name__}: {e}", "hub_unavailable",
+                        name) from e
+    yield from _rows(ds, name)
+
+
+def _offline() -> bool:
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
+    return any(flag.strip().upper() in {"1", "ON", "YES", "TRUE"} for flag in flags)
+
+
+def _rows(ds, name: str):
+    for i, row in enumerate(ds):
+        yield f"{name}[record {i}]", row
+
+
+def _as_object(record, loc: str):
+    if isinstance(record, dict):
+        return record
+    return DataError(f"expected a JSON object, got {type(record).__name__}", "wrong_type", loc)
