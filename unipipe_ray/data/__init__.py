@@ -14,8 +14,15 @@ from unipipe_ray.data.arith import ArithTask
 from unipipe_ray.data.collate import collate_preference, collate_prompts, collate_sft
 from unipipe_ray.data.load import LoadReport, load_examples
 from unipipe_ray.data.readers import read_raw
-from unipipe_ray.data.records import (DataError, PreferencePair, PromptExample, SFTExample, parse_preference,
-                                      parse_prompt, parse_sft)
+from unipipe_ray.data.records import (
+    DataError,
+    PreferencePair,
+    PromptExample,
+    SFTExample,
+    parse_preference,
+    parse_prompt,
+    parse_sft,
+)
 from unipipe_ray.data.split import budget_split
 from unipipe_ray.data.tasks import Gsm8kTask, HHHarmlessTask, corrupt_solution, get_task
 from unipipe_ray.data.tokenize import tokenize_all, tokenize_preference, tokenize_prompt, tokenize_sft

@@ -19,7 +19,8 @@ def collate_sft(features: list[dict], pad_token_id: int, pad_to_multiple_of: int
             "labels": _pad([f["labels"] for f in features], IGNORE_INDEX, length)}
 
 
-def collate_preference(features: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+def collate_preference(features: list[dict], pad_token_id: int,
+                       pad_to_multiple_of: int | None = None) -> dict:
     """B pairs -> one batch of 2B rows: rows [0, B) chosen, rows [B, 2B) rejected; keys as collate_sft.
 
     One forward pass then scores both sides; split with `logps[:B], logps[B:]`.

@@ -12,8 +12,8 @@ import math
 import os
 import random
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from unipipe_ray.data.readers import iter_raw
 from unipipe_ray.data.records import DataError, parse_preference, parse_prompt, parse_sft
@@ -52,7 +52,8 @@ class LoadReport:
         return "; ".join([text, *self.notes])
 
 
-def load_examples(kind: str, sources, *, on_bad_record: str = "error", seed: int = 0, size: int | None = None):
+def load_examples(kind: str, sources, *, on_bad_record: str = "error", seed: int = 0,
+                  size: int | None = None):
     """Read, check and mix examples. Returns (examples, LoadReport).
 
     sources: a sequence of (path, weight); a bare path means one source of weight 1. Weights are relative
@@ -67,13 +68,14 @@ def load_examples(kind: str, sources, *, on_bad_record: str = "error", seed: int
         raise ValueError(f"size must be a positive int or None, got {size!r}")
     report = LoadReport()
     pools = [read_records(path, parse, on_bad_record, report) for path, _ in sources]
-    for (path, _), pool in zip(sources, pools):
+    for (path, _), pool in zip(sources, pools, strict=True):
         if not pool:
             raise DataError(f"no usable records ({report.summary()})", "no_records", os.fspath(path))
     if len(pools) == 1 and size is None:
         examples = pools[0]
     else:
-        examples = _mix(pools, [w for _, w in sources], [os.fspath(p) for p, _ in sources], size, seed, report)
+        names = [os.fspath(p) for p, _ in sources]
+        examples = _mix(pools, [w for _, w in sources], names, size, seed, report)
     if report.skipped:
         log.warning("load_examples(%s): %s", kind, report.summary())
     return examples, report
@@ -99,13 +101,14 @@ def _mix(pools: list[list], weights: list[float], names: list[str], size, seed: 
     rng = random.Random(seed)
     shares = [w / sum(weights) for w in weights]
     if size is None:
-        # The scarcest source relative to its share sets the size; min() guards against float round-up.
-        size = min(math.floor(len(pool) / share) for pool, share in zip(pools, shares))
-        counts = [min(n, len(pool)) for n, pool in zip(apportion(size, shares), pools)]
+        # The scarcest source relative to its share sets the size.
+        size = min(math.floor(len(pool) / share) for pool, share in zip(pools, shares, strict=True))
+        # min() only guards against float round-up taking one record too many.
+        counts = [min(n, len(pool)) for n, pool in zip(apportion(size, shares), pools, strict=True)]
     else:
         counts = apportion(size, shares)
     mixture = []
-    for pool, n, name in zip(pools, counts, names):
+    for pool, n, name in zip(pools, counts, names, strict=True):
         mixture.extend(_draw(pool, n, rng))
         how = "repeated" if n > len(pool) else "subsampled" if n < len(pool) else "all"
         report.notes.append(f"{name}: {n} of {len(pool)} ({how}, x{n / len(pool):.2f})")
@@ -139,9 +142,10 @@ def _check_sources(sources) -> list[tuple]:
         if not (isinstance(source, (tuple, list)) and len(source) == 2):
             raise ValueError(f"each source must be a (path, weight) pair, got {source!r}")
         weight = source[1]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                or weight <= 0:
-            raise ValueError(f"source {os.fspath(source[0])}: weight must be a finite number > 0, got {weight!r}")
+        number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        if not number or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"source {os.fspath(source[0])}: weight must be a finite number > 0, "
+                             f"got {weight!r}")
     return [tuple(s) for s in sources]
 
 

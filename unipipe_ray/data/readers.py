@@ -8,8 +8,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from unipipe_ray.data.records import DataError
 
@@ -123,7 +123,8 @@ def _read_hub(name: str):
     split = split or "train"
     if _offline():
         raise DataError(f"hub dataset '{dataset}' needs network access but HF_HUB_OFFLINE or "
-                        f"HF_DATASETS_OFFLINE is set; download it and pass a local path", "hub_unavailable", name)
+                        f"HF_DATASETS_OFFLINE is set; download it and pass a local path",
+                        "hub_unavailable", name)
     from datasets import load_dataset
 
     try:

@@ -4,8 +4,9 @@ A prompt is always a tuple of chat messages {"role", "content"} ending with a us
 
     SFT         {"prompt": str | messages, "response": str}  or  {"messages": [..., assistant turn]}
     preference  {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
-                {"chosen": dialogue, "rejected": dialogue}   (HH-RLHF: full "\\n\\nHuman: ... \\n\\nAssistant: ..."
-                text or full message lists; everything before the final assistant turn is the prompt)
+                {"chosen": dialogue, "rejected": dialogue}  (HH-RLHF: full-text dialogues
+                "\\n\\nHuman: ...\\n\\nAssistant: ..." or full message lists; everything before
+                the final assistant turn is the prompt, and must be the same in both)
     prompt      {"prompt": str | messages}  or  {"messages": [...]}
 
 All three take an optional "system" string; every other field goes into `meta` (e.g. GSM8K's "answer").
@@ -21,7 +22,8 @@ ROLES = ("system", "user", "assistant")
 
 class DataError(ValueError):
     """A bad record or file. `kind` is a short tag counted in skip reports ("missing_field", "wrong_type",
-    "identical_pair", ...); `loc` says where: `train.jsonl:12` (line, 1-based) or `dir[record 7]` (0-based)."""
+    "identical_pair", ...); `loc` says where: `train.jsonl:12` (line, 1-based) or `dir[record 7]`
+    (0-based)."""
 
     def __init__(self, message: str, kind: str, loc: str | None = None):
         super().__init__(f"{loc}: {message} [{kind}]" if loc else f"{message} [{kind}]")
@@ -73,8 +75,9 @@ def parse_preference(raw, loc: str) -> PreferencePair:
     prompt, chosen = _split_response(_conversation(raw, "chosen", loc), "chosen", loc)
     rejected_prompt, rejected = _split_response(_conversation(raw, "rejected", loc), "rejected", loc)
     if prompt != rejected_prompt:
-        turn = next((i for i, (a, b) in enumerate(zip(prompt, rejected_prompt)) if a != b), None)
-        where = f"first differing turn: {turn}" if turn is not None else (
+        pairs = zip(prompt, rejected_prompt, strict=False)
+        differ = [i for i, (a, b) in enumerate(pairs) if a != b]
+        where = f"first differing turn: {differ[0]}" if differ else (
             f"{len(prompt)} vs {len(rejected_prompt)} turns")
         raise DataError(f"'chosen' and 'rejected' do not share the prompt before their final assistant turn "
                         f"({where})", "prompt_mismatch", loc)
@@ -104,7 +107,7 @@ def split_dialogue(text: str, name: str, loc: str) -> tuple[dict, ...]:
         raise DataError(f"field '{name}': not a dialogue of '\\n\\nHuman: ' / '\\n\\nAssistant: ' turns",
                         "malformed_dialogue", loc)
     return tuple({"role": _HH_ROLES[role], "content": content.strip()}
-                 for role, content in zip(parts[1::2], parts[2::2]))
+                 for role, content in zip(parts[1::2], parts[2::2], strict=True))
 
 
 def _conversation(raw: dict, name: str, loc: str) -> tuple[dict, ...]:

@@ -1,4 +1,6 @@
-"""Split a fixed annotation budget between SFT and preference data (Raghavendra et al. 2025, arXiv 2502.11284).
+"""Split a fixed annotation budget between SFT and preference data.
+
+Raghavendra, Kang, Ritter, "Balancing the Budget", ACL 2025 (arXiv 2502.11284).
 
 With budget N and SFT ratio r: round(N * r) questions become SFT demonstrations, the other N - round(N * r)
 preference pairs. The two sets are disjoint: a question used for SFT is not reused for a pair, so each

@@ -37,7 +37,7 @@ def prompt_ids(messages, tokenizer) -> list[int]:
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
     ids = tokenizer.encode(text, add_special_tokens=False)
     bos = getattr(tokenizer, "bos_token_id", None)
-    # A distinct BOS (Llama-style) belongs at the start; GPT-2 style tokenizers reuse EOS as BOS, so skip those.
+    # A distinct BOS (Llama style) belongs at the start; GPT-2 style tokenizers reuse EOS as BOS: skip those.
     return [bos] + ids if bos is not None and bos != tokenizer.eos_token_id else ids
 
 
@@ -106,7 +106,7 @@ def tokenize_all(examples, kind: str, tokenizer, max_length: int, on_bad_record:
             report.skip(e)
     if report.skipped > skipped_before:
         log.warning("tokenize_all(%s): %s", kind, report.summary())
-    if not features:
+    if examples and not features:
         raise DataError(f"no example left after tokenization ({report.summary()})", "no_records")
     return features
 

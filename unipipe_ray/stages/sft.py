@@ -15,15 +15,14 @@ import torch
 from unipipe_ray import distributed as dist
 from unipipe_ray.config import SFTConfig, to_dict
 from unipipe_ray.logps import token_logps
-from unipipe_ray.losses import masked_sum
+from unipipe_ray.losses import masked_sum, sft_loss
 from unipipe_ray.stages import common
 
 
-def batch_loss_terms(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL over response tokens and their count, for one micro-batch (B, T)."""
+def response_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs (B, T-1) of the response tokens of one micro-batch, and their mask."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps, mask = token_logps(logits, batch["labels"])
-    return -masked_sum(logps, mask), mask.sum()
+    return token_logps(logits, batch["labels"])
 
 
 @torch.no_grad()
@@ -35,8 +34,8 @@ def evaluate(model, features: list[dict], batch_size: int, pad_id: int) -> dict:
     total, count = torch.zeros(()), torch.zeros(())
     mine = features[dist.rank()::dist.world_size()]
     for i in range(0, len(mine), batch_size):
-        nll, n = batch_loss_terms(model, collate_sft(mine[i:i + batch_size], pad_id))
-        total, count = total + nll.double(), count + n
+        logps, mask = response_logps(model, collate_sft(mine[i:i + batch_size], pad_id))
+        total, count = total - masked_sum(logps, mask).double(), count + mask.sum()
     model.train()
     total, count = dist.all_reduce_sum(total), dist.all_reduce_sum(count)
     return {"sft/eval_loss": float(total / count.clamp(min=1))}
@@ -82,8 +81,7 @@ def train_loop(loop_config: dict) -> None:
         normalizer = global_tokens / world
         step_loss = 0.0
         for batch in batches:
-            nll, _ = batch_loss_terms(engine, batch)
-            loss = nll / normalizer
+            loss = sft_loss(*response_logps(engine, batch), mode="token", normalizer=normalizer)
             engine.backward(loss)
             step_loss += float(loss.detach())
         info = engine.step()
