@@ -29,12 +29,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _answer_eval(cfg: SFTConfig, checkpoint: str | None, n: int) -> dict:
-    from unipipe_ray.data import get_task
     from unipipe_ray.eval.generation import answer_accuracy
-    from unipipe_ray.stages.common import load_stage_data
     from unipipe_ray.models import load_tokenizer
+    from unipipe_ray.stages.common import load_stage_data, make_task
 
-    task = get_task(cfg.data.task, path=cfg.data.task_path, n=cfg.data.task_size, seed=cfg.data.seed)
+    task = make_task(cfg.data)
     if not task.has_gold_reward:
         raise SystemExit(f"--answer-eval: task {cfg.data.task!r} has no gold checker")
     _, _, held_out = load_stage_data(cfg.data, "sft", load_tokenizer(cfg.model))

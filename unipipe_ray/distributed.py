@@ -8,6 +8,7 @@ stage loops read the same whether they run on one process or many.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.distributed as dist
@@ -25,10 +26,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def print0(*args, **kwargs) -> None:
-    """Print on rank 0 only (Ray forwards worker stdout to the driver, so this is the live log)."""
+def print0(message: str) -> None:
+    """Print on rank 0 only: Ray forwards worker stdout to the driver, so this is the live log.
+
+    Writes to the stream directly because Ray Train patches print() into a logger that echoes twice.
+    """
     if is_main():
-        print(*args, **kwargs, flush=True)
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
 
 
 def all_reduce_sum(value: float | torch.Tensor) -> torch.Tensor:

@@ -106,10 +106,10 @@ def test_get_task_errors():
         get_task("arith", path="x.jsonl")
 
 
-def test_get_task_file_tasks_ignore_generation_knobs(tmp_path):
-    # One call shape built from a config serves every task: n and seed only size/seed `arith`.
+def test_get_task_file_tasks_reject_generation_knobs(tmp_path):
+    # A file-backed task has no size or seed to set: passing one is a mistake, not something to ignore.
     path = tmp_path / "gsm.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in GSM))
-    assert len(get_task("gsm8k", path, n=1, seed=3).sft_examples()) == 2
+    assert len(get_task("gsm8k", path).sft_examples()) == 2
     with pytest.raises(TypeError):
-        get_task("gsm8k", path, max_steps=2)
+        get_task("gsm8k", path, n=1)

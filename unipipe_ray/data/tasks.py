@@ -118,11 +118,7 @@ TASKS = {"gsm8k": Gsm8kTask, "hh_harmless": HHHarmlessTask, "arith": ArithTask}
 
 
 def get_task(name: str, path=None, **kwargs):
-    """Build a task by name; gsm8k and hh_harmless read `path`, arith is generated (kwargs: n, seed, ...).
-
-    `n` and `seed` size and seed the generated task; file-backed tasks ignore them, so one call built from
-    a config serves every task. Any other unknown keyword is an error.
-    """
+    """Build a task by name; gsm8k and hh_harmless read `path`, arith is generated (kwargs: n, seed, ...)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     if name == "arith":
@@ -131,5 +127,4 @@ def get_task(name: str, path=None, **kwargs):
         return ArithTask(**kwargs)
     if path is None:
         raise ValueError(f"task {name!r} reads a data file: pass path=...")
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("n", "seed")}
     return TASKS[name](path, **kwargs)

@@ -24,19 +24,30 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------ driver side
 
 
+def make_task(data: DataConfig):
+    """The config's task: the generated one takes a size and seed, the file-backed ones a path."""
+    from unipipe_ray.data import get_task
+
+    if data.task == "arith":
+        return get_task("arith", n=data.task_size, seed=data.seed)
+    if data.task_path is None:
+        raise ValueError(f"data.task={data.task!r} reads a file: set data.task_path")
+    return get_task(data.task, path=data.task_path)
+
+
 def load_stage_data(data: DataConfig, kind: str, tokenizer) -> tuple[list, list, list]:
     """Examples of ``kind`` (sft | preference | prompt) -> (train features, eval features, eval examples).
 
     User sources win over the built-in task. The eval split is taken before ``size`` so that it does not
     change when the training size does. Bad records follow ``on_bad_record``; skips are logged with counts.
     """
-    from unipipe_ray.data import get_task, load_examples, tokenize_all
+    from unipipe_ray.data import load_examples, tokenize_all
 
     if data.sources:
         examples, report = load_examples(kind, [(s.path, s.weight) for s in data.sources],
                                          on_bad_record=data.on_bad_record, seed=data.seed)
     else:
-        task = get_task(data.task, path=data.task_path, n=data.task_size, seed=data.seed)
+        task = make_task(data)
         examples, report = {"sft": task.sft_examples, "prompt": task.prompts,
                             "preference": lambda: task.preference_pairs(seed=data.seed)}[kind](), None
     if report is not None and report.skipped:
@@ -56,7 +67,7 @@ def load_stage_data(data: DataConfig, kind: str, tokenizer) -> tuple[list, list,
     return features[0], features[1], eval_examples
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS), else start a local cluster on this machine."""
     import ray
 
@@ -69,7 +80,7 @@ def init_ray(address: str | None = None) -> None:
                                                           "UNIPIPE_SHARED_DATA", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
                                 if k in os.environ}}
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env,
-             log_to_driver=True, include_dashboard=None)
+             num_cpus=num_cpus, log_to_driver=True)
 
 
 def scaling(train: TrainConfig):
@@ -95,6 +106,11 @@ def write_result(output_dir: str | Path, result: dict) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ worker side
+
+
+def quiet_ray_train_logs() -> None:
+    """Ray Train logs every report() call at INFO; our rank-0 progress line already says it."""
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
 
 
 def step_batches(n_examples: int, batch_size: int, grad_accum: int, world: int, rank: int, step: int,

@@ -50,6 +50,7 @@ def train_loop(loop_config: dict) -> None:
     from unipipe_ray.data import collate_sft
     from unipipe_ray.models import resolve_model
 
+    common.quiet_ray_train_logs()
     cfg: SFTConfig = loop_config["config"]
     train, data = cfg.train, cfg.data
     torch.set_num_threads(loop_config["threads"])
@@ -68,7 +69,7 @@ def train_loop(loop_config: dict) -> None:
                 f"{steps} steps of {train.batch_size * train.grad_accum * world} examples")
 
     throughput = common.Throughput()
-    metrics = evaluate(engine, eval_feats, train.batch_size, pad_id) if eval_feats else {}
+    metrics = evaluate(engine.module, eval_feats, train.batch_size, pad_id) if eval_feats else {}
     dist.print0(f"sft: step 0/{steps} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     for step in range(steps):
         batches = [collate_sft([train_feats[i] for i in idx], pad_id)
@@ -91,14 +92,14 @@ def train_loop(loop_config: dict) -> None:
                        "sft/grad_norm": info["grad_norm"], "sft/tokens_per_s": throughput(global_tokens),
                        "sft/peak_memory_mb": common.peak_memory_mb(torch.device("cpu")), "step": done}
             if train.eval_every and done % train.eval_every == 0 and done != steps:
-                metrics.update(evaluate(engine, eval_feats, train.batch_size, pad_id))
+                metrics.update(evaluate(engine.module, eval_feats, train.batch_size, pad_id))
             dist.print0(f"sft: step {done}/{steps} " + " ".join(
                 f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k != "step"))
             if done != steps:
                 ray.train.report(metrics)
 
     if eval_feats:
-        metrics.update(evaluate(engine, eval_feats, train.batch_size, pad_id))
+        metrics.update(evaluate(engine.module, eval_feats, train.batch_size, pad_id))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if dist.is_main():

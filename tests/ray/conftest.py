@@ -1,0 +1,20 @@
+"""One local Ray cluster for all Ray tests (starting one costs ~4 s)."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    import ray
+
+    from unipipe_ray.stages.common import init_ray
+
+    # 4 logical CPUs on a 2-core machine: CPU counts are scheduling tokens, and 2 workers plus Ray
+    # Train's controller must fit (see DESIGN.md).
+    init_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()
