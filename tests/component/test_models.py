@@ -6,8 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from unipipe_ray.models import (load_causal_lm, load_tokenizer, resolve_model, smollm2_gguf_path,
-                                tiny_model_dir)
+from unipipe_ray.models import (
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+    smollm2_gguf_path,
+    tiny_model_dir,
+)
 
 
 def test_tiny_model_shares_the_real_tokenizer():

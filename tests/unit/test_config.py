@@ -5,8 +5,15 @@ import dataclasses
 import pytest
 import yaml
 
-from unipipe_ray.config import (ConfigError, DPOConfig, PipelineConfig, SFTConfig, load_config,
-                                parse_override, to_dict)
+from unipipe_ray.config import (
+    ConfigError,
+    DPOConfig,
+    PipelineConfig,
+    SFTConfig,
+    load_config,
+    parse_override,
+    to_dict,
+)
 
 
 def write(tmp_path, text, name="c.yaml"):

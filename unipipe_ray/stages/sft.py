@@ -68,18 +68,18 @@ def train_loop(loop_config: dict) -> None:
     dist.print0(f"sft: {len(train_feats)} train / {len(eval_feats)} eval examples, {world} worker(s), "
                 f"{steps} steps of {train.batch_size * train.grad_accum * world} examples")
 
-    throughput = common.Throughput()
     metrics = evaluate(engine.module, eval_feats, train.batch_size, pad_id) if eval_feats else {}
     dist.print0(f"sft: step 0/{steps} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    throughput, seen_tokens = common.Throughput(), 0.0
     for step in range(steps):
         batches = [collate_sft([train_feats[i] for i in idx], pad_id)
                    for idx in common.step_batches(len(train_feats), train.batch_size, train.grad_accum,
                                                   world, rank, step, data.seed)]
-        # Normalise by the global token count / world: DDP's gradient mean then gives the exact token mean
-        # over the whole step, whatever the split into ranks and micro-batches.
+        # Normalise by the global response-token count / world: DDP's gradient mean then gives the exact
+        # token mean over the whole step, whatever the split into ranks and micro-batches.
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        global_tokens = float(dist.all_reduce_sum(local_tokens))
-        normalizer = global_tokens / world
+        normalizer = float(dist.all_reduce_sum(local_tokens)) / world
+        seen_tokens += float(dist.all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in batches)))
         step_loss = 0.0
         for batch in batches:
             loss = sft_loss(*response_logps(engine, batch), mode="token", normalizer=normalizer)
@@ -89,17 +89,21 @@ def train_loop(loop_config: dict) -> None:
         done = step + 1
         if done % train.log_every == 0 or done == steps:
             metrics = {"sft/loss": float(dist.all_reduce_mean(step_loss)), "sft/lr": info["lr"],
-                       "sft/grad_norm": info["grad_norm"], "sft/tokens_per_s": throughput(global_tokens),
+                       "sft/grad_norm": info["grad_norm"], "sft/tokens_per_s": throughput(seen_tokens),
                        "sft/peak_memory_mb": common.peak_memory_mb(torch.device("cpu")), "step": done}
-            if train.eval_every and done % train.eval_every == 0 and done != steps:
-                metrics.update(evaluate(engine.module, eval_feats, train.batch_size, pad_id))
+            seen_tokens = 0.0
+        if train.eval_every and done % train.eval_every == 0 and done != steps:
+            metrics.update(evaluate(engine.module, eval_feats, train.batch_size, pad_id))
+            metrics["step"] = done
+        if metrics.get("step") == done and done != steps:
             dist.print0(f"sft: step {done}/{steps} " + " ".join(
                 f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k != "step"))
-            if done != steps:
-                ray.train.report(metrics)
+            ray.train.report(metrics)
 
     if eval_feats:
         metrics.update(evaluate(engine.module, eval_feats, train.batch_size, pad_id))
+    dist.print0(f"sft: step {steps}/{steps} (final) " + " ".join(
+        f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k != "step"))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if dist.is_main():
