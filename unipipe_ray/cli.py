@@ -1,30 +1,39 @@
 """The ``unipipe`` command.
 
-    unipipe sft --config FILE [--address ray://...] [key.sub=value ...] [--answer-eval N]
+    unipipe sft|rm|dpo --config FILE [--address ADDR] [key.sub=value ...]
+    unipipe sft ... --answer-eval N     (greedy answers before/after, scored by the task's checker)
 
-With no ``--address`` (and no RAY_ADDRESS) a local Ray cluster starts on this machine.
+With no ``--address`` (and no RAY_ADDRESS) a local Ray cluster starts on this machine. Running the same
+command again resumes the stage from its latest checkpoint in ``output_dir``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 
-from unipipe_ray.config import ConfigError, SFTConfig, load_config
+from unipipe_ray.config import ConfigError, DPOConfig, RMConfig, SFTConfig, load_config
+
+STAGES = {"sft": (SFTConfig, "supervised fine-tuning", "unipipe_ray.stages.sft:run_sft"),
+          "rm": (RMConfig, "reward model (Bradley-Terry)", "unipipe_ray.stages.reward:run_rm"),
+          "dpo": (DPOConfig, "direct preference optimization", "unipipe_ray.stages.dpo:run_dpo")}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unipipe", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    sft = sub.add_parser("sft", help="supervised fine-tuning on Ray Train")
-    sft.add_argument("--config", help="YAML file (defaults apply to missing keys)")
-    sft.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    sft.add_argument("--answer-eval", type=int, default=0, metavar="N",
-                     help="answer N held-out prompts greedily before and after training; report the task "
-                          "checker's accuracy (tasks with a gold checker only)")
-    sft.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    for name, (_, help_text, _) in STAGES.items():
+        cmd = sub.add_parser(name, help=f"{help_text} on Ray Train")
+        cmd.add_argument("--config", help="YAML file (defaults apply to missing keys)")
+        cmd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+        cmd.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+        if name == "sft":
+            cmd.add_argument("--answer-eval", type=int, default=0, metavar="N",
+                             help="answer N held-out prompts greedily before and after training; report the "
+                                  "task checker's accuracy (tasks with a gold checker only)")
     return p
 
 
@@ -47,26 +56,26 @@ def _answer_eval(cfg: SFTConfig, checkpoint: str | None, n: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    config_cls, _, target = STAGES[args.command]
     try:
-        cfg = load_config(SFTConfig, args.config, args.overrides)
+        cfg = load_config(config_cls, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"unipipe: {e}", file=sys.stderr)
         return 2
-    if args.command == "sft":
-        from unipipe_ray.stages.sft import run_sft
-
-        result = run_sft(cfg, args.address)
-        print("\n== unipipe sft: done ==")
-        print(f"model: {cfg.model}  data: {cfg.data.task if not cfg.data.sources else 'user sources'}")
-        print(f"time: {result['seconds']} s  checkpoint (HF format): {result['checkpoint']}")
-        print("final metrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                             for k, v in (result["metrics"] or {}).items()}))
-        if args.answer_eval:
-            acc = _answer_eval(cfg, result["checkpoint"], args.answer_eval)
-            for when, a in acc.items():
-                print(f"answer accuracy {when} SFT: {a['accuracy']:.3f} on {a['n']} held-out prompts "
-                      f"(first answer: {a['example'][:120]!r})")
-        print(f"result record: {cfg.output_dir}/result.json")
+    module, func = target.split(":")
+    result = getattr(importlib.import_module(module), func)(cfg, args.address)
+    print(f"\n== unipipe {args.command}: done ==")
+    print(f"model: {cfg.model}  data: {cfg.data.task if not cfg.data.sources else 'user sources'} "
+          f"({result['train_examples']} train / {result['eval_examples']} held out)")
+    print(f"time: {result['seconds']} s  checkpoint (Hugging Face format): {result['checkpoint']}")
+    print("final metrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                         for k, v in (result["metrics"] or {}).items()}))
+    if getattr(args, "answer_eval", 0):
+        acc = _answer_eval(cfg, result["checkpoint"], args.answer_eval)
+        for when, a in acc.items():
+            print(f"answer accuracy {when} SFT: {a['accuracy']:.3f} on {a['n']} held-out prompts "
+                  f"(first answer: {a['example'][:120]!r})")
+    print(f"result record: {cfg.output_dir}/result.json")
     return 0
 
 

@@ -97,10 +97,13 @@ class TrainConfig:
     warmup_ratio: float = 0.1      # share of steps with linear warmup, then cosine decay to 0
     max_grad_norm: float = 1.0     # gradient clipping (0 disables)
     dtype: str = "float32"         # float32 | bfloat16 weights and compute
-    zero_stage: int = 0            # DeepSpeed ZeRO stage (GPU workers; 0 = plain data parallel)
-    offload_optimizer: bool = False  # ZeRO optimizer state on CPU
-    eval_every: int = 0            # evaluate every k steps (0: only at the end)
+    backend: str = "ddp"           # ddp: torch DDP (gloo on CPU, NCCL on GPU) | deepspeed: DeepSpeed ZeRO
+    zero_stage: int = 0            # DeepSpeed ZeRO stage 0-3 (backend: deepspeed)
+    offload_optimizer: bool = False  # DeepSpeed: optimizer state in CPU memory
+    eval_every: int = 0            # evaluate on the held-out split every k steps (0: only at the end)
     log_every: int = 1             # report metrics every k steps
+    checkpoint_every: int = 0      # save a resumable checkpoint every k steps (0: only at the end)
+    max_failures: int = 2          # worker-group restarts (from the last checkpoint) before giving up
     seed: int = 0                  # model init / dropout / data order
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -115,6 +118,13 @@ class TrainConfig:
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _one_of(self.dtype, "dtype", ("float32", "bfloat16"))
         _one_of(self.zero_stage, "zero_stage", (0, 1, 2, 3))
+        _one_of(self.backend, "backend", ("ddp", "deepspeed"))
+        _check(self.zero_stage == 0 or self.backend == "deepspeed", "zero_stage",
+               "needs backend: deepspeed")
+        _check(not self.offload_optimizer or self.backend == "deepspeed", "offload_optimizer",
+               "needs backend: deepspeed")
+        for key in ("checkpoint_every", "max_failures"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,7 @@ class DPOConfig:
     beta: float = 0.1              # inverse temperature of the implicit reward
     label_smoothing: float = 0.0   # cDPO: assumed share of flipped labels, in [0, 0.5)
     simpo_gamma: float = 0.5       # SimPO target margin (loss_type: simpo)
+    precompute_ref_logps: bool = False  # score every pair with the reference once up front, then free it
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7))
 

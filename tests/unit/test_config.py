@@ -47,6 +47,8 @@ def test_defaults_without_file():
     ("data.task=foo", "data.task", "must be one of"),
     ("data.max_prompt_length=500", "data.max_prompt_length", "must be in (0, max_length"),
     ("train.zero_stage=4", "train.zero_stage", "must be one of 0, 1, 2, 3"),
+    ("train.zero_stage=2", "train.zero_stage", "needs backend: deepspeed"),
+    ("train.backend=fsdp", "train.backend", "must be one of ddp, deepspeed"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, override, key, words):
     p = write(tmp_path, "model: tiny\n")

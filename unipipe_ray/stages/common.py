@@ -1,6 +1,6 @@
-"""What every stage does the same way on the driver and in its workers: data, batching, Ray setup, metrics.
+"""Driver side of every stage: data loading and checks, Ray setup, the TorchTrainer run, progress, results.
 
-Plain functions, not a base class: each stage's loop stays readable top to bottom and calls these.
+Plain functions, not a base class: a stage module is its worker loop plus a call to ``run_stage``.
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ import logging
 import math
 import os
 import random
-import resource
+import sys
+import threading
 import time
 from pathlib import Path
 
-import torch
-
-from unipipe_ray.config import DataConfig, TrainConfig
+from unipipe_ray.config import DataConfig, TrainConfig, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -105,54 +104,84 @@ def write_result(output_dir: str | Path, result: dict) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------ worker side
-
-
-def quiet_ray_train_logs() -> None:
-    """Ray Train logs every report() call at INFO; our rank-0 progress line already says it."""
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
-
-
-def step_batches(n_examples: int, batch_size: int, grad_accum: int, world: int, rank: int, step: int,
-                 seed: int) -> list[list[int]]:
-    """Indices of this rank's micro-batches for optimizer step ``step``.
-
-    The global order is a seeded permutation per epoch, so any step's batch is a pure function of
-    (seed, step): resuming at step k needs no iterator state. Each step consumes batch*accum*world examples.
-    """
-    per_step = batch_size * grad_accum * world
-    steps_per_epoch = max(1, n_examples // per_step)
-    epoch, pos = divmod(step, steps_per_epoch)
-    order = list(range(n_examples))
-    random.Random(seed * 100003 + epoch).shuffle(order)
-    chunk = order[pos * per_step:(pos + 1) * per_step]
-    mine = chunk[rank::world]
-    return [mine[i * batch_size:(i + 1) * batch_size] for i in range(grad_accum)]
-
-
-def total_steps(n_examples: int, train: TrainConfig, world: int) -> int:
-    if train.max_steps is not None:
-        return train.max_steps
-    per_step = train.batch_size * train.grad_accum * world
-    if n_examples < per_step:
-        raise ValueError(f"{n_examples} training examples cannot fill one step of {per_step} "
-                         f"(batch_size x grad_accum x num_workers)")
-    return max(1, int(train.epochs * (n_examples // per_step)))
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class Throughput:
-    """Tokens per second between calls."""
+class _Progress:
+    """Latest (step, total, metrics) from rank 0, polled by the driver's progress bar."""
 
     def __init__(self):
-        self.t = time.perf_counter()
+        self.state = (0, 0, {})
 
-    def __call__(self, tokens: float) -> float:
-        now = time.perf_counter()
-        rate, self.t = tokens / max(now - self.t, 1e-9), now
-        return rate
+    def update(self, step: int, total: int, metrics: dict) -> None:
+        self.state = (step, total, metrics)
+
+    def get(self) -> tuple:
+        return self.state
+
+
+def _fit_with_progress(trainer, progress, stage: str):
+    """Run trainer.fit() in a thread while the driver draws a progress bar from the workers' reports."""
+    import ray
+    from tqdm import tqdm
+
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=_capture(trainer.fit)), daemon=True)
+    thread.start()
+    # Without a terminal (ray job logs, CI) the rank-0 progress lines say the same without redraw noise.
+    bar = tqdm(desc=stage, unit="step", dynamic_ncols=True, disable=not sys.stderr.isatty())
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        step, total, metrics = ray.get(progress.get.remote())
+        if total:
+            bar.total = total
+            bar.n = step
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
+                             if k.endswith(("loss", "accuracy", "tokens_per_s"))}, refresh=False)
+            bar.refresh()
+    bar.close()
+    outcome = box["result"]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def _capture(fn):
+    try:
+        return fn()
+    except BaseException as e:  # re-raised on the driver's main thread
+        return e
+
+
+def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extra: dict | None = None) -> dict:
+    """Load and check the stage's data on the driver, then run ``loop`` on Ray Train workers.
+
+    The run is named after the stage under ``cfg.output_dir``: running the same command again resumes
+    from its latest checkpoint, and a worker failure restarts the group from it (``train.max_failures``).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from unipipe_ray.models import load_tokenizer, resolve_model
+
+    started = time.time()
+    model_path = resolve_model(cfg.model)  # convert/download once here, before the workers race for it
+    tokenizer = load_tokenizer(cfg.model)
+    train_feats, eval_feats, _ = load_stage_data(cfg.data, kind, tokenizer)
+    init_ray(address)
+    scaling_config, threads = scaling(cfg.train)
+    output_dir = Path(cfg.output_dir).resolve()
+    progress = ray.remote(num_cpus=0)(_Progress).remote()
+    loop_config = {"config": cfg, "model_path": model_path, "train_ref": ray.put(train_feats),
+                   "eval_ref": ray.put(eval_feats), "tokenizer": tokenizer, "threads": threads,
+                   "tensorboard_dir": str(output_dir / "tensorboard"), "progress": progress, **(extra or {})}
+    trainer = TorchTrainer(
+        loop, train_loop_config=loop_config, scaling_config=scaling_config,
+        run_config=RunConfig(name=stage, storage_path=str(output_dir),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result = _fit_with_progress(trainer, progress, stage)
+    out = {"stage": stage, "config": to_dict(cfg), "metrics": result.metrics,
+           "checkpoint": result.checkpoint.path if result.checkpoint else None,
+           "train_examples": len(train_feats), "eval_examples": len(eval_feats),
+           "seconds": round(time.time() - started, 1)}
+    write_result(output_dir, out)
+    return out

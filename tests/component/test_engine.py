@@ -1,0 +1,265 @@
+"""The Engine facade: DDP and DeepSpeed ZeRO 1-3 give the update of plain full-batch AdamW; resume is exact.
+
+Multi-rank cases run 2 processes over gloo (torch.multiprocessing spawn, DeepSpeed on its CPU accelerator).
+Each configuration runs once per session and several tests read its record. The model is a tiny Llama
+with tied embeddings built in-process, so ZeRO-3's shared-parameter handling is exercised too.
+"""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from unipipe_ray import distributed as ud
+
+VOCAB, SEQ, GLOBAL_BATCH, STEPS, TOTAL_STEPS, WARMUP = 128, 12, 8, 4, 6, 2
+LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-2, 0.1, 0.5
+RESUME_AFTER = 2
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).float()
+
+
+def step_data():
+    """(STEPS, GLOBAL_BATCH, SEQ) token ids: the same global batches for every configuration."""
+    return torch.randint(0, VOCAB, (STEPS, GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def token_loss(model, ids, normalizer):
+    """Next-token NLL summed over the micro-batch / normalizer (global token count / world, as in the stages)."""
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="sum") / normalizer
+
+
+def reference_run():
+    """Plain single-process AdamW on the full global batch: what every engine configuration must match."""
+    model = tiny_llama()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: ud.warmup_cosine(s, WARMUP, TOTAL_STEPS))
+    record = {"loss": [], "grad_norm": [], "lr": []}
+    for ids in step_data():
+        loss = token_loss(model, ids, ids[:, 1:].numel())
+        loss.backward()
+        record["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)))
+        record["lr"].append(scheduler.get_last_lr()[0])
+        record["loss"].append(float(loss))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    record["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return record
+
+
+def train(engine, rank, world, grad_accum, steps, record, probe=None):
+    """The stage loop in miniature: this rank's share of each global batch, in grad_accum micro-batches."""
+    data = step_data()
+    for step in steps:
+        shard = data[step].chunk(world)[rank]
+        normalizer = GLOBAL_BATCH * (SEQ - 1) / world
+        step_loss = 0.0
+        for micro, ids in enumerate(shard.chunk(grad_accum)):
+            loss = token_loss(engine, ids, normalizer)
+            engine.backward(loss)
+            step_loss += float(loss.detach())
+            if probe:
+                probe(micro)
+        info = engine.step()
+        record["loss"].append(float(ud.all_reduce_mean(step_loss)))
+        record["grad_norm"].append(info["grad_norm"])
+        record["lr"].append(info["lr"])
+
+
+def make_engine(model, spec):
+    return ud.Engine(model, LR, WEIGHT_DECAY, MAX_GRAD_NORM, TOTAL_STEPS, warmup_steps=WARMUP,
+                     grad_accum=spec["grad_accum"], backend=spec["backend"], zero_stage=spec.get("zero_stage", 0),
+                     bf16=spec.get("bf16", False))
+
+
+def count_allreduces(engine, record):
+    """Record, per micro-batch, how many DDP bucket all-reduces its backward launched."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    calls = [0]
+
+    def hook(state, bucket):
+        calls[0] += 1
+        return allreduce_hook(None, bucket)
+
+    engine.model.register_comm_hook(None, hook)
+    record["allreduces"] = []
+
+    def probe(micro):
+        record["allreduces"].append((micro, calls[0]))
+        calls[0] = 0
+
+    return probe
+
+
+def worker(rank, world, port, spec, out_dir):
+    """One rank: train STEPS steps (saving state after RESUME_AFTER), then optionally resume a fresh engine."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    record = {"loss": [], "grad_norm": [], "lr": []}
+    engine = make_engine(tiny_llama(), spec)
+    probe = count_allreduces(engine, record) if spec["backend"] == "ddp" else None
+    train(engine, rank, world, spec["grad_accum"], range(RESUME_AFTER), record, probe)
+    state_dir, weights = os.path.join(out_dir, "state"), engine.full_state_dict()
+    engine.save_state(state_dir)
+    if rank == 0:
+        torch.save(weights, os.path.join(out_dir, "weights.pt"))
+    train(engine, rank, world, spec["grad_accum"], range(RESUME_AFTER, STEPS), record, probe)
+    record["weights"] = engine.full_state_dict()
+    record["module_numel"] = sum(p.numel() for p in engine.module.parameters())
+    if spec.get("resume"):
+        torch.distributed.barrier()  # weights.pt is written
+        model = tiny_llama(seed=123)  # a different init: everything must come from the saved state
+        model.load_state_dict(torch.load(os.path.join(out_dir, "weights.pt"), weights_only=True))
+        resumed = {"loss": [], "grad_norm": [], "lr": []}
+        fresh = make_engine(model, spec)
+        fresh.load_state(state_dir)
+        train(fresh, rank, world, spec["grad_accum"], range(RESUME_AFTER, STEPS), resumed)
+        resumed["weights"] = fresh.full_state_dict()
+        record["resumed"] = resumed
+    torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SPECS = {
+    "ddp": {"backend": "ddp", "grad_accum": 2, "resume": True},
+    "zero1": {"backend": "deepspeed", "zero_stage": 1, "grad_accum": 2},
+    "zero2": {"backend": "deepspeed", "zero_stage": 2, "grad_accum": 2, "resume": True},
+    "zero3": {"backend": "deepspeed", "zero_stage": 3, "grad_accum": 2},
+    "zero2_bf16": {"backend": "deepspeed", "zero_stage": 2, "grad_accum": 1, "bf16": True},
+}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.set_num_threads(1)
+    return reference_run()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run each configuration on 2 ranks once, on first use; returns {name: [rank0 record, rank1 record]}."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            out_dir = str(tmp_path_factory.mktemp(name))
+            mp.spawn(worker, args=(2, free_port(), SPECS[name], out_dir), nprocs=2, join=True)
+            cache[name] = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in (0, 1)]
+        return cache[name]
+
+    return get
+
+
+def assert_matches(record, reference, atol):
+    w = max(float((record["weights"][k] - v).abs().max()) for k, v in reference["weights"].items())
+    print("DIFF", max(abs(a - b) for a, b in zip(record["loss"], reference["loss"])),
+          max(abs(a - b) for a, b in zip(record["grad_norm"], reference["grad_norm"])), w)
+    assert record["lr"] == pytest.approx(reference["lr"], rel=1e-12)
+    assert record["loss"] == pytest.approx(reference["loss"], abs=atol)
+    assert record["grad_norm"] == pytest.approx(reference["grad_norm"], abs=atol)
+    assert record["weights"].keys() == reference["weights"].keys()
+    for key, ref in reference["weights"].items():
+        torch.testing.assert_close(record["weights"][key], ref, rtol=0, atol=atol, msg=key)
+
+
+@pytest.mark.timeout(120)
+def test_ddp_with_accumulation_matches_full_batch_adamw(runs, reference):
+    """2 ranks x 2 micro-batches of 2 == one batch of 8, and only the last micro-batch all-reduces."""
+    rank0, rank1 = runs("ddp")
+    assert_matches(rank0, reference, atol=1e-2)
+    assert rank1["weights"] is None
+    for micro, calls in rank0["allreduces"]:
+        assert (calls > 0) == (micro == 1), rank0["allreduces"]
+
+
+@pytest.mark.timeout(150)  # the first DeepSpeed run JIT-builds its shared-memory comm op (~30 s, then cached)
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
+def test_deepspeed_zero_matches_full_batch_adamw(runs, reference, name):
+    rank0, _ = runs(name)
+    assert_matches(rank0, reference, atol=1e-2)
+
+
+@pytest.mark.timeout(150)
+def test_zero3_full_state_dict_gathers_partitioned_weights(runs, reference):
+    rank0, rank1 = runs("zero3")
+    assert rank0["module_numel"] == 0  # the module itself holds only placeholders under ZeRO-3
+    assert rank1["weights"] is None
+    assert all(v.dtype == torch.float32 for v in rank0["weights"].values())
+    # the tied head is returned under both names, as save_pretrained expects
+    assert torch.equal(rank0["weights"]["lm_head.weight"], rank0["weights"]["model.embed_tokens.weight"])
+    for key, ref in reference["weights"].items():
+        torch.testing.assert_close(rank0["weights"][key], ref, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("name", ["ddp", "zero2"])
+def test_resume_from_saved_state_is_exact(runs, name):
+    """Train 2, save, train 2 == a fresh engine (other init) that loads weights + state, then trains 2."""
+    for record in runs(name):
+        resumed = record["resumed"]
+        assert resumed["lr"] == record["lr"][RESUME_AFTER:]  # the schedule resumed, not restarted
+        assert resumed["loss"] == record["loss"][RESUME_AFTER:]
+        if record["weights"] is not None:
+            for key, value in record["weights"].items():
+                assert torch.equal(resumed["weights"][key], value), key
+
+
+@pytest.mark.timeout(150)
+def test_deepspeed_bf16_step_runs_on_cpu(runs, reference):
+    rank0, _ = runs("zero2_bf16")
+    assert all(math.isfinite(x) for x in rank0["loss"] + rank0["grad_norm"])
+    assert rank0["loss"][0] == pytest.approx(reference["loss"][0], abs=0.05)  # same start, bf16 precision
+    assert rank0["loss"][-1] < rank0["loss"][0]
+    assert all(v.dtype == torch.float32 for v in rank0["weights"].values())  # the fp32 master weights
+
+
+@pytest.mark.timeout(60)
+def test_grad_accumulation_4x2_equals_1x8():
+    """One process: 4 micro-batches of 2 give the update of one batch of 8 (losses normalised per step)."""
+    torch.set_num_threads(1)
+    weights = []
+    for grad_accum in (4, 1):
+        engine = make_engine(tiny_llama(), {"backend": "ddp", "grad_accum": grad_accum})
+        record = {"loss": [], "grad_norm": [], "lr": []}
+        train(engine, 0, 1, grad_accum, range(2), record)
+        weights.append((record, engine.full_state_dict()))
+    (acc, acc_weights), (full, full_weights) = weights
+    assert acc["loss"] == pytest.approx(full["loss"], abs=1e-6)
+    assert acc["grad_norm"] == pytest.approx(full["grad_norm"], abs=1e-6)
+    for key, value in full_weights.items():
+        torch.testing.assert_close(acc_weights[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.timeout(30)
+def test_engine_rejects_mismatched_options():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="backend"):
+        ud.Engine(model, LR, 0.0, 1.0, 1, 0, backend="fsdp")
+    with pytest.raises(ValueError, match="deepspeed"):
+        ud.Engine(model, LR, 0.0, 1.0, 1, 0, zero_stage=2)

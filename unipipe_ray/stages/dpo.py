@@ -1,0 +1,142 @@
+"""DPO stage (and its family: IPO, cDPO label smoothing, SimPO), run by Ray Train on N workers.
+
+A preference batch is one forward of 2B rows (the B chosen, then the B rejected; see
+``data.collate_preference``). The reference is the stage's input model unless ``ref_model`` is set;
+with ``precompute_ref_logps`` it scores every pair once up front and is then freed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unipipe_ray import distributed as dist
+from unipipe_ray.config import DPOConfig
+from unipipe_ray.logps import sequence_logps, token_logps
+from unipipe_ray.losses import dpo_loss, simpo_loss
+from unipipe_ray.stages import common, worker
+
+
+def pair_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of a (2B, T) preference batch -> (chosen (B,), rejected (B,))."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(*token_logps(logits, batch["labels"]), average=average).chunk(2)
+
+
+def pair_losses(cfg: DPOConfig, policy: tuple, ref: tuple | None) -> tuple:
+    """(losses, chosen_rewards, rejected_rewards), each (B,), for the configured loss."""
+    if cfg.loss_type == "simpo":
+        return simpo_loss(*policy, beta=cfg.beta, gamma=cfg.simpo_gamma)
+    return dpo_loss(*policy, *ref, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+
+
+def pair_metrics(prefix: str, losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
+    """Sums over this rank's pairs (divided by the global count by the caller)."""
+    return {f"{prefix}loss": losses.detach().sum(), f"{prefix}rewards_chosen": chosen_rewards.sum(),
+            f"{prefix}rewards_rejected": rejected_rewards.sum(),
+            f"{prefix}rewards_accuracy": (chosen_rewards > rejected_rewards).float().sum(),
+            f"{prefix}rewards_margin": (chosen_rewards - rejected_rewards).sum(),
+            f"{prefix}logps_chosen": chosen_logps.detach().sum(),
+            f"{prefix}logps_rejected": rejected_logps.detach().sum()}
+
+
+def reduce_metrics(sums: dict, count: float) -> dict:
+    return {k: float(dist.all_reduce_sum(v.detach().double().cpu())) / count for k, v in sums.items()}
+
+
+class RefScorer:
+    """Reference log-probs of pairs keyed ("train" | "eval", index): a frozen model under no_grad, or a
+    table filled once up front (then the model is dropped and its memory returns)."""
+
+    def __init__(self, model):
+        self.model, self.table = model, None
+
+    @torch.no_grad()
+    def precompute(self, features: dict[str, list], keys: list[tuple[str, int]], batch_size: int, pad_id: int,
+                   device) -> None:
+        from unipipe_ray.data import collate_preference
+
+        self.table = {}
+        for i in range(0, len(keys), batch_size):
+            chunk = keys[i:i + batch_size]
+            batch = collate_preference([features[split][j] for split, j in chunk], pad_id)
+            chosen, rejected = pair_logps(self.model, {k: v.to(device) for k, v in batch.items()})
+            self.table.update(zip(chunk, zip(chosen.tolist(), rejected.tolist(), strict=True), strict=True))
+        self.model = None
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, keys: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.table is None:
+            return pair_logps(self.model, batch)
+        pairs = torch.tensor([self.table[k] for k in keys], dtype=torch.float32, device=batch["input_ids"].device)
+        return pairs[:, 0], pairs[:, 1]
+
+
+@torch.no_grad()
+def evaluate(cfg: DPOConfig, model, ref: RefScorer, features: list[dict], batch_size: int, pad_id: int,
+             device) -> dict:
+    """DPO metrics on the held-out pairs (rank r takes every world-th pair), reduced over ranks."""
+    from unipipe_ray.data import collate_preference
+
+    model.eval()
+    sums: dict = {}
+    indices = list(range(dist.rank(), len(features), dist.world_size()))
+    for i in range(0, len(indices), batch_size):
+        idx = indices[i:i + batch_size]
+        batch = {k: v.to(device) for k, v in collate_preference([features[j] for j in idx], pad_id).items()}
+        policy = pair_logps(model, batch, cfg.loss_type == "simpo")
+        refs = None if cfg.loss_type == "simpo" else ref(batch, [("eval", j) for j in idx])
+        for k, v in pair_metrics("dpo/eval_", *pair_losses(cfg, policy, refs), *policy).items():
+            sums[k] = sums.get(k, 0) + v
+    model.train()
+    return reduce_metrics(sums, len(features))
+
+
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    from unipipe_ray.data import collate_preference
+
+    run = worker.start_run("dpo", loop_config)
+    cfg, train, engine, device, pad_id = run.cfg, run.train, run.engine, run.device, run.pad_id
+    ref = RefScorer(None if cfg.loss_type == "simpo" else  # SimPO has no reference
+                    worker.load_frozen(loop_config["ref_path"], train).to(device))
+    schedule = {step: run.batch_indices(step) for step in range(run.start, run.steps)}
+    if cfg.precompute_ref_logps and ref.model is not None:
+        # Every pair this rank will see, plus its eval share: the reference runs once and is freed.
+        keys = sorted({("train", i) for batches in schedule.values() for idx in batches for i in idx}
+                      | {("eval", i) for i in range(run.rank, len(run.eval_feats), run.world)})
+        ref.precompute({"train": run.train_feats, "eval": run.eval_feats}, keys, train.batch_size, pad_id, device)
+    evaluate_now = lambda: evaluate(cfg, engine.module, ref, run.eval_feats, train.batch_size, pad_id, device)
+    dist.print0(f"dpo: {len(run.train_feats)} train / {len(run.eval_feats)} eval pairs, {run.world} worker(s), "
+                f"{run.steps} steps of {run.per_step} pairs, loss {cfg.loss_type}, beta {cfg.beta}")
+    if run.start == 0 and run.eval_feats:
+        run.reporter.line(0, evaluate_now())
+
+    metrics: dict = {}
+    for step in range(run.start, run.steps):
+        sums: dict = {}
+        batches = []
+        for idx in schedule.pop(step):
+            batch = {k: v.to(device) for k, v in collate_preference([run.train_feats[i] for i in idx], pad_id).items()}
+            batches.append(batch)
+            policy = pair_logps(engine, batch, average=cfg.loss_type == "simpo")
+            refs = None if cfg.loss_type == "simpo" else ref(batch, [("train", i) for i in idx])
+            losses, chosen_rewards, rejected_rewards = pair_losses(cfg, policy, refs)
+            # Sum / (global pairs / world): DDP's gradient mean is then the mean over the whole step's pairs.
+            engine.backward(losses.sum() / (run.per_step / run.world))
+            for k, v in pair_metrics("dpo/", losses, chosen_rewards, rejected_rewards, *policy).items():
+                sums[k] = sums.get(k, 0) + v
+        run.reporter.count_tokens(batches)
+        info = engine.step()
+        metrics = {**reduce_metrics(sums, run.per_step), "dpo/lr": info["lr"], "dpo/grad_norm": info["grad_norm"],
+                   **run.reporter.throughput(), "dpo/peak_memory_mb": worker.peak_memory_mb(device),
+                   "step": step + 1}
+        worker.end_of_step(run, step + 1, metrics, evaluate_now)
+    worker.finish(run, metrics, evaluate_now)
+
+
+def run_dpo(cfg: DPOConfig, address: str | None = None) -> dict:
+    """DPO on a Ray cluster (local when no address); return metrics and the checkpoint path."""
+    from unipipe_ray.models import resolve_model
+
+    ref_path = resolve_model(cfg.ref_model or cfg.model)
+    return common.run_stage("dpo", train_loop, cfg, "preference", address, extra={"ref_path": ref_path})

@@ -1,0 +1,95 @@
+"""Reward-model stage: a scalar head on the last real token, Bradley-Terry loss, run by Ray Train.
+
+The model is a Hugging Face sequence classifier with one output (``AutoModelForSequenceClassification``
+loads the checkpoint). We pool the final hidden state at the last attention-mask position ourselves: with
+pad == eos (SmolLM2), Hugging Face's own pooling would skip the closing EOS token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unipipe_ray import distributed as dist
+from unipipe_ray.config import RMConfig
+from unipipe_ray.losses import bradley_terry_loss
+from unipipe_ray.stages import common, worker
+
+
+def score_head(module):
+    """The linear reward head of a (possibly PEFT-wrapped) sequence classifier."""
+    return module.score
+
+
+def rewards(model, module, batch: dict) -> torch.Tensor:
+    """Scalar rewards (N,) of a right-padded batch (N, T): the head applied at each row's last real token.
+
+    ``model`` is what runs the forward (the DDP/DeepSpeed wrapper while training), ``module`` the plain model.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    hidden = out.hidden_states[-1]
+    last = batch["attention_mask"].sum(dim=1) - 1
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return score_head(module)(pooled).squeeze(-1).float()
+
+
+def pair_rewards(model, module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen (B,), rejected (B,)) rewards of a (2B, T) preference batch."""
+    return rewards(model, module, batch).chunk(2)
+
+
+@torch.no_grad()
+def evaluate(model, features: list[dict], batch_size: int, pad_id: int, margin: float, device) -> dict:
+    """Bradley-Terry loss and ranking accuracy on the held-out pairs, reduced over ranks."""
+    from unipipe_ray.data import collate_preference
+
+    model.eval()
+    loss, correct = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    mine = features[dist.rank()::dist.world_size()]
+    for i in range(0, len(mine), batch_size):
+        batch = {k: v.to(device) for k, v in collate_preference(mine[i:i + batch_size], pad_id).items()}
+        losses, accuracies = bradley_terry_loss(*pair_rewards(model, model, batch), margin=margin or None)
+        loss, correct = loss + losses.double().sum().cpu(), correct + accuracies.double().sum().cpu()
+    model.train()
+    n = len(features)
+    return {"rm/eval_loss": float(dist.all_reduce_sum(loss)) / n,
+            "rm/eval_accuracy": float(dist.all_reduce_sum(correct)) / n}
+
+
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    from unipipe_ray.data import collate_preference
+
+    pad_id = loop_config["tokenizer"].pad_token_id
+    run = worker.start_run("rm", loop_config, kind="reward",
+                           configure=lambda model: setattr(model.config, "pad_token_id", pad_id))
+    cfg, train, engine, device = run.cfg, run.train, run.engine, run.device
+    evaluate_now = lambda: evaluate(engine.module, run.eval_feats, train.batch_size, pad_id, cfg.margin, device)
+    dist.print0(f"rm: {len(run.train_feats)} train / {len(run.eval_feats)} eval pairs, {run.world} worker(s), "
+                f"{run.steps} steps of {run.per_step} pairs")
+    if run.start == 0 and run.eval_feats:
+        run.reporter.line(0, evaluate_now())
+
+    metrics: dict = {}
+    for step in range(run.start, run.steps):
+        batches = [{k: v.to(device) for k, v in collate_preference([run.train_feats[i] for i in idx], pad_id).items()}
+                   for idx in run.batch_indices(step)]
+        run.reporter.count_tokens(batches)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, margin over this rank's pairs
+        for batch in batches:
+            chosen, rejected = pair_rewards(engine, engine.module, batch)
+            losses, accuracies = bradley_terry_loss(chosen, rejected, margin=cfg.margin or None)
+            # Sum / (global pairs / world): DDP's gradient mean is then the mean over the whole step's pairs.
+            engine.backward(losses.sum() / (run.per_step / run.world))
+            sums += torch.stack([losses.sum(), accuracies.sum(), (chosen - rejected).sum()]).detach().double().cpu()
+        info = engine.step()
+        loss, accuracy, margin = (dist.all_reduce_sum(sums) / run.per_step).tolist()
+        metrics = {"rm/loss": loss, "rm/accuracy": accuracy, "rm/reward_margin": margin, "rm/lr": info["lr"],
+                   "rm/grad_norm": info["grad_norm"], **run.reporter.throughput(),
+                   "rm/peak_memory_mb": worker.peak_memory_mb(device), "step": step + 1}
+        worker.end_of_step(run, step + 1, metrics, evaluate_now)
+    worker.finish(run, metrics, evaluate_now)
+
+
+def run_rm(cfg: RMConfig, address: str | None = None) -> dict:
+    """Reward-model training on a Ray cluster (local when no address); return metrics and the checkpoint."""
+    return common.run_stage("rm", train_loop, cfg, "preference", address)

@@ -1,0 +1,300 @@
+"""Worker-side pieces every stage loop calls: model setup, batching by step, reporting, checkpoints.
+
+Plain functions and two small classes, no trainer hierarchy: each stage's loop stays readable top to
+bottom and calls these. Everything here runs inside a Ray Train worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unipipe_ray import distributed as dist
+from unipipe_ray.config import LoraConfig, TrainConfig
+
+STATE_FILE = "trainer_state.pt"
+LORA_DIR = "lora_adapter"
+
+
+def quiet_ray_train_logs() -> None:
+    """Ray Train logs every report() call at INFO; our rank-0 progress line already says it."""
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+
+
+def setup(threads: int, seed: int) -> None:
+    quiet_ray_train_logs()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def device_for(train: TrainConfig) -> torch.device:
+    if train.use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` in PEFT LoRA adapters when enabled (the base weights are then frozen)."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=list(lora.target_modules), task_type=task_type)
+    if task_type == "SEQ_CLS":  # the fresh reward head must train too
+        peft_cfg.modules_to_save = ["score"]
+    return get_peft_model(model, peft_cfg)
+
+
+def make_engine(model, train: TrainConfig, steps: int) -> dist.Engine:
+    return dist.Engine(model, train.lr, train.weight_decay, train.max_grad_norm, steps,
+                       warmup_steps=int(train.warmup_ratio * steps), grad_accum=train.grad_accum,
+                       backend=train.backend, zero_stage=train.zero_stage,
+                       offload_optimizer=train.offload_optimizer, bf16=train.dtype == "bfloat16")
+
+
+def step_batches(n_examples: int, batch_size: int, grad_accum: int, world: int, rank: int, step: int,
+                 seed: int) -> list[list[int]]:
+    """Indices of this rank's micro-batches for optimizer step ``step``.
+
+    The global order is a seeded permutation per epoch, so any step's batch is a pure function of
+    (seed, step): resuming at step k needs no iterator state. Each step consumes batch*accum*world examples.
+    """
+    per_step = batch_size * grad_accum * world
+    steps_per_epoch = max(1, n_examples // per_step)
+    epoch, pos = divmod(step, steps_per_epoch)
+    order = list(range(n_examples))
+    random.Random(seed * 100003 + epoch).shuffle(order)
+    chunk = order[pos * per_step:(pos + 1) * per_step]
+    mine = chunk[rank::world]
+    return [mine[i * batch_size:(i + 1) * batch_size] for i in range(grad_accum)]
+
+
+def total_steps(n_examples: int, train: TrainConfig, world: int) -> int:
+    per_step = train.batch_size * train.grad_accum * world
+    if n_examples < per_step:
+        raise ValueError(f"{n_examples} training examples cannot fill one step of {per_step} "
+                         f"(batch_size x grad_accum x num_workers)")
+    if train.max_steps is not None:
+        return train.max_steps
+    return max(1, int(train.epochs * (n_examples // per_step)))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Reporter:
+    """Metrics out: rank-0 progress line, TensorBoard (rank 0), the driver's progress bar, Ray Train."""
+
+    def __init__(self, stage: str, steps: int, tensorboard_dir: str | None, progress=None):
+        self.stage, self.steps, self.progress = stage, steps, progress
+        self.t, self.tokens = time.perf_counter(), 0.0
+        self.writer = None
+        if tensorboard_dir and dist.is_main():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(tensorboard_dir)
+
+    def count_tokens(self, batches: list[dict]) -> None:
+        """Add this step's tokens (all ranks, padding excluded) to the throughput counter."""
+        self.tokens += float(dist.all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in batches)))
+
+    def throughput(self) -> dict:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.t, 1e-9)
+        self.t, self.tokens = now, 0.0
+        return {f"{self.stage}/tokens_per_s": rate}
+
+    def line(self, step: int, metrics: dict, final: bool = False) -> None:
+        shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k != "step")
+        dist.print0(f"{self.stage}: step {step}/{self.steps}{' (final)' if final else ''} {shown}")
+        if self.writer:
+            for k, v in metrics.items():
+                if k != "step":
+                    self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        if self.progress is not None and dist.is_main():
+            self.progress.update.remote(step, self.steps, metrics)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def save_and_report(engine: dist.Engine, step: int, metrics: dict, tokenizer, lora: LoraConfig) -> None:
+    """Report metrics with a checkpoint: a Hugging Face model dir (merged LoRA) + what resume needs.
+
+    Every rank writes its own shard of optimizer state (DeepSpeed partitions it) and RNG state; Ray Train
+    gathers all ranks' files into one checkpoint directory.
+    """
+    import ray.train
+
+    full = engine.full_state_dict()  # every rank takes part (ZeRO-3 gathers)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        engine.save_state(out / "engine")
+        torch.save({"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
+                   out / f"rng_rank{dist.rank()}.pt")
+        if dist.is_main():
+            _save_hf(engine.module, full, out, tokenizer, lora)
+            torch.save({"step": step, "metrics": metrics}, out / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _save_hf(module, full_state: dict, out: Path, tokenizer, lora: LoraConfig) -> None:
+    if lora.enabled:
+        module.save_pretrained(out / LORA_DIR)  # adapter only: resume puts it back onto the base
+        _merged_copy(module).save_pretrained(out)
+    else:
+        module.save_pretrained(out, state_dict=full_state)
+    tokenizer.save_pretrained(out)
+
+
+def _merged_copy(peft_module):
+    """A plain model with the adapters folded in, leaving the training model untouched."""
+    import copy
+
+    return copy.deepcopy(peft_module).merge_and_unload()
+
+
+def load_trainable(model_path: str, resume: Path | None, train: TrainConfig, kind: str = "causal"):
+    """The model to train: from the resume checkpoint if any, else ``model_path``; LoRA-wrapped if asked.
+
+    kind "causal" loads a causal LM, "reward" a sequence classifier with one output (the reward head).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    dtype = getattr(torch, train.dtype)
+    source = model_path if (resume is None or train.lora.enabled) else str(resume)
+    if kind == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype,
+                                                                   use_safetensors=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    model.config.use_cache = False
+    model = apply_lora(model, train.lora, "SEQ_CLS" if kind == "reward" else "CAUSAL_LM")
+    if resume is not None and train.lora.enabled:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(resume / LORA_DIR / "adapter_model.safetensors"))
+    return model
+
+
+def load_frozen(model_path: str, train: TrainConfig):
+    """A model used only for scoring (DPO reference): eval mode, no gradients."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, train.dtype),
+                                                 use_safetensors=True)
+    return model.eval().requires_grad_(False)
+
+
+def restore_state(engine: dist.Engine, resume: Path | None) -> int:
+    """Optimizer, schedule and RNG state from a resume checkpoint; returns the step to start from."""
+    if resume is None:
+        return 0
+    engine.load_state(resume / "engine")
+    rng = torch.load(resume / f"rng_rank{dist.rank()}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch_rng"])
+    random.setstate(rng["python_rng"])
+    dist.print0(f"resumed from {resume} at step {rng['step']}")
+    return int(rng["step"])
+
+
+@dataclass
+class Run:
+    """What a stage loop works with once set up (or resumed) on this worker."""
+
+    cfg: object
+    train: TrainConfig
+    train_feats: list
+    eval_feats: list
+    tokenizer: object
+    device: torch.device
+    world: int
+    rank: int
+    steps: int
+    start: int
+    engine: dist.Engine
+    reporter: Reporter
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def per_step(self) -> int:
+        """Examples per optimizer step over all ranks."""
+        return self.train.batch_size * self.train.grad_accum * self.world
+
+    def batch_indices(self, step: int) -> list[list[int]]:
+        return step_batches(len(self.train_feats), self.train.batch_size, self.train.grad_accum, self.world,
+                            self.rank, step, self.cfg.data.seed)
+
+
+def start_run(stage: str, loop_config: dict, kind: str = "causal", configure=None) -> Run:
+    """Common setup of a stage loop: threads/seed, data from the object store, model (fresh or from Ray
+    Train's latest checkpoint), engine, optimizer state on resume, reporter. ``configure(model)`` may adjust
+    the model before the engine wraps it."""
+    import ray
+    import ray.train
+
+    cfg = loop_config["config"]
+    train = cfg.train
+    setup(loop_config["threads"], train.seed)
+    train_feats, eval_feats = ray.get(loop_config["train_ref"]), ray.get(loop_config["eval_ref"])
+    device, world = device_for(train), dist.world_size()
+    steps = total_steps(len(train_feats), train, world)
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume:
+        resume = None if resume is None else Path(resume)
+        model = load_trainable(loop_config["model_path"], resume, train, kind).to(device)
+        if configure:
+            configure(model)
+        engine = make_engine(model, train, steps)
+        start = restore_state(engine, resume)
+    reporter = Reporter(stage, steps, loop_config["tensorboard_dir"], loop_config["progress"])
+    return Run(cfg, train, train_feats, eval_feats, loop_config["tokenizer"], device, world, dist.rank(), steps,
+               start, engine, reporter)
+
+
+def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
+    """After optimizer step ``done``: periodic eval, progress line, checkpoint or plain report.
+    The last step is left to ``finish``."""
+    import ray.train
+
+    train = run.train
+    if done == run.steps:
+        return
+    if train.eval_every and done % train.eval_every == 0:
+        metrics.update(evaluate())
+    if done % train.log_every == 0:
+        run.reporter.line(done, metrics)
+    if train.checkpoint_every and done % train.checkpoint_every == 0:
+        save_and_report(run.engine, done, metrics, run.tokenizer, train.lora)
+    elif done % train.log_every == 0:
+        ray.train.report(metrics)
+
+
+def finish(run: Run, metrics: dict, evaluate) -> None:
+    """Final eval, last progress line, and the final checkpoint (a Hugging Face model dir)."""
+    if run.eval_feats:
+        metrics.update(evaluate())
+    run.reporter.line(run.steps, metrics, final=True)
+    run.reporter.close()
+    save_and_report(run.engine, run.steps, metrics, run.tokenizer, run.train.lora)
