@@ -8,7 +8,6 @@ with either backend. DeepSpeed is imported lazily: importing it is slow and prob
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import socket

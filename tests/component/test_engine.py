@@ -56,7 +56,7 @@ def reference_run():
         loss.backward()
         record["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)))
         record["lr"].append(scheduler.get_last_lr()[0])
-        record["loss"].append(float(loss))
+        record["loss"].append(loss.item())
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -115,6 +115,11 @@ def worker(rank, world, port, spec, out_dir):
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    if spec.get("zero_stage") == 3:
+        # ZeRO-3 keeps parameters under 1e5 elements whole on every rank: partition all of this tiny model
+        config = ud.deepspeed_config
+        ud.deepspeed_config = lambda *a: {**config(*a), "zero_optimization": {
+            **config(*a)["zero_optimization"], "stage3_param_persistence_threshold": 0}}
     record = {"loss": [], "grad_norm": [], "lr": []}
     engine = make_engine(tiny_llama(), spec)
     probe = count_allreduces(engine, record) if spec["backend"] == "ddp" else None
@@ -176,23 +181,21 @@ def runs(tmp_path_factory):
     return get
 
 
-def assert_matches(record, reference, atol):
-    w = max(float((record["weights"][k] - v).abs().max()) for k, v in reference["weights"].items())
-    print("DIFF", max(abs(a - b) for a, b in zip(record["loss"], reference["loss"])),
-          max(abs(a - b) for a, b in zip(record["grad_norm"], reference["grad_norm"])), w)
+def assert_matches(record, reference, tol=1e-5):
+    """Equal up to float32 summation order (micro-batching, all-reduce), which Adam amplifies a little."""
     assert record["lr"] == pytest.approx(reference["lr"], rel=1e-12)
-    assert record["loss"] == pytest.approx(reference["loss"], abs=atol)
-    assert record["grad_norm"] == pytest.approx(reference["grad_norm"], abs=atol)
+    assert record["loss"] == pytest.approx(reference["loss"], abs=tol)
+    assert record["grad_norm"] == pytest.approx(reference["grad_norm"], rel=tol)
     assert record["weights"].keys() == reference["weights"].keys()
     for key, ref in reference["weights"].items():
-        torch.testing.assert_close(record["weights"][key], ref, rtol=0, atol=atol, msg=key)
+        torch.testing.assert_close(record["weights"][key], ref, rtol=0, atol=tol, msg=key)
 
 
 @pytest.mark.timeout(120)
 def test_ddp_with_accumulation_matches_full_batch_adamw(runs, reference):
     """2 ranks x 2 micro-batches of 2 == one batch of 8, and only the last micro-batch all-reduces."""
     rank0, rank1 = runs("ddp")
-    assert_matches(rank0, reference, atol=1e-2)
+    assert_matches(rank0, reference)
     assert rank1["weights"] is None
     for micro, calls in rank0["allreduces"]:
         assert (calls > 0) == (micro == 1), rank0["allreduces"]
@@ -202,7 +205,7 @@ def test_ddp_with_accumulation_matches_full_batch_adamw(runs, reference):
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
 def test_deepspeed_zero_matches_full_batch_adamw(runs, reference, name):
     rank0, _ = runs(name)
-    assert_matches(rank0, reference, atol=1e-2)
+    assert_matches(rank0, reference)
 
 
 @pytest.mark.timeout(150)
@@ -213,8 +216,7 @@ def test_zero3_full_state_dict_gathers_partitioned_weights(runs, reference):
     assert all(v.dtype == torch.float32 for v in rank0["weights"].values())
     # the tied head is returned under both names, as save_pretrained expects
     assert torch.equal(rank0["weights"]["lm_head.weight"], rank0["weights"]["model.embed_tokens.weight"])
-    for key, ref in reference["weights"].items():
-        torch.testing.assert_close(rank0["weights"][key], ref, rtol=0, atol=1e-6, msg=key)
+    assert_matches(rank0, reference)
 
 
 @pytest.mark.timeout(150)
@@ -243,17 +245,13 @@ def test_deepspeed_bf16_step_runs_on_cpu(runs, reference):
 def test_grad_accumulation_4x2_equals_1x8():
     """One process: 4 micro-batches of 2 give the update of one batch of 8 (losses normalised per step)."""
     torch.set_num_threads(1)
-    weights = []
+    records = []
     for grad_accum in (4, 1):
         engine = make_engine(tiny_llama(), {"backend": "ddp", "grad_accum": grad_accum})
-        record = {"loss": [], "grad_norm": [], "lr": []}
-        train(engine, 0, 1, grad_accum, range(2), record)
-        weights.append((record, engine.full_state_dict()))
-    (acc, acc_weights), (full, full_weights) = weights
-    assert acc["loss"] == pytest.approx(full["loss"], abs=1e-6)
-    assert acc["grad_norm"] == pytest.approx(full["grad_norm"], abs=1e-6)
-    for key, value in full_weights.items():
-        torch.testing.assert_close(acc_weights[key], value, rtol=0, atol=1e-6, msg=key)
+        records.append({"loss": [], "grad_norm": [], "lr": []})
+        train(engine, 0, 1, grad_accum, range(2), records[-1])
+        records[-1]["weights"] = engine.full_state_dict()
+    assert_matches(*records)
 
 
 @pytest.mark.timeout(30)

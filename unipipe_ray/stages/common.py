@@ -150,11 +150,13 @@ def _capture(fn):
         return e
 
 
-def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extra: dict | None = None) -> dict:
+def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extra: dict | None = None,
+              inject_failure_at: int | None = None) -> dict:
     """Load and check the stage's data on the driver, then run ``loop`` on Ray Train workers.
 
     The run is named after the stage under ``cfg.output_dir``: running the same command again resumes
     from its latest checkpoint, and a worker failure restarts the group from it (``train.max_failures``).
+    ``inject_failure_at`` (tests) kills the last worker once right after that step's checkpoint.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -172,7 +174,9 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
     progress = ray.remote(num_cpus=0)(_Progress).remote()
     loop_config = {"config": cfg, "model_path": model_path, "train_ref": ray.put(train_feats),
                    "eval_ref": ray.put(eval_feats), "tokenizer": tokenizer, "threads": threads,
-                   "tensorboard_dir": str(output_dir / "tensorboard"), "progress": progress, **(extra or {})}
+                   "tensorboard_dir": str(output_dir / "tensorboard"), "progress": progress,
+                   "inject_failure": (inject_failure_at, str(output_dir / f".{stage}_failure_injected")),
+                   **(extra or {})}
     trainer = TorchTrainer(
         loop, train_loop_config=loop_config, scaling_config=scaling_config,
         run_config=RunConfig(name=stage, storage_path=str(output_dir),

@@ -232,6 +232,7 @@ class Run:
     start: int
     engine: dist.Engine
     reporter: Reporter
+    inject_failure: tuple = (None, None)  # (step, marker file): tests only
 
     @property
     def pad_id(self) -> int:
@@ -270,7 +271,7 @@ def start_run(stage: str, loop_config: dict, kind: str = "causal", configure=Non
         start = restore_state(engine, resume)
     reporter = Reporter(stage, steps, loop_config["tensorboard_dir"], loop_config["progress"])
     return Run(cfg, train, train_feats, eval_feats, loop_config["tokenizer"], device, world, dist.rank(), steps,
-               start, engine, reporter)
+               start, engine, reporter, loop_config.get("inject_failure", (None, None)))
 
 
 def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
@@ -287,8 +288,19 @@ def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
         run.reporter.line(done, metrics)
     if train.checkpoint_every and done % train.checkpoint_every == 0:
         save_and_report(run.engine, done, metrics, run.tokenizer, train.lora)
+        _maybe_inject_failure(run, done)
     elif done % train.log_every == 0:
         ray.train.report(metrics)
+
+
+def _maybe_inject_failure(run: Run, done: int) -> None:
+    """Test hook: the last rank dies hard once, right after checkpoint ``done`` (a marker file makes it
+    once), so Ray Train's failure handling restarts the group from that checkpoint."""
+    at, marker = run.inject_failure
+    if at == done and run.rank == run.world - 1 and not Path(marker).exists():
+        Path(marker).touch()
+        dist.print0(f"{run.reporter.stage}: injected failure after step {done}")
+        os._exit(1)
 
 
 def finish(run: Run, metrics: dict, evaluate) -> None:
