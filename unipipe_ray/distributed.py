@@ -190,14 +190,15 @@ class Engine:
         return {"grad_norm": grad_norm, "lr": lr}
 
     def _deepspeed_step(self) -> float:
-        # ZeRO and bf16 optimizers compute the norm they clip with; stage 0 in fp32 clips without keeping it,
-        # so take it here from the already all-reduced gradients (a second clip is then a no-op).
+        # ZeRO and DeepSpeed's bf16 optimizer keep the norm they clip with; stage 0 in fp32 clips without
+        # keeping it, so measure it here on the already all-reduced gradients (DeepSpeed then clips).
         norm = None
         if self.model.zero_optimization_stage() == 0 and not self.model.bfloat16_enabled():
             norm = _grad_norm([p for p in self.module.parameters() if p.requires_grad], 0.0)
         self.model.step()
-        ds_norm = self.model.get_global_grad_norm()
-        return float(ds_norm) if norm is None and ds_norm is not None else (norm if norm is not None else math.nan)
+        if norm is None:
+            norm = self.model.get_global_grad_norm()
+        return math.nan if norm is None else float(norm)
 
     def state_dict(self) -> dict:
         """Optimizer and schedule state of the DDP backend (DeepSpeed's lives in save_state)."""

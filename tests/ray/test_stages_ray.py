@@ -30,13 +30,24 @@ def assert_same_weights(a: dict, b: dict, atol=1e-5):
     assert worst <= atol, f"largest weight difference {worst}"
 
 
+def tensorboard_scalars(directory) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def test_dpo_starts_at_ln2_and_improves(ray_cluster, tmp_path):
     cfg = load_config(DPOConfig, overrides=DATA + [
         f"output_dir={tmp_path}", "train.batch_size=4", "train.max_steps=6", "train.lr=2e-3",
         "train.warmup_ratio=0", "precompute_ref_logps=true", "train.log_every=1"])
     result = run_dpo(cfg)
-    first = [line for line in (tmp_path / "tensorboard").iterdir()]
-    assert first, "TensorBoard events are written"
+    curves = tensorboard_scalars(tmp_path / "tensorboard")
+    # policy == reference before the first step: every pair's loss is -log sigmoid(0) = ln 2
+    assert curves["dpo/eval_loss"][0] == pytest.approx((0, math.log(2)), abs=1e-6)
+    assert curves["dpo/loss"][0] == pytest.approx((1, math.log(2)), abs=1e-6)
+    assert [step for step, _ in curves["dpo/loss"]] == [1, 2, 3, 4, 5, 6]
     m = result["metrics"]
     assert m["step"] == 6
     # Final held-out margin is positive once the policy has moved away from the reference.
@@ -82,3 +93,19 @@ def test_killed_worker_resumes_to_the_same_weights(uninterrupted, tmp_path):
     result = run_sft(cfg, inject_failure_at=1)
     assert (tmp_path / ".sft_failure_injected").exists(), "the failure really happened"
     assert_same_weights(weights(result["checkpoint"]), uninterrupted)
+
+
+def test_lora_sft_saves_a_merged_model_and_the_adapter(ray_cluster, tmp_path):
+    cfg = load_config(SFTConfig, overrides=DATA + [f"output_dir={tmp_path}", "train.batch_size=4", "train.max_steps=2",
+                                                   "train.lr=1e-2", "train.lora.enabled=true", "train.lora.r=4"])
+    checkpoint = run_sft(cfg)["checkpoint"]
+    from transformers import AutoModelForCausalLM
+
+    from unipipe_ray.models import tiny_model_dir
+
+    merged = AutoModelForCausalLM.from_pretrained(checkpoint)  # plain transformers, adapters folded in
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
+    changed = {n for (n, a), (_, b) in zip(merged.named_parameters(), base.named_parameters()) if not torch.equal(a, b)}
+    # LoRA targets q/k/v/o: exactly those projections move, the frozen rest does not
+    assert changed and all(n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for n in changed)
+    assert (tmp_path / "sft").exists() and list((tmp_path / "sft").glob("checkpoint_*/lora_adapter/adapter_config.json"))

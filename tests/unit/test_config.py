@@ -89,3 +89,14 @@ def test_to_dict_round_trips(tmp_path):
     tree = to_dict(cfg)
     assert tree["data"]["sources"] == [{"path": "a.jsonl", "weight": 1.0}]
     assert load_config(SFTConfig, write(tmp_path, yaml.safe_dump(tree))) == cfg
+
+
+def test_resuming_with_a_changed_config_is_refused(tmp_path):
+    from unipipe_ray.stages.common import check_same_config
+
+    cfg = to_dict(load_config(SFTConfig, overrides=["train.lr=1e-4"]))
+    check_same_config(tmp_path / "sft_config.json", cfg)
+    check_same_config(tmp_path / "sft_config.json", cfg)  # same config: resume is fine
+    changed = to_dict(load_config(SFTConfig, overrides=["train.lr=2e-4"]))
+    with pytest.raises(ValueError, match=r"different config \(train\.lr: 0\.0001 -> 0\.0002\)"):
+        check_same_config(tmp_path / "sft_config.json", changed)

@@ -96,6 +96,25 @@ def scaling(train: TrainConfig):
         max(1, int(per_worker + 0.1))
 
 
+def _differences(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new))
+                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def check_same_config(path: Path, config: dict) -> None:
+    """Resuming into ``output_dir`` is only safe with the config that started the run: refuse otherwise."""
+    if path.exists():
+        diffs = _differences(json.loads(path.read_text()), config)
+        if diffs:
+            raise ValueError(f"{path.parent} holds a run started with a different config ({'; '.join(diffs)}); "
+                             f"resuming it would mix the two. Use another output_dir, or delete that one.")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config, indent=2))
+
+
 def write_result(output_dir: str | Path, result: dict) -> Path:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,12 +184,13 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
     from unipipe_ray.models import load_tokenizer, resolve_model
 
     started = time.time()
+    output_dir = Path(cfg.output_dir).resolve()
+    check_same_config(output_dir / f"{stage}_config.json", to_dict(cfg))
     model_path = resolve_model(cfg.model)  # convert/download once here, before the workers race for it
     tokenizer = load_tokenizer(cfg.model)
     train_feats, eval_feats, _ = load_stage_data(cfg.data, kind, tokenizer)
     init_ray(address)
     scaling_config, threads = scaling(cfg.train)
-    output_dir = Path(cfg.output_dir).resolve()
     progress = ray.remote(num_cpus=0)(_Progress).remote()
     loop_config = {"config": cfg, "model_path": model_path, "train_ref": ray.put(train_feats),
                    "eval_ref": ray.put(eval_feats), "tokenizer": tokenizer, "threads": threads,

@@ -111,7 +111,7 @@ def train_loop(loop_config: dict) -> None:
     if run.start == 0 and run.eval_feats:
         run.reporter.line(0, evaluate_now())
 
-    metrics: dict = {}
+    metrics = dict(run.metrics)
     for step in range(run.start, run.steps):
         sums: dict = {}
         batches = []

@@ -69,7 +69,7 @@ def train_loop(loop_config: dict) -> None:
     if run.start == 0 and run.eval_feats:
         run.reporter.line(0, evaluate_now())
 
-    metrics: dict = {}
+    metrics = dict(run.metrics)
     for step in range(run.start, run.steps):
         batches = [{k: v.to(device) for k, v in collate_preference([run.train_feats[i] for i in idx], pad_id).items()}
                    for idx in run.batch_indices(step)]

@@ -204,16 +204,18 @@ def load_frozen(model_path: str, train: TrainConfig):
     return model.eval().requires_grad_(False)
 
 
-def restore_state(engine: dist.Engine, resume: Path | None) -> int:
-    """Optimizer, schedule and RNG state from a resume checkpoint; returns the step to start from."""
+def restore_state(engine: dist.Engine, resume: Path | None) -> tuple[int, dict]:
+    """Optimizer, schedule and RNG state from a resume checkpoint: (step to start from, its metrics)."""
     if resume is None:
-        return 0
+        return 0, {}
     engine.load_state(resume / "engine")
     rng = torch.load(resume / f"rng_rank{dist.rank()}.pt", weights_only=True)
     torch.set_rng_state(rng["torch_rng"])
     random.setstate(rng["python_rng"])
+    # Only rank 0 wrote the metrics; they stand in for the last step's until new ones come.
+    state = torch.load(resume / STATE_FILE, weights_only=True) if (resume / STATE_FILE).exists() else {}
     dist.print0(f"resumed from {resume} at step {rng['step']}")
-    return int(rng["step"])
+    return int(rng["step"]), state.get("metrics", {})
 
 
 @dataclass
@@ -232,6 +234,7 @@ class Run:
     start: int
     engine: dist.Engine
     reporter: Reporter
+    metrics: dict          # the last reported metrics (restored on resume)
     inject_failure: tuple = (None, None)  # (step, marker file): tests only
 
     @property
@@ -268,10 +271,10 @@ def start_run(stage: str, loop_config: dict, kind: str = "causal", configure=Non
         if configure:
             configure(model)
         engine = make_engine(model, train, steps)
-        start = restore_state(engine, resume)
+        start, metrics = restore_state(engine, resume)
     reporter = Reporter(stage, steps, loop_config["tensorboard_dir"], loop_config["progress"])
     return Run(cfg, train, train_feats, eval_feats, loop_config["tokenizer"], device, world, dist.rank(), steps,
-               start, engine, reporter, loop_config.get("inject_failure", (None, None)))
+               start, engine, reporter, metrics, loop_config.get("inject_failure", (None, None)))
 
 
 def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
