@@ -252,9 +252,10 @@ def test_zero3_with_optimizer_offload_matches_full_batch_adamw(runs, reference):
 def test_deepspeed_bf16_steps_on_cpu_without_a_process_group(runs, reference):
     (rank0,) = runs("bf16_one_process")
     assert all(math.isfinite(x) for x in rank0["loss"] + rank0["grad_norm"])
-    assert rank0["loss"][0] == pytest.approx(reference["loss"][0], abs=0.05)  # same start, bf16 precision
-    assert rank0["loss"][-1] < rank0["loss"][0]
+    assert rank0["loss"] == pytest.approx(reference["loss"], abs=0.01)  # the same run, at bf16 precision
     assert all(v.dtype == torch.float32 for v in rank0["weights"].values())  # the fp32 master weights
+    init = tiny_llama().state_dict()
+    assert all(not torch.allclose(rank0["weights"][k], v, atol=1e-4) for k, v in init.items() if v.ndim > 1)
 
 
 @pytest.mark.timeout(60)
@@ -271,9 +272,12 @@ def test_grad_accumulation_4x2_equals_1x8():
 
 
 @pytest.mark.timeout(30)
-def test_engine_rejects_mismatched_options():
+def test_engine_options_outside_ddp_are_refused():
     model = tiny_llama()
     with pytest.raises(ValueError, match="backend"):
         ud.Engine(model, LR, 0.0, 1.0, 1, 0, backend="fsdp")
     with pytest.raises(ValueError, match="deepspeed"):
         ud.Engine(model, LR, 0.0, 1.0, 1, 0, zero_stage=2)
+    with pytest.raises(ValueError, match="deepspeed"):
+        ud.Engine(model, LR, 0.0, 1.0, 1, 0, offload_optimizer=True)
+    assert ud.Engine(model, LR, 0.0, 1.0, 1, 0, bf16=True).module.dtype == torch.bfloat16  # DDP in plain bf16

@@ -13,7 +13,7 @@ from unipipe_ray import distributed as dist
 from unipipe_ray.config import DPOConfig
 from unipipe_ray.logps import sequence_logps, token_logps
 from unipipe_ray.losses import dpo_loss, simpo_loss
-from unipipe_ray.stages import common, worker
+from unipipe_ray.stages import checkpoint, common, worker
 
 
 def pair_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +98,7 @@ def train_loop(loop_config: dict) -> None:
     run = worker.start_run("dpo", loop_config)
     cfg, train, engine, device, pad_id = run.cfg, run.train, run.engine, run.device, run.pad_id
     ref = RefScorer(None if cfg.loss_type == "simpo" else  # SimPO has no reference
-                    worker.load_frozen(loop_config["ref_path"], train).to(device))
+                    checkpoint.load_frozen(loop_config["ref_path"], train).to(device))
     schedule = {step: run.batch_indices(step) for step in range(run.start, run.steps)}
     if cfg.precompute_ref_logps and ref.model is not None:
         # Every pair this rank will see, plus its eval share: the reference runs once and is freed.
