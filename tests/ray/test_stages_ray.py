@@ -109,3 +109,12 @@ def test_lora_sft_saves_a_merged_model_and_the_adapter(ray_cluster, tmp_path):
     # LoRA targets q/k/v/o: exactly those projections move, the frozen rest does not
     assert changed and all(n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for n in changed)
     assert (tmp_path / "sft").exists() and list((tmp_path / "sft").glob("checkpoint_*/lora_adapter/adapter_config.json"))
+
+
+def test_deepspeed_zero2_stage_matches_plain_data_parallel(uninterrupted, tmp_path):
+    """The same SFT loop on DeepSpeed ZeRO-2 over gloo (2 CPU workers) ends at the reference weights."""
+    cfg = load_config(SFTConfig, overrides=DATA + [f"output_dir={tmp_path}", "train.num_workers=2",
+                                                   "train.batch_size=4", "train.max_steps=3", "train.lr=3e-3",
+                                                   "train.warmup_ratio=0", "train.backend=deepspeed",
+                                                   "train.zero_stage=2"])
+    assert_same_weights(weights(run_sft(cfg)["checkpoint"]), uninterrupted)
