@@ -259,11 +259,11 @@ def summarize(args, log, tokens, completion_tokens, positions, memory) -> dict:
     for side in OURS:
         s = sides[side]
         s["speedup_tokens_per_s"] = s["tokens_per_s"] / trl["tokens_per_s"]
-        s["speedup_paired_median"] = statistics.median(t / o for t, o in zip(trl["times"], s["times"]))
+        s["speedup_paired_median"] = statistics.median(t / o for t, o in zip(trl["times"], s["times"], strict=True))
         if "step_peak_mb" in s and "step_peak_mb" in trl:
             s["memory_ratio"] = s["step_peak_mb"] / max(trl["step_peak_mb"], 1e-9)
         # same batches, same weights, same optimizer math: the two loops must report the same numbers
-        s["max_abs_diff_vs_trl"] = {key: max(abs(a[key] - b[key]) for a, b in zip(log[side], log["trl"]))
+        s["max_abs_diff_vs_trl"] = {key: max(abs(a[key] - b[key]) for a, b in zip(log[side], log["trl"], strict=True))
                                     for key in ("margin", "logps_chosen")}
     best = max(OURS, key=lambda side: sides[side]["tokens_per_s"])
     return {"sides": sides, "default": best, "target_met": sides[best]["speedup_tokens_per_s"] >= 1.3,

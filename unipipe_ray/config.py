@@ -163,6 +163,59 @@ class DPOConfig:
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
 
 
+@dataclass(frozen=True)
+class PPOConfig:
+    model: str = DEFAULT_MODEL          # policy init (and reference, unless ref_model is set)
+    ref_model: str | None = None        # KL reference; None: the policy's init
+    reward_model: str | None = None     # RM checkpoint (stage rm); None: rule/gold rewards only
+    critic_model: str | None = None     # value model init; None: the reward model (or the policy if no RM)
+    output_dir: str = "runs/ppo"
+    estimator: str = "gae"              # gae (PPO with a critic) | grpo | rloo (group baselines, no critic)
+    engine: str = "hf"                  # rollout engine: hf (transformers generate) | vllm
+    num_engines: int = 1                # rollout actors
+    num_reward_workers: int = 1         # reward-model actors
+    prompts_per_iter: int = 8           # prompts per PPO iteration
+    samples_per_prompt: int = 2         # n responses per prompt
+    iterations: int = 10                # PPO iterations (rollout + update)
+    max_new_tokens: int = 64            # response length cap
+    temperature: float = 1.0            # sampling temperature (also applied to the trainer's logits)
+    top_p: float = 1.0                  # nucleus sampling
+    ppo_epochs: int = 2                 # passes over each rollout batch
+    minibatch_size: int = 8             # sequences per PPO minibatch (per policy worker)
+    clip_eps: float = 0.2               # policy ratio clip
+    value_clip_eps: float = 0.2         # value clip
+    critic_lr: float = 1e-5             # critic AdamW lr (the policy's is train.lr)
+    gamma: float = 1.0                  # GAE discount
+    lam: float = 0.95                   # GAE lambda
+    kl_coef: float = 0.05               # initial per-token KL penalty coefficient
+    kl_estimator: str = "k1"            # k1 | k2 | k3
+    kl_target: float | None = None      # adaptive KL controller target (None: fixed coefficient)
+    kl_horizon: int = 10000             # adaptive controller horizon (samples)
+    gold_reward_weight: float = 0.0     # add the task's checker reward (rule reward) with this weight
+    rule_reward: str | None = None      # "module:function" (example, text, response_ids) -> float, added as is
+    missing_eos_penalty: float = 0.0    # subtracted from responses that hit max_new_tokens without EOS
+    whiten_advantages: bool = True      # normalise advantages over the batch
+    hacking_window: int = 3             # iterations compared by the reward-hacking watch
+    stop_on_hacking: bool = False       # stop when proxy rises while gold falls; keep the best-gold checkpoint
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6))
+
+    def __post_init__(self):
+        _one_of(self.estimator, "estimator", ("gae", "grpo", "rloo"))
+        _one_of(self.engine, "engine", ("hf", "vllm"))
+        _one_of(self.kl_estimator, "kl_estimator", ("k1", "k2", "k3"))
+        for key in ("num_engines", "num_reward_workers", "prompts_per_iter", "samples_per_prompt", "iterations",
+                    "max_new_tokens", "ppo_epochs", "minibatch_size", "kl_horizon", "hacking_window"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.estimator == "gae" or self.samples_per_prompt >= 2, "samples_per_prompt",
+               f"{self.estimator} needs >= 2 samples per prompt (a group baseline)")
+        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(0 < self.clip_eps < 1, "clip_eps", f"must be in (0, 1), got {self.clip_eps}")
+        _check(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma in (0, 1] and lam in [0, 1]")
+        _check(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+
+
 STAGES = ("sft", "rm", "dpo")  # run order; PPO joins with its stage
 
 

@@ -274,3 +274,16 @@ def _grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
+
+
+def init_group(rank: int, world: int, master_addr: str, master_port: int) -> None:
+    """Join a process group outside Ray Train (PPO's actor groups): NCCL on GPU, gloo on CPU."""
+    if world <= 1 or dist.is_initialized():
+        return
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK="0")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world)
+
+
+def free_port() -> int:
+    return _free_port()

@@ -34,13 +34,13 @@ def make_task(data: DataConfig):
     return get_task(data.task, path=data.task_path)
 
 
-def load_stage_data(data: DataConfig, kind: str, tokenizer) -> tuple[list, list, list]:
-    """Examples of ``kind`` (sft | preference | prompt) -> (train features, eval features, eval examples).
+def stage_examples(data: DataConfig, kind: str) -> tuple[list, list]:
+    """Examples of ``kind`` (sft | preference | prompt) -> (train, held-out eval), before tokenization.
 
     User sources win over the built-in task. The eval split is taken before ``size`` so that it does not
     change when the training size does. Bad records follow ``on_bad_record``; skips are logged with counts.
     """
-    from unipipe_ray.data import load_examples, tokenize_all
+    from unipipe_ray.data import load_examples
 
     if data.sources:
         examples, report = load_examples(kind, [(s.path, s.weight) for s in data.sources],
@@ -55,14 +55,19 @@ def load_stage_data(data: DataConfig, kind: str, tokenizer) -> tuple[list, list,
     random.Random(data.seed).shuffle(order)
     if data.eval_size >= len(examples):
         raise ValueError(f"data.eval_size={data.eval_size} leaves no training data ({len(examples)} examples)")
-    eval_examples = [examples[i] for i in order[:data.eval_size]]
     train_examples = [examples[i] for i in order[data.eval_size:]]
     if data.size is not None:
         train_examples = train_examples[:data.size]
-    features = []
-    for part in (train_examples, eval_examples):
-        features.append(tokenize_all(part, kind, tokenizer, data.max_length, data.on_bad_record,
-                                     max_prompt_length=data.max_prompt_length))
+    return train_examples, [examples[i] for i in order[:data.eval_size]]
+
+
+def load_stage_data(data: DataConfig, kind: str, tokenizer) -> tuple[list, list, list]:
+    """(train features, eval features, eval examples): ``stage_examples`` tokenized (chat template, masks)."""
+    from unipipe_ray.data import tokenize_all
+
+    train_examples, eval_examples = stage_examples(data, kind)
+    features = [tokenize_all(part, kind, tokenizer, data.max_length, data.on_bad_record,
+                             max_prompt_length=data.max_prompt_length) for part in (train_examples, eval_examples)]
     return features[0], features[1], eval_examples
 
 

@@ -1,0 +1,9 @@
+"""Rule rewards for PPO tests, importable as "tests.ray.rules:NAME"."""
+
+LOW_IDS = 2000  # ~4% of SmolLM2's 49,152 tokens: a random-init policy starts near 0.04
+
+
+def low_id_share(example, text, response_ids) -> float:
+    """Share of response tokens with an id below LOW_IDS: learnable by a tiny random model in a few dozen
+    iterations (it only has to move probability mass towards one block of the vocabulary)."""
+    return sum(t < LOW_IDS for t in response_ids) / max(1, len(response_ids))

@@ -1,0 +1,256 @@
+"""PPO (RLHF) stage: a driver-side controller over Ray actor groups.
+
+    rollout engines (hf | vllm) -> reward-model group + gold checker -> reference + critic -> advantages
+    -> policy (and critic) updates -> weight sync to the engines -> metrics, reward-hacking watch
+
+One iteration, top to bottom, is ``ppo_iteration``; ``run_ppo`` sets the groups up and loops. Advantages:
+``gae`` (critic + GAE, Ouyang et al. 2022), ``grpo`` (Shao et al. 2024) or ``rloo`` (Ahmadian et al. 2024),
+the last two without a critic. The KL penalty to the reference is per token (``kl_estimator``), with a fixed
+or adaptive coefficient (Ziegler et al. 2019).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from unipipe_ray.config import PPOConfig, to_dict
+from unipipe_ray.rl import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    grpo_advantages,
+    kl_penalty,
+    masked_whiten,
+    rloo_advantages,
+)
+from unipipe_ray.watch import HackingWatch
+
+
+def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Stack (R_i,) rows (or (n, R_i) blocks) into (N, width), zero-padded."""
+    blocks = [r.unsqueeze(0) if r.dim() == 1 else r for r in rows]
+    out = torch.zeros(sum(b.shape[0] for b in blocks), width)
+    i = 0
+    for b in blocks:
+        out[i:i + b.shape[0], :b.shape[1]] = b[:, :width]
+        i += b.shape[0]
+    return out
+
+
+def scalar_rewards(cfg: PPOConfig, proxy: list[float], gold: list[float], rule: list[float],
+                   finished: list[bool]) -> torch.Tensor:
+    """Per-sequence reward: reward model + weighted gold reward + rule reward - penalty for a missing EOS."""
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.float32)
+    r = as_tensor(proxy) + cfg.gold_reward_weight * as_tensor(gold) + as_tensor(rule)
+    return r - cfg.missing_eos_penalty * (1.0 - as_tensor([float(f) for f in finished]))
+
+
+def load_rule(spec: str | None):
+    """Import a rule reward "module:function" (called as f(example, text, response_ids) -> float)."""
+    if spec is None:
+        return None
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"rule_reward {spec!r} must look like module:function")
+    return getattr(importlib.import_module(module), name)
+
+
+def advantages_and_returns(cfg: PPOConfig, rewards: torch.Tensor, kl: torch.Tensor, kl_coef: float,
+                           values: torch.Tensor | None, mask: torch.Tensor) -> tuple:
+    """(advantages (N, R), returns (N, R) or None). GAE puts -kl_coef*KL on every token and the sequence
+    reward on the last one; GRPO/RLOO subtract the KL sum from the sequence reward and use a group baseline."""
+    if cfg.estimator == "gae":
+        token_rewards = -kl_coef * kl
+        last = mask.sum(1).clamp(min=1) - 1
+        token_rewards[torch.arange(len(last)), last] += rewards
+        advantages, returns = gae(token_rewards * mask, values, mask, cfg.gamma, cfg.lam)
+    else:
+        total = rewards - kl_coef * (kl * mask).sum(1)
+        fn = grpo_advantages if cfg.estimator == "grpo" else rloo_advantages
+        advantages, returns = fn(total, cfg.samples_per_prompt).unsqueeze(1).expand_as(mask).clone(), None
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return advantages * mask, returns
+
+
+def build_groups(cfg: PPOConfig, paths: dict, pad_id: int, threads: int) -> dict:
+    """The actor groups. CPU counts are fractional scheduling tokens: the phases take turns on the cores."""
+    from unipipe_ray.workers.group import ActorGroup
+    from unipipe_ray.workers.roles import CriticTrainer, PolicyTrainer, ReferenceModel, RewardScorer
+    from unipipe_ray.workers.rollout import RolloutWorker
+
+    gpu = 1 if cfg.train.use_gpu else 0
+    cpu = 0.1 if not gpu else 1
+    env = {"OMP_NUM_THREADS": str(threads)}
+    steps = cfg.iterations * cfg.ppo_epochs * max(1, cfg.prompts_per_iter * cfg.samples_per_prompt
+                                                  // (cfg.minibatch_size * cfg.train.num_workers))
+    engine_kwargs = {"dtype": cfg.train.dtype, "seed": cfg.train.seed, "threads": threads}
+    if cfg.engine == "hf":
+        engine_kwargs["device"] = "cuda" if gpu else "cpu"
+    groups = {
+        "engines": ActorGroup(RolloutWorker, cfg.num_engines, {"kind": cfg.engine, "model_path": paths["policy"],
+                                                              **engine_kwargs},
+                              num_cpus=cpu, num_gpus=gpu, max_restarts=3, env_vars=env),
+        "policy": ActorGroup(PolicyTrainer, cfg.train.num_workers, {
+            "model_path": paths["policy"], "lr": cfg.train.lr, "pad_id": pad_id, "temperature": cfg.temperature,
+            "clip_eps": cfg.clip_eps, "max_grad_norm": cfg.train.max_grad_norm, "total_updates": steps,
+            "backend": cfg.train.backend, "zero_stage": cfg.train.zero_stage, "seed": cfg.train.seed,
+            "threads": threads}, num_cpus=cpu, num_gpus=gpu, distributed=True, env_vars=env),
+        "reference": ActorGroup(ReferenceModel, 1, {"model_path": paths["reference"], "pad_id": pad_id,
+                                                    "temperature": cfg.temperature, "threads": threads},
+                                num_cpus=cpu, num_gpus=gpu, env_vars=env),
+    }
+    if paths.get("reward"):
+        groups["reward"] = ActorGroup(RewardScorer, cfg.num_reward_workers,
+                                      {"model_path": paths["reward"], "pad_id": pad_id, "threads": threads},
+                                      num_cpus=cpu, num_gpus=gpu, env_vars=env)
+    if cfg.estimator == "gae":
+        groups["critic"] = ActorGroup(CriticTrainer, cfg.train.num_workers, {
+            "model_path": paths["critic"], "lr": cfg.critic_lr, "pad_id": pad_id, "clip_eps": cfg.value_clip_eps,
+            "max_grad_norm": cfg.train.max_grad_norm, "total_updates": steps, "seed": cfg.train.seed,
+            "threads": threads}, num_cpus=cpu, num_gpus=gpu, distributed=True, env_vars=env)
+    return groups
+
+
+def sync_weights(groups: dict) -> object:
+    """Policy weights (rank 0's full state dict, via the object store) into every rollout engine."""
+    import ray
+
+    state = ray.put(groups["policy"].call("state_dict")[0])
+    groups["engines"].call("load_weights", state)
+    return state
+
+
+def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, kl_ctl, it: int, state) -> dict:
+    """One PPO iteration over ``prompts`` (PromptExamples with their token ids); returns its metrics."""
+    import ray
+
+    from unipipe_ray.workers.group import split
+
+    t = {"start": time.perf_counter()}
+    restart = lambda actor: ray.get(actor.load_weights.remote(state))  # a restarted engine has the old weights
+    samples = groups["engines"].call_split("generate", [ids for _, ids in prompts], cfg.samples_per_prompt,
+                                           cfg.max_new_tokens, cfg.temperature, cfg.top_p, on_restart=restart)
+    t["generate"] = time.perf_counter()
+    n_gen = sum(len(s.response_ids) for s in samples)
+    examples = [ex for ex, _ in prompts for _ in range(cfg.samples_per_prompt)]
+    texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+    gold = [task.gold_reward(ex, text) for ex, text in zip(examples, texts, strict=True)] \
+        if task is not None and task.has_gold_reward else [0.0] * len(samples)
+    proxy = groups["reward"].call_split("score", samples) if "reward" in groups else [0.0] * len(samples)
+    rule_fn = load_rule(cfg.rule_reward)
+    rule = [rule_fn(ex, text, s.response_ids) for ex, text, s in zip(examples, texts, samples, strict=True)] \
+        if rule_fn else [0.0] * len(samples)
+    rewards = scalar_rewards(cfg, proxy, gold, rule, [s.finished for s in samples])
+    t["score"] = time.perf_counter()
+
+    width = max(len(s.response_ids) for s in samples)
+    mask = pad_rows([torch.ones(len(s.response_ids)) for s in samples], width).bool()
+    shards = split(samples, len(groups["policy"]))
+    old_logps = pad_rows(groups["policy"].call_each("logps", [(s,) for s in shards]), width)
+    ref_logps = pad_rows(groups["reference"].call_split("logps", samples), width)
+    values = pad_rows(groups["critic"].call_each("values", [(s,) for s in shards]), width) \
+        if "critic" in groups else None
+    kl = kl_penalty(old_logps, ref_logps, cfg.kl_estimator) * mask
+    advantages, returns = advantages_and_returns(cfg, rewards, kl, kl_ctl.value, values, mask)
+    t["prepare"] = time.perf_counter()
+
+    bounds = [0]
+    for s in shards:
+        bounds.append(bounds[-1] + len(s))
+    part = lambda x, k: x[bounds[k]:bounds[k + 1]]
+    metrics = groups["policy"].call_each("update", [(shards[k], part(old_logps, k), part(advantages, k), cfg.ppo_epochs,
+                                                     cfg.minibatch_size, it) for k in range(len(shards))])[0]
+    if values is not None:
+        metrics |= groups["critic"].call_each("update", [(shards[k], part(values, k), part(returns, k), cfg.ppo_epochs,
+                                                          cfg.minibatch_size, it) for k in range(len(shards))])[0]
+    t["train"] = time.perf_counter()
+    state = sync_weights(groups)
+    check = samples[:8]  # engine vs trainer log-probs on the new weights: did the sync really happen?
+    engine_lp = pad_rows([torch.tensor(r) for r in ray.get(
+        groups["engines"].actors[0].score.remote(check, cfg.temperature))], width)
+    trainer_lp = pad_rows([ray.get(groups["policy"].actors[0].logps.remote(check))], width)
+    t["sync"] = time.perf_counter()
+
+    kl_seq = float((kl.sum(1)).mean())
+    kl_ctl.update(kl_seq, len(samples))
+    seconds = {k: t[k] - t[prev] for prev, k in zip(list(t)[:-1], list(t)[1:], strict=True)}
+    return metrics | {
+        "ppo/reward_mean": float(torch.tensor(proxy).mean()), "ppo/reward_std": float(torch.tensor(proxy).std()),
+        "ppo/gold_mean": float(torch.tensor(gold).mean()), "ppo/gold_std": float(torch.tensor(gold).std()),
+        "ppo/rule_mean": float(torch.tensor(rule).mean()), "ppo/score_mean": float(rewards.mean()), "ppo/kl": kl_seq, "ppo/kl_coef": kl_ctl.value,
+        "ppo/response_length": n_gen / len(samples), "ppo/rollout_tokens_per_s": n_gen / seconds["generate"],
+        "ppo/engine_trainer_logp_max_diff": float(((engine_lp - trainer_lp).abs() * mask[:len(check)]).max()),
+        **{f"time/{k}_s": v for k, v in seconds.items()}}, state
+
+
+def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list, list, object]:
+    """(train prompts, held-out prompts, task): PromptExamples paired with their prompt token ids."""
+    from unipipe_ray.data import tokenize_prompt
+    from unipipe_ray.stages.common import make_task, stage_examples
+
+    task = make_task(cfg.data) if not cfg.data.sources else None
+    max_prompt = cfg.data.max_prompt_length or cfg.data.max_length // 2
+    train, held_out = stage_examples(cfg.data, "prompt")
+    pair = lambda exs: [(ex, tokenize_prompt(ex, tokenizer, max_prompt)["input_ids"]) for ex in exs]
+    return pair(train), pair(held_out), task
+
+
+def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at: int | None = None) -> dict:
+    """PPO on a Ray cluster (local when no address). ``inject_engine_failure_at`` (tests) kills a rollout
+    actor before that iteration's generation; Ray restarts it and the controller re-syncs its weights."""
+    import ray
+
+    from unipipe_ray.models import load_tokenizer, resolve_model
+    from unipipe_ray.stages.common import check_same_config, init_ray, write_result
+    from unipipe_ray.stages.worker import Reporter
+
+    started = time.time()
+    out_dir = Path(cfg.output_dir).resolve()
+    check_same_config(out_dir / "ppo_config.json", to_dict(cfg))
+    paths = {"policy": resolve_model(cfg.model), "reference": resolve_model(cfg.ref_model or cfg.model),
+             "reward": resolve_model(cfg.reward_model) if cfg.reward_model else None}
+    paths["critic"] = resolve_model(cfg.critic_model) if cfg.critic_model else (paths["reward"] or paths["policy"])
+    tokenizer = load_tokenizer(cfg.model)
+    train_prompts, _, task = load_prompts(cfg, tokenizer)
+    init_ray(address)
+    threads = max(1, (os.cpu_count() or 1) // max(1, cfg.train.num_workers))
+    groups = build_groups(cfg, paths, tokenizer.pad_token_id, threads)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
+              else FixedKLController(cfg.kl_coef))
+    watch, reporter = HackingWatch(cfg.hacking_window), Reporter("ppo", cfg.iterations, str(out_dir / "tensorboard"))
+    rng, history, best_gold, state = random.Random(cfg.data.seed), [], float("-inf"), None
+    for it in range(cfg.iterations):
+        if inject_engine_failure_at == it:
+            ray.kill(groups["engines"].actors[0], no_restart=False)
+        batch = rng.sample(train_prompts, min(cfg.prompts_per_iter, len(train_prompts)))
+        metrics, state = ppo_iteration(cfg, groups, batch, task, tokenizer, kl_ctl, it, state)
+        metrics |= watch.update(metrics["ppo/reward_mean"], metrics["ppo/gold_mean"])
+        history.append(metrics | {"iteration": it + 1})
+        reporter.line(it + 1, metrics)
+        if task is not None and task.has_gold_reward and metrics["ppo/gold_mean"] > best_gold:
+            best_gold = metrics["ppo/gold_mean"]
+            groups["policy"].call("save", str(out_dir / "best_gold"), paths["policy"])
+        if metrics["watch/hacking"]:
+            print(f"ppo: WARNING reward hacking suspected at iteration {it + 1}: the reward model's score rises "
+                  f"while the gold reward falls (divergence {metrics['watch/divergence']:.3f})", flush=True)
+            if cfg.stop_on_hacking:
+                break
+    reporter.close()
+    groups["policy"].call("save", str(out_dir / "final"), paths["policy"])
+    (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+    result = {"stage": "ppo", "config": to_dict(cfg), "metrics": history[-1], "checkpoint": str(out_dir / "final"),
+              "best_gold_checkpoint": str(out_dir / "best_gold") if best_gold > float("-inf") else None,
+              "train_examples": len(train_prompts), "eval_examples": 0, "seconds": round(time.time() - started, 1)}
+    write_result(out_dir, result)
+    for group in groups.values():
+        group.kill()
+    return result

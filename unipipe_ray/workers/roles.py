@@ -1,0 +1,179 @@
+"""PPO's model roles as plain classes (``workers.group.ActorGroup`` makes them Ray actors).
+
+    PolicyTrainer   the policy: old log-probs, clipped-ratio updates, its full state dict for weight sync
+    CriticTrainer   the value model: per-token values, clipped value updates
+    ReferenceModel  frozen KL reference: per-token log-probs
+    RewardScorer    the reward model: one scalar per sequence (head at the last real token)
+
+Trainers of one group form a process group (rank/world given at construction), so their updates are
+data-parallel through ``distributed.Engine`` (DDP or DeepSpeed ZeRO, like the other stages).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unipipe_ray import distributed as dist
+from unipipe_ray.losses import masked_mean, masked_sum, ppo_policy_loss, value_loss
+from unipipe_ray.workers.sequences import gather_response, response_entropy, response_index, response_logps, to_batch
+
+
+def _setup(threads: int | None, seed: int, rank: int, world: int, master: tuple | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed + rank)
+    if master is not None:
+        dist.init_group(rank, world, *master)
+
+
+def _minibatches(n: int, size: int, epoch: int, seed: int) -> list[list[int]]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
+def _select(samples, idx):
+    return [samples[i] for i in idx]
+
+
+class PolicyTrainer:
+    def __init__(self, model_path: str, lr: float, pad_id: int, temperature: float, clip_eps: float,
+                 max_grad_norm: float = 1.0, total_updates: int = 1000, backend: str = "ddp", zero_stage: int = 0,
+                 seed: int = 0, threads: int | None = None, rank: int = 0, world: int = 1, master=None):
+        from transformers import AutoModelForCausalLM
+
+        _setup(threads, seed, rank, world, master)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
+        model.config.use_cache = False
+        self.engine = dist.Engine(model, lr, 0.0, max_grad_norm, total_updates, warmup_steps=0, backend=backend,
+                                  zero_stage=zero_stage)
+        self.pad_id, self.temperature, self.clip_eps, self.seed = pad_id, temperature, clip_eps, seed
+
+    def _forward(self, model, batch):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits / self.temperature
+
+    @torch.no_grad()
+    def logps(self, samples) -> torch.Tensor:
+        """(N, R) log-probs of the responses under the current policy (PPO's old log-probs)."""
+        batch = to_batch(samples, self.pad_id)
+        return response_logps(self._forward(self.engine.module, batch), batch)
+
+    def update(self, samples, old_logps, advantages, epochs: int, minibatch_size: int, iteration: int) -> dict:
+        """PPO epochs over minibatches of this worker's samples; returns means over all workers."""
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, clipped, entropy, approx_kl (token sums)
+        tokens = 0.0
+        for epoch in range(epochs):
+            for idx in _minibatches(len(samples), minibatch_size, epoch, self.seed + iteration):
+                batch = to_batch(_select(samples, idx), self.pad_id)
+                _, mask = response_index(batch)
+                mask, old, adv = mask, old_logps[idx, :mask.shape[1]], advantages[idx, :mask.shape[1]]
+                n_tokens = float(dist.all_reduce_sum(float(mask.sum())))
+                logits = self._forward(self.engine, batch)
+                logps = response_logps(logits, batch)
+                losses, clipped = ppo_policy_loss(logps, old, adv, self.clip_eps)
+                # Token sum / (global tokens / world): the gradient mean over workers is the global token mean.
+                self.engine.backward(masked_sum(losses, mask) / (n_tokens / dist.world_size()))
+                info = self.engine.step()
+                with torch.no_grad():
+                    entropy = response_entropy(logits.detach(), batch)
+                    sums += torch.stack([masked_sum(losses, mask), masked_sum(clipped, mask),
+                                         masked_sum(entropy, mask), masked_sum(old - logps, mask)]).double()
+                tokens += float(mask.sum())
+        sums, tokens = dist.all_reduce_sum(sums), float(dist.all_reduce_sum(tokens))
+        loss, clipfrac, entropy, approx_kl = (sums / max(tokens, 1.0)).tolist()
+        return {"ppo/policy_loss": loss, "ppo/clip_fraction": clipfrac, "ppo/entropy": entropy,
+                "ppo/approx_kl": approx_kl, "ppo/grad_norm": info["grad_norm"]}
+
+    def state_dict(self) -> dict | None:
+        """The full policy state dict on rank 0 (what the rollout engines load); None on other ranks."""
+        return self.engine.full_state_dict()
+
+    def save(self, directory: str, tokenizer_dir: str) -> None:
+        from transformers import AutoTokenizer
+
+        full = self.engine.full_state_dict()
+        if dist.is_main():
+            self.engine.module.save_pretrained(directory, state_dict=full)
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+
+
+class CriticTrainer:
+    """Values V(s) per response token from a sequence classifier's head applied at every position."""
+
+    def __init__(self, model_path: str, lr: float, pad_id: int, clip_eps: float, max_grad_norm: float = 1.0,
+                 total_updates: int = 1000, seed: int = 0, threads: int | None = None, rank: int = 0,
+                 world: int = 1, master=None):
+        from transformers import AutoModelForSequenceClassification
+
+        _setup(threads, seed, rank, world, master)
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32,
+                                                                   use_safetensors=True)
+        model.config.pad_token_id = pad_id
+        self.engine = dist.Engine(model, lr, 0.0, max_grad_norm, total_updates, warmup_steps=0)
+        self.pad_id, self.clip_eps, self.seed = pad_id, clip_eps, seed
+
+    def _values(self, model, batch) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        states = gather_response(out.hidden_states[-1], batch)
+        return self.engine.module.score(states).squeeze(-1).float()
+
+    @torch.no_grad()
+    def values(self, samples) -> torch.Tensor:
+        batch = to_batch(samples, self.pad_id)
+        return self._values(self.engine.module, batch).masked_fill(~response_index(batch)[1], 0.0)
+
+    def update(self, samples, old_values, returns, epochs: int, minibatch_size: int, iteration: int) -> dict:
+        total, tokens = torch.zeros((), dtype=torch.float64), 0.0
+        for epoch in range(epochs):
+            for idx in _minibatches(len(samples), minibatch_size, epoch, self.seed + iteration):
+                batch = to_batch(_select(samples, idx), self.pad_id)
+                _, mask = response_index(batch)
+                r = mask.shape[1]
+                n_tokens = float(dist.all_reduce_sum(float(mask.sum())))
+                losses = value_loss(self._values(self.engine, batch), old_values[idx, :r], returns[idx, :r],
+                                    self.clip_eps)
+                self.engine.backward(masked_sum(losses, mask) / (n_tokens / dist.world_size()))
+                self.engine.step()
+                total += masked_sum(losses.detach(), mask).double()
+                tokens += float(mask.sum())
+        return {"ppo/value_loss": float(dist.all_reduce_sum(total)) / max(float(dist.all_reduce_sum(tokens)), 1.0)}
+
+
+class ReferenceModel:
+    def __init__(self, model_path: str, pad_id: int, temperature: float, threads: int | None = None):
+        from transformers import AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True).eval()
+        self.pad_id, self.temperature = pad_id, temperature
+
+    @torch.no_grad()
+    def logps(self, samples) -> torch.Tensor:
+        batch = to_batch(samples, self.pad_id)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return response_logps(logits / self.temperature, batch)
+
+
+class RewardScorer:
+    def __init__(self, model_path: str, pad_id: int, threads: int | None = None, batch_size: int = 32):
+        from transformers import AutoModelForSequenceClassification
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=1, dtype=torch.float32, use_safetensors=True).eval()
+        self.pad_id, self.batch_size = pad_id, batch_size
+
+    @torch.no_grad()
+    def score(self, samples) -> list[float]:
+        from unipipe_ray.stages.reward import rewards
+
+        out = []
+        for i in range(0, len(samples), self.batch_size):
+            batch = to_batch(samples[i:i + self.batch_size], self.pad_id)
+            out.extend(rewards(self.model, self.model, batch).tolist())
+        return out
+
+
+def mean_over_tokens(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(masked_mean(values, mask))
