@@ -72,7 +72,9 @@ def test_sample_reward_hand_values_and_constant_batch_guard():
     r_S = 0.5 g + 0.5 (1 - g) = [0.5, 0.25, 0.75]. Constant margins [1, 1, 1] -> g = 0.5 (guard):
     r_S = 0.25 + 0.5 [1, 0, .5] = [0.75, 0.25, 0.5]."""
     chosen_logps = torch.tensor([-3.0, -1.0, -2.0])
-    torch.testing.assert_close(sample_reward(torch.tensor([0.0, 1.0, 2.0]), chosen_logps), torch.tensor([0.5, 0.25, 0.75]))
+    torch.testing.assert_close(
+        sample_reward(torch.tensor([0.0, 1.0, 2.0]), chosen_logps), torch.tensor([0.5, 0.25, 0.75])
+    )
     torch.testing.assert_close(sample_reward(torch.ones(3), chosen_logps), torch.tensor([0.75, 0.25, 0.5]))
 
 
@@ -112,8 +114,10 @@ def test_layer_features_hand_value():
 def test_contexts_ignore_padding_and_have_unit_norm():
     gen = torch.Generator().manual_seed(1)
     chosen, rejected, chosen_mask, rejected_mask = batch(gen)
-    noisy = [tuple(torch.where(m[..., None], h, torch.randn(h.shape, generator=gen) * 100) for h in hs)
-             for hs, m in ((chosen, chosen_mask), (rejected, rejected_mask))]
+    noisy = [
+        tuple(torch.where(m[..., None], h, torch.randn(h.shape, generator=gen) * 100) for h in hs)
+        for hs, m in ((chosen, chosen_mask), (rejected, rejected_mask))
+    ]
     noisy[0][0][~chosen_mask] = float("nan")  # a nan in padding must not leak either
     sched = tiny()
     first = sched.contexts(layer_features(chosen, rejected, chosen_mask, rejected_mask))
@@ -142,8 +146,9 @@ def test_softmax_selection_is_seeded():
 
 def test_lagged_update_trains_and_fills_the_pool():
     """Fixed batch, margins fixed, chosen log-probs constant -> fixed labels
-    y = 0.5 sigmoid(0.5) + 0.5 (0.5 g(margins) + 0.25) (r_B = 0 every round); f_S's eval MSE must drop."""
-    sched = tiny(label_all_pairs=True, lr=3e-3, train_steps=4, dropout=0.0)
+    y = 0.5 sigmoid(0.5) + 0.5 (0.5 g(margins) + 0.25) (r_B = 0 every round). f_S's eval MSE must drop, and below
+    the labels' variance (it learns more than their mean)."""
+    sched = tiny(label_all_pairs=True, lr=1e-2, train_steps=8, dropout=0.0)
     gen = torch.Generator().manual_seed(4)
     feats, margins, chosen_logps = features(gen, n=16), torch.randn(16, generator=gen), torch.full((16,), -2.0)
     contexts = sched.contexts(feats)
@@ -153,9 +158,9 @@ def test_lagged_update_trains_and_fills_the_pool():
         return torch.nn.functional.mse_loss(sched.nets["exploit"](contexts)[0], labels).item()
 
     before = mse()
-    for _ in range(30):
+    for _ in range(20):
         sched.step(feats, margins, chosen_logps, k=8)
-    assert mse() < 0.2 * before
+    assert mse() < 0.2 * before and mse() < 0.5 * labels.var(unbiased=False).item()
     assert len(sched.pool) == 5 and sched.pool[0][0].shape == (16, 8)
 
 
@@ -177,8 +182,9 @@ def test_state_dict_round_trip_continues_identically():
     other.load_state_dict(torch.load(buffer, weights_only=False))
     probe = sched.contexts(features(torch.Generator().manual_seed(6)))
     torch.testing.assert_close(sched.scores(probe), other.scores(probe), rtol=0, atol=0)
-    (keep_a, metrics_a), (keep_b, metrics_b) = (run_rounds(s, torch.Generator().manual_seed(7), 2)[-1]
-                                                for s in (sched, other))
+    (keep_a, metrics_a), (keep_b, metrics_b) = (
+        run_rounds(s, torch.Generator().manual_seed(7), 2)[-1] for s in (sched, other)
+    )
     assert keep_a.tolist() == keep_b.tolist() and metrics_a == metrics_b and "sams/exploit_mse" in metrics_a
     torch.testing.assert_close(sched.scores(probe), other.scores(probe), rtol=0, atol=0)
     with pytest.raises(ValueError):
@@ -211,8 +217,11 @@ def test_trained_parameters_change():
         return {name: [p.detach().clone() for p in sched.nets[name].parameters()] for name in sched.nets}
 
     def changed(old):
-        return {name for name, ps in old.items() if any(not torch.equal(a, b) for a, b in
-                                                         zip(ps, sched.nets[name].parameters()))}
+        return {
+            name
+            for name, ps in old.items()
+            if any(not torch.equal(a, b) for a, b in zip(ps, sched.nets[name].parameters()))
+        }
 
     old = snapshot()
     run_rounds(sched, torch.Generator().manual_seed(10), 2)
@@ -230,7 +239,9 @@ def test_bad_settings_rejected():
 
 
 def test_import_pulls_no_heavy_framework():
-    code = ("import sys, unipipe_ray.sams; "
-            "print([m for m in ('ray', 'deepspeed', 'vllm', 'transformers') if m in sys.modules])")
+    code = (
+        "import sys, unipipe_ray.sams; "
+        "print([m for m in ('ray', 'deepspeed', 'vllm', 'transformers') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
