@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from unipipe_ray.models import DEFAULT_MODEL
+from unipipe_ray.sams import SamsSettings
 
 
 class ConfigError(ValueError):
@@ -154,6 +155,9 @@ class DPOConfig:
     label_smoothing: float = 0.0   # cDPO: assumed share of flipped labels, in [0, 0.5)
     simpo_gamma: float = 0.5       # SimPO target margin (loss_type: simpo)
     precompute_ref_logps: bool = False  # score every pair with the reference once up front, then free it
+    scheduler: str = "none"        # which pairs of each batch to train on: none (all) | random | sams
+    keep_ratio: float = 0.5        # share of each batch kept by the random or SamS scheduler
+    sams: SamsSettings = field(default_factory=SamsSettings)  # SamS settings (scheduler: sams)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7))
 
@@ -161,6 +165,8 @@ class DPOConfig:
         _one_of(self.loss_type, "loss_type", ("sigmoid", "ipo", "simpo"))
         _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        _one_of(self.scheduler, "scheduler", ("none", "random", "sams"))
+        _check(0 < self.keep_ratio <= 1, "keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
 
 
 @dataclass(frozen=True)
@@ -284,6 +290,8 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
         return cls(**kwargs)
     except ConfigError as e:  # raised by __post_init__ with the bare field name: give it the full path
         raise ConfigError(dotted + e.key, e.message) from None
+    except ValueError as e:  # a component's own validation (e.g. SamsSettings): name the section
+        raise ConfigError(prefix, str(e)) from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -287,3 +287,19 @@ def init_group(rank: int, world: int, master_addr: str, master_port: int) -> Non
 
 def free_port() -> int:
     return _free_port()
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from all ranks along dim 0, in rank order."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank (same shape and dtype everywhere)."""
+    if world_size() > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor

@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny"
-TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2)
+# head_dim 64: vLLM's CPU attention kernels support only the usual head sizes (16 fails).
+TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=64)
 
 
 def cache_dir() -> Path:
@@ -115,10 +116,8 @@ def tiny_model_dir(seed: int = 0, tie_word_embeddings: bool = True) -> Path:
     """A random-init Llama (~3M params, mostly the 49k x 64 embedding) with SmolLM2's real tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok_dir = gguf_tokenizer_dir(smollm2_gguf_path())
-
     def build(out: Path) -> None:
-        tok = AutoTokenizer.from_pretrained(tok_dir)
+        tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(smollm2_gguf_path()))
         config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048,
                              tie_word_embeddings=tie_word_embeddings, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **TINY_SIZES)
@@ -127,7 +126,7 @@ def tiny_model_dir(seed: int = 0, tie_word_embeddings: bool = True) -> Path:
         tok.save_pretrained(out)
 
     suffix = "" if tie_word_embeddings else "-untied"
-    return _atomic_build(cache_dir() / f"tiny-llama-s{seed}{suffix}", build)
+    return _atomic_build(cache_dir() / f"tiny-llama-v2-s{seed}{suffix}", build)
 
 
 def resolve_model(spec: str) -> str:

@@ -37,7 +37,8 @@ def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
     return get_peft_model(model, peft_cfg)
 
 
-def save_and_report(engine: dist.Engine, step: int, metrics: dict, tokenizer, lora: LoraConfig) -> None:
+def save_and_report(engine: dist.Engine, step: int, metrics: dict, tokenizer, lora: LoraConfig,
+                    extra_state: dict | None = None) -> None:
     """Report metrics with a checkpoint: a Hugging Face model dir (merged LoRA) + what resume needs.
 
     Every rank writes its own shard of optimizer state (DeepSpeed partitions it) and RNG state; Ray Train
@@ -53,7 +54,7 @@ def save_and_report(engine: dist.Engine, step: int, metrics: dict, tokenizer, lo
                    out / f"rng_rank{dist.rank()}.pt")
         if dist.is_main():
             _save_hf(engine.module, full, out, tokenizer, lora)
-            torch.save({"step": step, "metrics": metrics}, out / STATE_FILE)
+            torch.save({"step": step, "metrics": metrics, "extra": extra_state or {}}, out / STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -104,10 +105,11 @@ def load_frozen(model_path: str, train: TrainConfig):
     return model.eval().requires_grad_(False)
 
 
-def restore_state(engine: dist.Engine, resume: Path | None) -> tuple[int, dict]:
-    """Optimizer, schedule and RNG state from a resume checkpoint: (step to start from, its metrics)."""
+def restore_state(engine: dist.Engine, resume: Path | None) -> tuple[int, dict, dict]:
+    """Optimizer, schedule and RNG state from a resume checkpoint: (step to start from, its metrics, the
+    loop's extra state, e.g. the SamS scheduler; rank 0 only)."""
     if resume is None:
-        return 0, {}
+        return 0, {}, {}
     engine.load_state(resume / "engine")
     rng = torch.load(resume / f"rng_rank{dist.rank()}.pt", weights_only=True)
     torch.set_rng_state(rng["torch_rng"])
@@ -115,4 +117,4 @@ def restore_state(engine: dist.Engine, resume: Path | None) -> tuple[int, dict]:
     # Only rank 0 wrote the metrics; they stand in for the last step's until new ones come.
     state = torch.load(resume / STATE_FILE, weights_only=True) if (resume / STATE_FILE).exists() else {}
     dist.print0(f"resumed from {resume} at step {rng['step']}")
-    return int(rng["step"]), state.get("metrics", {})
+    return int(rng["step"]), state.get("metrics", {}), state.get("extra", {})

@@ -13,6 +13,7 @@ from unipipe_ray import distributed as dist
 from unipipe_ray.config import DPOConfig
 from unipipe_ray.logps import sequence_logps, token_logps
 from unipipe_ray.losses import dpo_loss, simpo_loss
+from unipipe_ray.sams_nets import layer_features
 from unipipe_ray.stages import checkpoint, common, worker
 
 
@@ -71,6 +72,69 @@ class RefScorer:
         return pairs[:, 0], pairs[:, 1]
 
 
+class PairSelector:
+    """Which pairs of each micro-batch train: all (plain DPO), a seeded random keep-k ("DPO random 50%"), or
+    SamS. The selection is over the global micro-batch: rank 0 owns the RNG / scheduler and broadcasts the
+    kept global indices, so every rank trains on its own kept pairs and the data-parallel step stays exact."""
+
+    def __init__(self, cfg: DPOConfig, model, seed: int, resumed: dict):
+        from unipipe_ray.sams import SamsScheduler
+
+        self.kind, self.ratio, self.beta = cfg.scheduler, cfg.keep_ratio, cfg.beta
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sched = None
+        if self.kind == "sams" and dist.is_main():
+            self.sched = SamsScheduler(model.config.hidden_size, model.config.num_hidden_layers, cfg.sams, seed=seed)
+        if resumed:
+            self.generator.set_state(resumed["generator"])
+            if self.sched is not None:
+                self.sched.load_state_dict(resumed["sams"])
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(),
+                **({"sams": self.sched.state_dict()} if self.sched is not None else {})}
+
+    def kept_per_step(self, n_local: int, grad_accum: int) -> int:
+        """Pairs trained per optimizer step over all ranks (the loss normaliser)."""
+        n_global = n_local * dist.world_size()
+        return grad_accum * (n_global if self.kind == "none" else max(1, round(self.ratio * n_global)))
+
+    def keep(self, module, batch: dict, ref, keys, device) -> tuple[list[int], dict]:
+        """Local indices of the kept pairs of this micro-batch, and the scheduler's metrics."""
+        n = batch["input_ids"].shape[0] // 2
+        if self.kind == "none":
+            return list(range(n)), {}
+        n_global = n * dist.world_size()
+        k = max(1, round(self.ratio * n_global))
+        metrics: dict = {}
+        if self.kind == "random":
+            keep = torch.randperm(n_global, generator=self.generator)[:k].sort().values if dist.is_main() \
+                else torch.zeros(k, dtype=torch.long)
+        else:
+            features, margins, chosen_logps = self._arm_inputs(module, batch, ref, keys)
+            features, margins = dist.all_gather_cat(features), dist.all_gather_cat(margins)
+            chosen_logps = dist.all_gather_cat(chosen_logps)
+            keep = torch.zeros(k, dtype=torch.long)
+            if self.sched is not None:
+                keep, metrics = self.sched.step(features, margins, chosen_logps, k)
+        keep = dist.broadcast_from_main(keep.to(torch.long).contiguous())
+        lo = dist.rank() * n
+        return [int(g) - lo for g in keep.tolist() if lo <= g < lo + n], metrics
+
+    @torch.no_grad()
+    def _arm_inputs(self, module, batch, ref, keys):
+        """One no-grad forward of the whole micro-batch: per-layer hidden states -> arm features, and the
+        policy's view of each pair (beta * h, chosen log-prob) for SamS's rewards."""
+        out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        n = batch["input_ids"].shape[0] // 2
+        hidden, mask = out.hidden_states[1:], batch["attention_mask"]
+        features = layer_features([h[:n] for h in hidden], [h[n:] for h in hidden], mask[:n], mask[n:])
+        chosen, rejected = sequence_logps(*token_logps(out.logits, batch["labels"])).chunk(2)
+        ref_chosen, ref_rejected = ref(batch, keys)
+        margins = self.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+        return features.float().cpu(), margins.float().cpu(), chosen.float().cpu()
+
+
 @torch.no_grad()
 def evaluate(cfg: DPOConfig, model, ref: RefScorer, features: list[dict], batch_size: int, pad_id: int,
              device) -> dict:
@@ -105,30 +169,45 @@ def train_loop(loop_config: dict) -> None:
         keys = sorted({("train", i) for batches in schedule.values() for idx in batches for i in idx}
                       | {("eval", i) for i in range(run.rank, len(run.eval_feats), run.world)})
         ref.precompute({"train": run.train_feats, "eval": run.eval_feats}, keys, train.batch_size, pad_id, device)
+    selector = PairSelector(cfg, engine.module, train.seed, run.resumed_extra.get("selector", {}))
+    run.extra_state = lambda: {"selector": selector.state_dict()}
+    kept_per_step = selector.kept_per_step(train.batch_size, train.grad_accum)
     evaluate_now = lambda: evaluate(cfg, engine.module, ref, run.eval_feats, train.batch_size, pad_id, device)
     dist.print0(f"dpo: {len(run.train_feats)} train / {len(run.eval_feats)} eval pairs, {run.world} worker(s), "
-                f"{run.steps} steps of {run.per_step} pairs, loss {cfg.loss_type}, beta {cfg.beta}")
+                f"{run.steps} steps of {run.per_step} pairs ({kept_per_step} trained: scheduler {cfg.scheduler}), "
+                f"loss {cfg.loss_type}, beta {cfg.beta}")
     if run.start == 0 and run.eval_feats:
         run.reporter.line(0, evaluate_now())
 
     metrics = dict(run.metrics)
     for step in range(run.start, run.steps):
-        sums: dict = {}
-        batches = []
+        sums, batches, scheduler_metrics = {}, [], {}
         for idx in schedule.pop(step):
-            batch = {k: v.to(device) for k, v in collate_preference([run.train_feats[i] for i in idx], pad_id).items()}
+            full = [run.train_feats[i] for i in idx]
+            keys = [("train", i) for i in idx]
+            batch = {k: v.to(device) for k, v in collate_preference(full, pad_id).items()}
+            kept, sched_metrics = selector.keep(engine.module, batch, ref, keys, device)
+            scheduler_metrics.update(sched_metrics)  # rank 0's scheduler; the last micro-batch's round
+            # A rank with no kept pair still runs one (zero-weighted) pass: DDP needs every rank's backward.
+            weight = 1.0 if kept else 0.0
+            kept = kept or [0]
+            if len(kept) < len(idx):
+                keys = [keys[j] for j in kept]
+                batch = {k: v.to(device) for k, v in collate_preference([full[j] for j in kept], pad_id).items()}
             batches.append(batch)
             policy = pair_logps(engine, batch, average=cfg.loss_type == "simpo")
-            refs = None if cfg.loss_type == "simpo" else ref(batch, [("train", i) for i in idx])
+            refs = None if cfg.loss_type == "simpo" else ref(batch, keys)
             losses, chosen_rewards, rejected_rewards = pair_losses(cfg, policy, refs)
-            # Sum / (global pairs / world): DDP's gradient mean is then the mean over the whole step's pairs.
-            engine.backward(losses.sum() / (run.per_step / run.world))
-            for k, v in pair_metrics("dpo/", losses, chosen_rewards, rejected_rewards, *policy).items():
-                sums[k] = sums.get(k, 0) + v
+            # Sum / (global kept pairs / world): DDP's gradient mean is then the mean over the step's kept pairs.
+            engine.backward(weight * losses.sum() / (kept_per_step / run.world))
+            if weight:
+                for k, v in pair_metrics("dpo/", losses, chosen_rewards, rejected_rewards, *policy).items():
+                    sums[k] = sums.get(k, 0) + v
         run.reporter.count_tokens(batches)
         info = engine.step()
-        metrics = {**reduce_metrics(sums, run.per_step), "dpo/lr": info["lr"], "dpo/grad_norm": info["grad_norm"],
-                   **run.reporter.throughput(), "dpo/peak_memory_mb": worker.peak_memory_mb(device),
+        metrics = {**reduce_metrics(sums, kept_per_step), "dpo/lr": info["lr"], "dpo/grad_norm": info["grad_norm"],
+                   **scheduler_metrics, **run.reporter.throughput(),
+                   "dpo/peak_memory_mb": worker.peak_memory_mb(device),
                    "step": step + 1}
         worker.end_of_step(run, step + 1, metrics, evaluate_now)
     worker.finish(run, metrics, evaluate_now)

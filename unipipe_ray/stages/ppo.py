@@ -167,11 +167,11 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
     for s in shards:
         bounds.append(bounds[-1] + len(s))
     part = lambda x, k: x[bounds[k]:bounds[k + 1]]
-    metrics = groups["policy"].call_each("update", [(shards[k], part(old_logps, k), part(advantages, k), cfg.ppo_epochs,
-                                                     cfg.minibatch_size, it) for k in range(len(shards))])[0]
+    per_worker = lambda a, b: [(shards[k], part(a, k), part(b, k), cfg.ppo_epochs, cfg.minibatch_size, it)
+                               for k in range(len(shards))]
+    metrics = groups["policy"].call_each("update", per_worker(old_logps, advantages))[0]
     if values is not None:
-        metrics |= groups["critic"].call_each("update", [(shards[k], part(values, k), part(returns, k), cfg.ppo_epochs,
-                                                          cfg.minibatch_size, it) for k in range(len(shards))])[0]
+        metrics |= groups["critic"].call_each("update", per_worker(values, returns))[0]
     t["train"] = time.perf_counter()
     state = sync_weights(groups)
     check = samples[:8]  # engine vs trainer log-probs on the new weights: did the sync really happen?
@@ -186,7 +186,8 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
     return metrics | {
         "ppo/reward_mean": float(torch.tensor(proxy).mean()), "ppo/reward_std": float(torch.tensor(proxy).std()),
         "ppo/gold_mean": float(torch.tensor(gold).mean()), "ppo/gold_std": float(torch.tensor(gold).std()),
-        "ppo/rule_mean": float(torch.tensor(rule).mean()), "ppo/score_mean": float(rewards.mean()), "ppo/kl": kl_seq, "ppo/kl_coef": kl_ctl.value,
+        "ppo/rule_mean": float(torch.tensor(rule).mean()), "ppo/score_mean": float(rewards.mean()),
+        "ppo/kl": kl_seq, "ppo/kl_coef": kl_ctl.value,
         "ppo/response_length": n_gen / len(samples), "ppo/rollout_tokens_per_s": n_gen / seconds["generate"],
         "ppo/engine_trainer_logp_max_diff": float(((engine_lp - trainer_lp).abs() * mask[:len(check)]).max()),
         **{f"time/{k}_s": v for k, v in seconds.items()}}, state

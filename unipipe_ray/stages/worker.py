@@ -135,7 +135,9 @@ class Run:
     engine: dist.Engine
     reporter: Reporter
     metrics: dict          # the last reported metrics (restored on resume)
+    resumed_extra: dict    # what the loop's extra_state returned at the checkpoint resumed from (rank 0)
     inject_failure: tuple = (None, None)  # (step, marker file): tests only
+    extra_state: object = dict  # () -> dict of loop state saved in checkpoints (rank 0), e.g. the scheduler
 
     @property
     def pad_id(self) -> int:
@@ -171,10 +173,10 @@ def start_run(stage: str, loop_config: dict, kind: str = "causal", configure=Non
         if configure:
             configure(model)
         engine = make_engine(model, train, steps)
-        start, metrics = restore_state(engine, resume)
+        start, metrics, extra = restore_state(engine, resume)
     reporter = Reporter(stage, steps, loop_config["tensorboard_dir"], loop_config["progress"])
     return Run(cfg, train, train_feats, eval_feats, loop_config["tokenizer"], device, world, dist.rank(), steps,
-               start, engine, reporter, metrics, loop_config.get("inject_failure", (None, None)))
+               start, engine, reporter, metrics, extra, loop_config.get("inject_failure", (None, None)))
 
 
 def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
@@ -190,7 +192,7 @@ def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
     if done % train.log_every == 0:
         run.reporter.line(done, metrics)
     if train.checkpoint_every and done % train.checkpoint_every == 0:
-        save_and_report(run.engine, done, metrics, run.tokenizer, train.lora)
+        save_and_report(run.engine, done, metrics, run.tokenizer, train.lora, run.extra_state())
         _maybe_inject_failure(run, done)
     elif done % train.log_every == 0:
         ray.train.report(metrics)
@@ -212,4 +214,4 @@ def finish(run: Run, metrics: dict, evaluate) -> None:
         metrics.update(evaluate())
     run.reporter.line(run.steps, metrics, final=True)
     run.reporter.close()
-    save_and_report(run.engine, run.steps, metrics, run.tokenizer, run.train.lora)
+    save_and_report(run.engine, run.steps, metrics, run.tokenizer, run.train.lora, run.extra_state())

