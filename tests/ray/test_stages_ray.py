@@ -118,3 +118,19 @@ def test_deepspeed_zero2_stage_matches_plain_data_parallel(uninterrupted, tmp_pa
                                                    "train.warmup_ratio=0", "train.backend=deepspeed",
                                                    "train.zero_stage=2"])
     assert_same_weights(weights(run_sft(cfg)["checkpoint"]), uninterrupted)
+
+
+@pytest.mark.parametrize("scheduler", ["sams", "random"])
+def test_dpo_with_a_pair_scheduler_survives_a_worker_failure(ray_cluster, tmp_path, scheduler):
+    """2 workers, half of each global batch kept; rank 1 dies after step 2's checkpoint, so the resumed run
+    reloads the scheduler (SamS nets, pool, pending round; the random generator) from the checkpoint."""
+    cfg = load_config(DPOConfig, overrides=DATA + [
+        f"output_dir={tmp_path}", "train.num_workers=2", "train.batch_size=4", "train.max_steps=4",
+        "train.lr=1e-3", "train.checkpoint_every=2", f"scheduler={scheduler}", "keep_ratio=0.5",
+        "sams.depth=2", "sams.width=64"])
+    result = run_dpo(cfg, inject_failure_at=2)
+    assert (tmp_path / ".dpo_failure_injected").exists()
+    m = result["metrics"]
+    assert m["step"] == 4 and math.isfinite(m["dpo/loss"])
+    if scheduler == "sams":
+        assert m["sams/pool_batches"] == 3  # rounds 1-3 finished and pooled, across the restart
