@@ -199,6 +199,8 @@ def timing_run(args, tokenizer, features, total) -> dict[str, list[dict]]:
             log["trl"].append({"time": clock(args.device) - self.mark, **trl_metrics(trainer)})
             for side in (list(ours) if k % 2 == 0 else list(ours)[::-1]):
                 log[side].append(ours[side].step(k))
+            print(f"step {k + 1}/{total}: " + ", ".join(f"{side} {log[side][-1]['time']:.2f} s" for side in SIDES),
+                  file=sys.stderr, flush=True)
             self.mark = clock(args.device)
 
     trainer = make_trl(args, features, total, tokenizer, [Interleave()])
