@@ -73,13 +73,15 @@ def test_response_logps_equal_the_stage_logps():
     """The (N, R) response view matches token_logps over the same rows with prompt tokens masked."""
     torch.manual_seed(0)
     samples = [Sample([5, 6, 7], [8, 9], [0.0, 0.0], True), Sample([5], [1, 2, 3], [0.0] * 3, False)]
-    batch = to_batch(samples, pad_id=0)
-    logits = torch.randn(2, batch["input_ids"].shape[1], 11)
-    ours = response_logps(logits, batch)
+    batch = to_batch(samples, pad_id=0)  # left-padded: both rows end in the last column
+    width = batch["input_ids"].shape[1]
+    logits = torch.randn(2, width, 11)
     labels = batch["input_ids"].clone()
-    for i, s in enumerate(samples):
-        labels[i, :len(s.prompt_ids)] = -100
-        labels[i, len(s.prompt_ids) + len(s.response_ids):] = -100
+    for i, s in enumerate(samples):  # only response tokens count
+        labels[i, :width - len(s.response_ids)] = -100
     ref = sequence_logps(*token_logps(logits, labels))
+    ours = response_logps(logits, batch)  # all positions kept
     assert ours.sum(1).tolist() == pytest.approx(ref.tolist(), abs=1e-5)
     assert ours[0, 2] == 0  # masked beyond the 2-token response
+    kept = response_logps(logits[:, -(3 + 1):], batch)  # only the last R + 1 positions, as the trainer runs it
+    assert torch.equal(kept, ours)

@@ -21,13 +21,16 @@ def score_head(module):
 
 
 def rewards(model, module, batch: dict) -> torch.Tensor:
-    """Scalar rewards (N,) of a right-padded batch (N, T): the head applied at each row's last real token.
+    """Scalar rewards (N,) of a padded batch (N, T): the head applied at each row's last real token.
 
     ``model`` is what runs the forward (the DDP/DeepSpeed wrapper while training), ``module`` the plain model.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    out = model(**inputs, output_hidden_states=True)
     hidden = out.hidden_states[-1]
-    last = batch["attention_mask"].sum(dim=1) - 1
+    # The last 1 of the attention mask: the last real token under right or left padding.
+    width = batch["attention_mask"].shape[1]
+    last = width - 1 - batch["attention_mask"].flip(1).argmax(dim=1)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return score_head(module)(pooled).squeeze(-1).float()
 

@@ -14,8 +14,16 @@ from __future__ import annotations
 import torch
 
 from unipipe_ray import distributed as dist
-from unipipe_ray.losses import masked_mean, masked_sum, ppo_policy_loss, value_loss
-from unipipe_ray.workers.sequences import gather_response, response_entropy, response_index, response_logps, to_batch
+from unipipe_ray.losses import masked_sum, ppo_policy_loss, value_loss
+from unipipe_ray.workers.sequences import (
+    gather_response,
+    logits_to_keep,
+    model_inputs,
+    response_entropy,
+    response_logps,
+    response_mask,
+    to_batch,
+)
 
 
 def _setup(threads: int | None, seed: int, rank: int, world: int, master: tuple | None) -> None:
@@ -49,7 +57,8 @@ class PolicyTrainer:
         self.pad_id, self.temperature, self.clip_eps, self.seed = pad_id, temperature, clip_eps, seed
 
     def _forward(self, model, batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits / self.temperature
+        """Logits / temperature of the last R + 1 positions only: the LM head never runs over the prompt."""
+        return model(**model_inputs(batch), logits_to_keep=logits_to_keep(batch)).logits / self.temperature
 
     @torch.no_grad()
     def logps(self, samples) -> torch.Tensor:
@@ -64,8 +73,8 @@ class PolicyTrainer:
         for epoch in range(epochs):
             for idx in _minibatches(len(samples), minibatch_size, epoch, self.seed + iteration):
                 batch = to_batch(_select(samples, idx), self.pad_id)
-                _, mask = response_index(batch)
-                mask, old, adv = mask, old_logps[idx, :mask.shape[1]], advantages[idx, :mask.shape[1]]
+                mask = response_mask(batch)
+                old, adv = old_logps[idx, :mask.shape[1]], advantages[idx, :mask.shape[1]]
                 n_tokens = float(dist.all_reduce_sum(float(mask.sum())))
                 logits = self._forward(self.engine, batch)
                 logps = response_logps(logits, batch)
@@ -112,21 +121,21 @@ class CriticTrainer:
         self.pad_id, self.clip_eps, self.seed = pad_id, clip_eps, seed
 
     def _values(self, model, batch) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        out = model(**model_inputs(batch), output_hidden_states=True)
         states = gather_response(out.hidden_states[-1], batch)
         return self.engine.module.score(states).squeeze(-1).float()
 
     @torch.no_grad()
     def values(self, samples) -> torch.Tensor:
         batch = to_batch(samples, self.pad_id)
-        return self._values(self.engine.module, batch).masked_fill(~response_index(batch)[1], 0.0)
+        return self._values(self.engine.module, batch).masked_fill(~response_mask(batch), 0.0)
 
     def update(self, samples, old_values, returns, epochs: int, minibatch_size: int, iteration: int) -> dict:
         total, tokens = torch.zeros((), dtype=torch.float64), 0.0
         for epoch in range(epochs):
             for idx in _minibatches(len(samples), minibatch_size, epoch, self.seed + iteration):
                 batch = to_batch(_select(samples, idx), self.pad_id)
-                _, mask = response_index(batch)
+                mask = response_mask(batch)
                 r = mask.shape[1]
                 n_tokens = float(dist.all_reduce_sum(float(mask.sum())))
                 losses = value_loss(self._values(self.engine, batch), old_values[idx, :r], returns[idx, :r],
@@ -150,7 +159,7 @@ class ReferenceModel:
     @torch.no_grad()
     def logps(self, samples) -> torch.Tensor:
         batch = to_batch(samples, self.pad_id)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(**model_inputs(batch), logits_to_keep=logits_to_keep(batch)).logits
         return response_logps(logits / self.temperature, batch)
 
 
@@ -173,7 +182,3 @@ class RewardScorer:
             batch = to_batch(samples[i:i + self.batch_size], self.pad_id)
             out.extend(rewards(self.model, self.model, batch).tolist())
         return out
-
-
-def mean_over_tokens(values: torch.Tensor, mask: torch.Tensor) -> float:
-    return float(masked_mean(values, mask))

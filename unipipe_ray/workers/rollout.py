@@ -87,11 +87,10 @@ class HFEngine:
 
     @torch.no_grad()
     def score(self, samples: list[Sample], temperature: float = 1.0) -> list[list[float]]:
-        from unipipe_ray.workers.sequences import response_logps, to_batch
+        from unipipe_ray.workers.sequences import logits_to_keep, model_inputs, response_logps, to_batch
 
         batch = to_batch(samples, self.pad_id)
-        logits = self.model(input_ids=batch["input_ids"].to(self.device),
-                            attention_mask=batch["attention_mask"].to(self.device)).logits
+        logits = self.model(**model_inputs(batch, self.device), logits_to_keep=logits_to_keep(batch)).logits
         logps = response_logps(logits.float().cpu() / temperature, batch)
         return [row[:len(s.response_ids)].tolist() for row, s in zip(logps, samples, strict=True)]
 
