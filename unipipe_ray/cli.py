@@ -1,6 +1,6 @@
 """The ``unipipe`` command.
 
-    unipipe sft|rm|dpo --config FILE [--address ADDR] [key.sub=value ...]
+    unipipe sft|rm|dpo|ppo --config FILE [--address ADDR] [key.sub=value ...]
     unipipe sft ... --answer-eval N     (greedy answers before/after, scored by the task's checker)
 
 With no ``--address`` (and no RAY_ADDRESS) a local Ray cluster starts on this machine. Running the same
@@ -15,18 +15,19 @@ import json
 import logging
 import sys
 
-from unipipe_ray.config import ConfigError, DPOConfig, RMConfig, SFTConfig, load_config
+from unipipe_ray.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
 
 STAGES = {"sft": (SFTConfig, "supervised fine-tuning", "unipipe_ray.stages.sft:run_sft"),
           "rm": (RMConfig, "reward model (Bradley-Terry)", "unipipe_ray.stages.reward:run_rm"),
-          "dpo": (DPOConfig, "direct preference optimization", "unipipe_ray.stages.dpo:run_dpo")}
+          "dpo": (DPOConfig, "direct preference optimization", "unipipe_ray.stages.dpo:run_dpo"),
+          "ppo": (PPOConfig, "RLHF with PPO / GRPO / RLOO", "unipipe_ray.stages.ppo:run_ppo")}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unipipe", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, (_, help_text, _) in STAGES.items():
-        cmd = sub.add_parser(name, help=f"{help_text} on Ray Train")
+        cmd = sub.add_parser(name, help=f"{help_text} on Ray")
         cmd.add_argument("--config", help="YAML file (defaults apply to missing keys)")
         cmd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
         cmd.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
