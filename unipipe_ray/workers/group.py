@@ -12,6 +12,7 @@ once on a restarted actor after ``on_restart(actor)`` (e.g. to push current weig
 from __future__ import annotations
 
 import logging
+import time
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +76,26 @@ class ActorGroup:
         return [self._get(a, ref, method, args, {}, on_restart)
                 for a, ref, args in zip(self.actors, refs, per_actor_args, strict=True)]
 
-    def _get(self, actor, ref, method, args, kwargs, on_restart):
+    def _get(self, actor, ref, method, args, kwargs, on_restart, wait_s: float = 120.0):
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         try:
             return ray.get(ref)
-        except RayActorError:
-            # The actor died (and Ray is restarting it): bring it up to date, then retry once.
+        except (RayActorError, ActorUnavailableError):
             log.warning("%s actor died during %s; retrying on the restarted actor", self.name, method)
-            if on_restart is not None:
-                on_restart(actor)
-            return ray.get(getattr(actor, method).remote(*args, **kwargs))
+        # Ray restarts the actor (max_restarts); until it is up, calls fail as "unavailable". Once it answers,
+        # bring it up to date (on_restart, e.g. push the current weights) and retry the call.
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                if on_restart is not None:
+                    on_restart(actor)
+                return ray.get(getattr(actor, method).remote(*args, **kwargs))
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def kill(self) -> None:
         import ray

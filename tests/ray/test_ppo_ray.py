@@ -1,0 +1,54 @@
+"""PPO on a local Ray cluster with tiny random Llamas (SmolLM2's tokenizer): the reward rises on a
+learnable rule reward with each rollout engine; the reward model serves from its own actor group; a
+killed rollout actor is restarted, gets the current weights and the run goes on."""
+
+import json
+
+import pytest
+
+from unipipe_ray.config import PPOConfig, load_config
+from unipipe_ray.models import tiny_model_dir
+from unipipe_ray.stages.ppo import run_ppo
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+
+BASE = ["data.task_size=100", "data.eval_size=4", "max_new_tokens=8", "prompts_per_iter=8", "samples_per_prompt=4",
+        "minibatch_size=16"]
+
+
+def history(tmp_path) -> list[dict]:
+    return json.loads((tmp_path / "history.json").read_text())
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_mean_reward_rises_on_a_learnable_rule(ray_cluster, tmp_path, engine):
+    """Rule: share of response tokens with id < 10000 (~0.2 for the random policy). The untied head lets
+    the policy move that mass quickly: in the runs behind this test it passed 0.8 within 8 iterations."""
+    cfg = load_config(PPOConfig, overrides=BASE + [
+        f"model={tiny_model_dir(tie_word_embeddings=False)}", f"output_dir={tmp_path}", f"engine={engine}",
+        "estimator=grpo", "iterations=8", "ppo_epochs=4", "train.lr=3e-2", "kl_coef=0",
+        "rule_reward=tests.ray.rules:low_id_share"])
+    result = run_ppo(cfg)
+    rule = [h["ppo/rule_mean"] for h in history(tmp_path)]
+    assert len(rule) == 8
+    assert sum(rule[-2:]) / 2 > sum(rule[:2]) / 2 + 0.25, rule
+    # after every sync the engine scores the batch like the trainer does
+    assert all(h["ppo/engine_trainer_logp_max_diff"] < 1e-3 for h in history(tmp_path))
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(result["checkpoint"])  # the final policy is a plain HF checkpoint
+
+
+def test_reward_model_group_critic_and_a_killed_rollout_actor(ray_cluster, tmp_path):
+    """GAE with a critic initialised from the reward model; the RM (a random-head classifier over the tiny
+    Llama) scores in 2 actors of its own; the rollout actor is killed before iteration 2."""
+    tiny = str(tiny_model_dir())
+    cfg = load_config(PPOConfig, overrides=BASE + [
+        f"model={tiny}", f"reward_model={tiny}", f"output_dir={tmp_path}", "estimator=gae", "iterations=3",
+        "num_reward_workers=2", "train.lr=1e-3", "critic_lr=1e-3", "ppo_epochs=1"])
+    run_ppo(cfg, inject_engine_failure_at=1)
+    rows = history(tmp_path)
+    assert [h["iteration"] for h in rows] == [1, 2, 3]  # the run went on after the kill
+    assert all(h["ppo/reward_std"] > 0 for h in rows)  # real, varying reward-model scores
+    assert all(h["ppo/value_loss"] >= 0 for h in rows)
+    assert rows[1]["ppo/engine_trainer_logp_max_diff"] < 1e-3  # the restarted engine got the current weights
