@@ -297,7 +297,8 @@ def render(report: dict) -> str:
         lines += [f"## {c['model']}, {c['data']}, {c['pairs_per_step']} pairs x <= {c['max_length']} tokens, "
                   f"{c['device']} {c['dtype']}", "",
                   f"- machine: {m.get('gpu', m['cpu'])}, {m['cores']} cores, torch {m['torch']}, transformers "
-                  f"{m['transformers']}, trl {m['trl']}, {m['date']}, load average at start {m['load_avg_1m']:.2f}",
+                  f"{m['transformers']}, trl {m['trl']}, {m['date']}, load average (1 min) at start / end "
+                  f"{m['load_avg_1m']:.1f} / {m.get('load_avg_1m_end', float('nan')):.1f}",
                   f"- command: `{run['command']}`",
                   f"- {c['warmup']} warmup + {c['steps']} timed steps per side, interleaved; chunk size "
                   f"{c['chunk_size']}; reference {'precomputed' if c['precompute_ref'] else 'run every step'}; "
@@ -358,6 +359,7 @@ def main(argv=None):
     info = machine(args)
     memory = measure_memory([a for a in argv if a != "--probe"]) if args.memory_steps else {}
     log = timing_run(args, tokenizer, features, total)
+    info["load_avg_1m_end"] = os.getloadavg()[0]
     summary = summarize(args, log, tokens, completion, positions, memory)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "probe", "note")}
     run = {"key": json.dumps({k: config[k] for k in ("model", "data", "pairs_per_step", "max_length", "device",

@@ -180,6 +180,7 @@ class PPOConfig:
     engine: str = "hf"                  # rollout engine: hf (transformers generate) | vllm
     num_engines: int = 1                # rollout actors
     num_reward_workers: int = 1         # reward-model actors
+    colocate: bool = False              # all roles share the same devices (take turns) | each role its own
     prompts_per_iter: int = 8           # prompts per PPO iteration
     samples_per_prompt: int = 2         # n responses per prompt
     iterations: int = 10                # PPO iterations (rollout + update)

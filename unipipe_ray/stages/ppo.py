@@ -82,42 +82,50 @@ def advantages_and_returns(cfg: PPOConfig, rewards: torch.Tensor, kl: torch.Tens
 
 
 def build_groups(cfg: PPOConfig, paths: dict, pad_id: int, threads: int) -> dict:
-    """The actor groups. CPU counts are fractional scheduling tokens: the phases take turns on the cores."""
-    from unipipe_ray.workers.group import ActorGroup
+    """The actor groups, placed by one placement group: ``colocate`` puts actor i of every role on bundle i
+    (the roles take turns on the same devices), otherwise every actor gets a bundle of its own. On CPU the
+    counts are fractional scheduling tokens: the phases run one after another on the same cores."""
+    import ray
+
+    from unipipe_ray.workers.group import ActorGroup, placement_bundles
     from unipipe_ray.workers.roles import CriticTrainer, PolicyTrainer, ReferenceModel, RewardScorer
     from unipipe_ray.workers.rollout import RolloutWorker
 
-    gpu = 1 if cfg.train.use_gpu else 0
-    cpu = 0.1 if not gpu else 1
-    env = {"OMP_NUM_THREADS": str(threads)}
+    workers = cfg.train.num_workers
+    roles = {"engines": (RolloutWorker, cfg.num_engines), "policy": (PolicyTrainer, workers),
+             "reference": (ReferenceModel, 1)}
+    if paths.get("reward"):
+        roles["reward"] = (RewardScorer, cfg.num_reward_workers)
+    if cfg.estimator == "gae":
+        roles["critic"] = (CriticTrainer, workers)
+    share = len(roles) if cfg.colocate else 1  # actors sharing one bundle split its device
+    gpu = 1 / share if cfg.train.use_gpu else 0
+    cpu = 1 / share if cfg.train.use_gpu else 0.1
+    pg, bundles = placement_bundles({name: n for name, (_, n) in roles.items()}, cpu * share, gpu * share,
+                                    cfg.colocate)
+    ray.get(pg.ready(), timeout=600)
     steps = cfg.iterations * cfg.ppo_epochs * max(1, cfg.prompts_per_iter * cfg.samples_per_prompt
-                                                  // (cfg.minibatch_size * cfg.train.num_workers))
+                                                  // (cfg.minibatch_size * workers))
     engine_kwargs = {"dtype": cfg.train.dtype, "seed": cfg.train.seed, "threads": threads}
     if cfg.engine == "hf":
         engine_kwargs["device"] = "cuda" if gpu else "cpu"
-    groups = {
-        "engines": ActorGroup(RolloutWorker, cfg.num_engines, {"kind": cfg.engine, "model_path": paths["policy"],
-                                                              **engine_kwargs},
-                              num_cpus=cpu, num_gpus=gpu, max_restarts=3, env_vars=env),
-        "policy": ActorGroup(PolicyTrainer, cfg.train.num_workers, {
-            "model_path": paths["policy"], "lr": cfg.train.lr, "pad_id": pad_id, "temperature": cfg.temperature,
-            "clip_eps": cfg.clip_eps, "max_grad_norm": cfg.train.max_grad_norm, "total_updates": steps,
-            "backend": cfg.train.backend, "zero_stage": cfg.train.zero_stage, "seed": cfg.train.seed,
-            "threads": threads}, num_cpus=cpu, num_gpus=gpu, distributed=True, env_vars=env),
-        "reference": ActorGroup(ReferenceModel, 1, {"model_path": paths["reference"], "pad_id": pad_id,
-                                                    "temperature": cfg.temperature, "threads": threads},
-                                num_cpus=cpu, num_gpus=gpu, env_vars=env),
+    trainer = {"max_grad_norm": cfg.train.max_grad_norm, "total_updates": steps, "seed": cfg.train.seed,
+               "threads": threads, "pad_id": pad_id}
+    kwargs = {
+        "engines": {"kind": cfg.engine, "model_path": paths["policy"], **engine_kwargs},
+        "policy": {"model_path": paths["policy"], "lr": cfg.train.lr, "temperature": cfg.temperature,
+                   "clip_eps": cfg.clip_eps, "backend": cfg.train.backend, "zero_stage": cfg.train.zero_stage,
+                   **trainer},
+        "reference": {"model_path": paths["reference"], "pad_id": pad_id, "temperature": cfg.temperature,
+                      "threads": threads},
+        "reward": {"model_path": paths.get("reward"), "pad_id": pad_id, "threads": threads},
+        "critic": {"model_path": paths["critic"], "lr": cfg.critic_lr, "clip_eps": cfg.value_clip_eps, **trainer},
     }
-    if paths.get("reward"):
-        groups["reward"] = ActorGroup(RewardScorer, cfg.num_reward_workers,
-                                      {"model_path": paths["reward"], "pad_id": pad_id, "threads": threads},
-                                      num_cpus=cpu, num_gpus=gpu, env_vars=env)
-    if cfg.estimator == "gae":
-        groups["critic"] = ActorGroup(CriticTrainer, cfg.train.num_workers, {
-            "model_path": paths["critic"], "lr": cfg.critic_lr, "pad_id": pad_id, "clip_eps": cfg.value_clip_eps,
-            "max_grad_norm": cfg.train.max_grad_norm, "total_updates": steps, "seed": cfg.train.seed,
-            "threads": threads}, num_cpus=cpu, num_gpus=gpu, distributed=True, env_vars=env)
-    return groups
+    groups = {name: ActorGroup(cls, n, kwargs[name], num_cpus=cpu, num_gpus=gpu, placement=pg,
+                               bundles=bundles[name], distributed=name in ("policy", "critic"),
+                               max_restarts=3 if name == "engines" else 0, env_vars={"OMP_NUM_THREADS": str(threads)})
+              for name, (cls, n) in roles.items()}
+    return groups, pg
 
 
 def sync_weights(groups: dict) -> object:
@@ -224,7 +232,7 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
     train_prompts, _, task = load_prompts(cfg, tokenizer)
     init_ray(address)
     threads = max(1, (os.cpu_count() or 1) // max(1, cfg.train.num_workers))
-    groups = build_groups(cfg, paths, tokenizer.pad_token_id, threads)
+    groups, placement = build_groups(cfg, paths, tokenizer.pad_token_id, threads)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
               else FixedKLController(cfg.kl_coef))
     watch, reporter = HackingWatch(cfg.hacking_window), Reporter("ppo", cfg.iterations, str(out_dir / "tensorboard"))
@@ -254,4 +262,5 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
     write_result(out_dir, result)
     for group in groups.values():
         group.kill()
+    ray.util.remove_placement_group(placement)
     return result
