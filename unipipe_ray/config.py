@@ -101,6 +101,8 @@ class TrainConfig:
     backend: str = "ddp"           # ddp: torch DDP (gloo on CPU, NCCL on GPU) | deepspeed: DeepSpeed ZeRO
     zero_stage: int = 0            # DeepSpeed ZeRO stage 0-3 (backend: deepspeed)
     offload_optimizer: bool = False  # DeepSpeed: optimizer state in CPU memory
+    logps_chunk_size: int = 1024   # LM head run in chunks over target tokens only, no full fp32 logits
+                                   # (0: full logits; ZeRO-3 always uses full logits, its head is partitioned)
     eval_every: int = 0            # evaluate on the held-out split every k steps (0: only at the end)
     log_every: int = 1             # report metrics every k steps
     checkpoint_every: int = 0      # save a resumable checkpoint every k steps (0: only at the end)
@@ -124,8 +126,13 @@ class TrainConfig:
                "needs backend: deepspeed")
         _check(not self.offload_optimizer or self.backend == "deepspeed", "offload_optimizer",
                "needs backend: deepspeed")
-        for key in ("checkpoint_every", "max_failures"):
+        for key in ("checkpoint_every", "max_failures", "logps_chunk_size"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+
+
+def chunk_size(train: TrainConfig) -> int | None:
+    """The log-prob chunk size a stage uses: None (full logits) when off or under ZeRO-3."""
+    return train.logps_chunk_size if train.logps_chunk_size and train.zero_stage != 3 else None
 
 
 @dataclass(frozen=True)

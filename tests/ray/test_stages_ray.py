@@ -55,13 +55,21 @@ def test_dpo_starts_at_ln2_and_improves(ray_cluster, tmp_path):
     assert result["eval_examples"] == 8
 
 
-def test_rm_learns_to_rank_correct_answers(ray_cluster, tmp_path):
+def test_rm_learns_a_clear_preference(ray_cluster, tmp_path):
+    """User data (JSONL) where the chosen answer is always "yes ..." and the rejected "no ...": a signal a
+    tiny random model can learn in a few steps, so held-out accuracy must reach 1."""
+    import json
+
+    rows = [{"prompt": f"Question {i}: is {i} a number?", "chosen": f"yes, {i} is a number.",
+             "rejected": f"no, {i} is not a number."} for i in range(120)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(RMConfig, overrides=DATA + [
-        f"output_dir={tmp_path}", "train.batch_size=8", "train.max_steps=8", "train.lr=3e-3",
-        "train.warmup_ratio=0"])
+        f"output_dir={tmp_path / 'run'}", f"data.sources=[{{path: {data}}}]", "train.batch_size=8",
+        "train.max_steps=10", "train.lr=1e-2", "train.warmup_ratio=0"])
     result = run_rm(cfg)
     m = result["metrics"]
-    assert m["rm/loss"] < math.log(2) and m["rm/eval_accuracy"] >= 0.5
+    assert m["rm/eval_accuracy"] == 1.0 and m["rm/eval_loss"] < math.log(2) - 0.1  # from ln 2 at the start
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(result["checkpoint"])
@@ -112,12 +120,13 @@ def test_lora_sft_saves_a_merged_model_and_the_adapter(ray_cluster, tmp_path):
 
 
 def test_deepspeed_zero2_stage_matches_plain_data_parallel(uninterrupted, tmp_path):
-    """The same SFT loop on DeepSpeed ZeRO-2 over gloo (2 CPU workers) ends at the reference weights."""
+    """The same SFT loop on DeepSpeed ZeRO-2 over gloo (2 CPU workers) ends at the reference weights.
+    DeepSpeed reduces gradients in its own order and buckets: 1e-5..2e-5 seen after 3 Adam steps."""
     cfg = load_config(SFTConfig, overrides=DATA + [f"output_dir={tmp_path}", "train.num_workers=2",
                                                    "train.batch_size=4", "train.max_steps=3", "train.lr=3e-3",
                                                    "train.warmup_ratio=0", "train.backend=deepspeed",
                                                    "train.zero_stage=2"])
-    assert_same_weights(weights(run_sft(cfg)["checkpoint"]), uninterrupted)
+    assert_same_weights(weights(run_sft(cfg)["checkpoint"]), uninterrupted, atol=5e-5)
 
 
 @pytest.mark.parametrize("scheduler", ["sams", "random"])

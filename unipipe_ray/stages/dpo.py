@@ -10,17 +10,18 @@ from __future__ import annotations
 import torch
 
 from unipipe_ray import distributed as dist
-from unipipe_ray.config import DPOConfig
+from unipipe_ray.config import DPOConfig, chunk_size
 from unipipe_ray.logps import sequence_logps, token_logps
 from unipipe_ray.losses import dpo_loss, simpo_loss
 from unipipe_ray.sams_nets import layer_features
 from unipipe_ray.stages import checkpoint, common, worker
+from unipipe_ray.stages.forward import sequence_pair_logps
 
 
-def pair_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs of a (2B, T) preference batch -> (chosen (B,), rejected (B,))."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(*token_logps(logits, batch["labels"]), average=average).chunk(2)
+def pair_logps(model, batch: dict, average: bool = False, module=None, chunk_size: int | None = None):
+    """Sequence log-probs of a (2B, T) preference batch -> (chosen (B,), rejected (B,)); with a chunk size the
+    LM head runs in chunks over the target tokens only (``stages.forward``)."""
+    return sequence_pair_logps(model, module if module is not None else model, batch, chunk_size, average)
 
 
 def pair_losses(cfg: DPOConfig, policy: tuple, ref: tuple | None) -> tuple:
@@ -48,8 +49,8 @@ class RefScorer:
     """Reference log-probs of pairs keyed ("train" | "eval", index): a frozen model under no_grad, or a
     table filled once up front (then the model is dropped and its memory returns)."""
 
-    def __init__(self, model):
-        self.model, self.table = model, None
+    def __init__(self, model, chunk_size: int | None = None):
+        self.model, self.table, self.chunk_size = model, None, chunk_size
 
     @torch.no_grad()
     def precompute(self, features: dict[str, list], keys: list[tuple[str, int]], batch_size: int, pad_id: int,
@@ -60,14 +61,15 @@ class RefScorer:
         for i in range(0, len(keys), batch_size):
             chunk = keys[i:i + batch_size]
             batch = collate_preference([features[split][j] for split, j in chunk], pad_id)
-            chosen, rejected = pair_logps(self.model, {k: v.to(device) for k, v in batch.items()})
+            chosen, rejected = pair_logps(self.model, {k: v.to(device) for k, v in batch.items()},
+                                          chunk_size=self.chunk_size)
             self.table.update(zip(chunk, zip(chosen.tolist(), rejected.tolist(), strict=True), strict=True))
         self.model = None
 
     @torch.no_grad()
     def __call__(self, batch: dict, keys: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.table is None:
-            return pair_logps(self.model, batch)
+            return pair_logps(self.model, batch, chunk_size=self.chunk_size)
         pairs = torch.tensor([self.table[k] for k in keys], dtype=torch.float32, device=batch["input_ids"].device)
         return pairs[:, 0], pairs[:, 1]
 
@@ -147,7 +149,7 @@ def evaluate(cfg: DPOConfig, model, ref: RefScorer, features: list[dict], batch_
     for i in range(0, len(indices), batch_size):
         idx = indices[i:i + batch_size]
         batch = {k: v.to(device) for k, v in collate_preference([features[j] for j in idx], pad_id).items()}
-        policy = pair_logps(model, batch, cfg.loss_type == "simpo")
+        policy = pair_logps(model, batch, cfg.loss_type == "simpo", chunk_size=chunk_size(cfg.train))
         refs = None if cfg.loss_type == "simpo" else ref(batch, [("eval", j) for j in idx])
         for k, v in pair_metrics("dpo/eval_", *pair_losses(cfg, policy, refs), *policy).items():
             sums[k] = sums.get(k, 0) + v
@@ -161,8 +163,9 @@ def train_loop(loop_config: dict) -> None:
 
     run = worker.start_run("dpo", loop_config)
     cfg, train, engine, device, pad_id = run.cfg, run.train, run.engine, run.device, run.pad_id
+    chunk = chunk_size(train)
     ref = RefScorer(None if cfg.loss_type == "simpo" else  # SimPO has no reference
-                    checkpoint.load_frozen(loop_config["ref_path"], train).to(device))
+                    checkpoint.load_frozen(loop_config["ref_path"], train).to(device), chunk)
     schedule = {step: run.batch_indices(step) for step in range(run.start, run.steps)}
     if cfg.precompute_ref_logps and ref.model is not None:
         # Every pair this rank will see, plus its eval share: the reference runs once and is freed.
@@ -195,7 +198,7 @@ def train_loop(loop_config: dict) -> None:
                 keys = [keys[j] for j in kept]
                 batch = {k: v.to(device) for k, v in collate_preference([full[j] for j in kept], pad_id).items()}
             batches.append(batch)
-            policy = pair_logps(engine, batch, average=cfg.loss_type == "simpo")
+            policy = pair_logps(engine, batch, cfg.loss_type == "simpo", engine.module, chunk)
             refs = None if cfg.loss_type == "simpo" else ref(batch, keys)
             losses, chosen_rewards, rejected_rewards = pair_losses(cfg, policy, refs)
             # Sum / (global kept pairs / world): DDP's gradient mean is then the mean over the step's kept pairs.

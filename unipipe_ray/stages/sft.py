@@ -9,20 +9,20 @@ from __future__ import annotations
 import torch
 
 from unipipe_ray import distributed as dist
-from unipipe_ray.config import SFTConfig
-from unipipe_ray.logps import IGNORE_INDEX, token_logps
+from unipipe_ray.config import SFTConfig, chunk_size
+from unipipe_ray.logps import IGNORE_INDEX
 from unipipe_ray.losses import masked_sum, sft_loss
 from unipipe_ray.stages import common, worker
+from unipipe_ray.stages.forward import token_logps_of
 
 
-def response_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logps(model, batch: dict, module=None, chunk_size: int | None = None):
     """Per-token log-probs (B, T-1) of the response tokens of one micro-batch, and their mask."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return token_logps(logits, batch["labels"])
+    return token_logps_of(model, module if module is not None else model, batch, chunk_size)
 
 
 @torch.no_grad()
-def evaluate(model, features: list[dict], batch_size: int, pad_id: int, device) -> dict:
+def evaluate(model, features: list[dict], batch_size: int, pad_id: int, device, chunk: int | None = None) -> dict:
     """Token-mean NLL over the held-out set (each rank takes every world-th example), reduced over ranks."""
     from unipipe_ray.data import collate_sft
 
@@ -31,7 +31,7 @@ def evaluate(model, features: list[dict], batch_size: int, pad_id: int, device) 
     mine = features[dist.rank()::dist.world_size()]
     for i in range(0, len(mine), batch_size):
         batch = {k: v.to(device) for k, v in collate_sft(mine[i:i + batch_size], pad_id).items()}
-        logps, mask = response_logps(model, batch)
+        logps, mask = response_logps(model, batch, chunk_size=chunk)
         total, count = total - masked_sum(logps, mask).double().cpu(), count + mask.sum().cpu()
     model.train()
     total, count = dist.all_reduce_sum(total), dist.all_reduce_sum(count)
@@ -44,7 +44,8 @@ def train_loop(loop_config: dict) -> None:
 
     run = worker.start_run("sft", loop_config)
     train, engine, device = run.train, run.engine, run.device
-    evaluate_now = lambda: evaluate(engine.module, run.eval_feats, train.batch_size, run.pad_id, device)
+    chunk = chunk_size(train)
+    evaluate_now = lambda: evaluate(engine.module, run.eval_feats, train.batch_size, run.pad_id, device, chunk)
     dist.print0(f"sft: {len(run.train_feats)} train / {len(run.eval_feats)} eval examples, {run.world} "
                 f"worker(s), {run.steps} steps of {run.per_step} examples")
     if run.start == 0 and run.eval_feats:
@@ -61,7 +62,7 @@ def train_loop(loop_config: dict) -> None:
         run.reporter.count_tokens(batches)
         step_loss = 0.0
         for batch in batches:
-            loss = sft_loss(*response_logps(engine, batch), mode="token", normalizer=normalizer)
+            loss = sft_loss(*response_logps(engine, batch, engine.module, chunk), mode="token", normalizer=normalizer)
             engine.backward(loss)
             step_loss += float(loss.detach())
         info = engine.step()
