@@ -208,10 +208,8 @@ def train_loop(loop_config: dict) -> None:
                     sums[k] = sums.get(k, 0) + v
         run.reporter.count_tokens(batches)
         info = engine.step()
-        metrics = {**reduce_metrics(sums, kept_per_step), "dpo/lr": info["lr"], "dpo/grad_norm": info["grad_norm"],
-                   **scheduler_metrics, **run.reporter.throughput(),
-                   "dpo/peak_memory_mb": worker.peak_memory_mb(device),
-                   "step": step + 1}
+        metrics = {**reduce_metrics(sums, kept_per_step), **scheduler_metrics,
+                   **run.reporter.step_metrics(info, device, step + 1)}
         worker.end_of_step(run, step + 1, metrics, evaluate_now)
     worker.finish(run, metrics, evaluate_now)
 

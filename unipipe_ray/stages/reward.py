@@ -86,9 +86,8 @@ def train_loop(loop_config: dict) -> None:
             sums += torch.stack([losses.sum(), accuracies.sum(), (chosen - rejected).sum()]).detach().double().cpu()
         info = engine.step()
         loss, accuracy, margin = (dist.all_reduce_sum(sums) / run.per_step).tolist()
-        metrics = {"rm/loss": loss, "rm/accuracy": accuracy, "rm/reward_margin": margin, "rm/lr": info["lr"],
-                   "rm/grad_norm": info["grad_norm"], **run.reporter.throughput(),
-                   "rm/peak_memory_mb": worker.peak_memory_mb(device), "step": step + 1}
+        metrics = {"rm/loss": loss, "rm/accuracy": accuracy, "rm/reward_margin": margin,
+                   **run.reporter.step_metrics(info, device, step + 1)}
         worker.end_of_step(run, step + 1, metrics, evaluate_now)
     worker.finish(run, metrics, evaluate_now)
 

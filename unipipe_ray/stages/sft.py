@@ -66,9 +66,8 @@ def train_loop(loop_config: dict) -> None:
             engine.backward(loss)
             step_loss += float(loss.detach())
         info = engine.step()
-        metrics = {"sft/loss": float(dist.all_reduce_mean(step_loss)), "sft/lr": info["lr"],
-                   "sft/grad_norm": info["grad_norm"], **run.reporter.throughput(),
-                   "sft/peak_memory_mb": worker.peak_memory_mb(device), "step": step + 1}
+        metrics = {"sft/loss": float(dist.all_reduce_mean(step_loss)),
+                   **run.reporter.step_metrics(info, device, step + 1)}
         worker.end_of_step(run, step + 1, metrics, evaluate_now)
     worker.finish(run, metrics, evaluate_now)
 

@@ -102,6 +102,11 @@ class Reporter:
         self.t, self.tokens = now, 0.0
         return {f"{self.stage}/tokens_per_s": rate}
 
+    def step_metrics(self, info: dict, device: torch.device, step: int) -> dict:
+        """What every stage reports after an optimizer step besides its losses."""
+        return {f"{self.stage}/lr": info["lr"], f"{self.stage}/grad_norm": info["grad_norm"], **self.throughput(),
+                f"{self.stage}/peak_memory_mb": peak_memory_mb(device), "step": step}
+
     def line(self, step: int, metrics: dict, final: bool = False) -> None:
         shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k != "step")
         dist.print0(f"{self.stage}: step {step}/{self.steps}{' (final)' if final else ''} {shown}")
