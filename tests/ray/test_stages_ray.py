@@ -129,13 +129,14 @@ def test_deepspeed_zero2_stage_matches_plain_data_parallel(uninterrupted, tmp_pa
     assert_same_weights(weights(run_sft(cfg)["checkpoint"]), uninterrupted, atol=5e-5)
 
 
-@pytest.mark.parametrize("scheduler", ["sams", "random"])
-def test_dpo_with_a_pair_scheduler_survives_a_worker_failure(ray_cluster, tmp_path, scheduler):
-    """2 workers, half of each global batch kept; rank 1 dies after step 2's checkpoint, so the resumed run
-    reloads the scheduler (SamS nets, pool, pending round; the random generator) from the checkpoint."""
+@pytest.mark.parametrize("scheduler, keep_ratio, batch", [("sams", 0.5, 4), ("random", 0.25, 2)])
+def test_dpo_with_a_pair_scheduler_survives_a_worker_failure(ray_cluster, tmp_path, scheduler, keep_ratio, batch):
+    """2 workers; rank 1 dies after step 2's checkpoint, so the resumed run reloads the scheduler (SamS nets,
+    pool, pending round; the random generator) from the checkpoint. Random keeps 1 of 4 pairs: one rank
+    always has none, and must still take part in the step (zero-weighted pass, same metric all-reduces)."""
     cfg = load_config(DPOConfig, overrides=DATA + [
-        f"output_dir={tmp_path}", "train.num_workers=2", "train.batch_size=4", "train.max_steps=4",
-        "train.lr=1e-3", "train.checkpoint_every=2", f"scheduler={scheduler}", "keep_ratio=0.5",
+        f"output_dir={tmp_path}", "train.num_workers=2", f"train.batch_size={batch}", "train.max_steps=4",
+        "train.lr=1e-3", "train.checkpoint_every=2", f"scheduler={scheduler}", f"keep_ratio={keep_ratio}",
         "sams.depth=2", "sams.width=64"])
     result = run_dpo(cfg, inject_failure_at=2)
     assert (tmp_path / ".dpo_failure_injected").exists()

@@ -203,9 +203,9 @@ def train_loop(loop_config: dict) -> None:
             losses, chosen_rewards, rejected_rewards = pair_losses(cfg, policy, refs)
             # Sum / (global kept pairs / world): DDP's gradient mean is then the mean over the step's kept pairs.
             engine.backward(weight * losses.sum() / (kept_per_step / run.world))
-            if weight:
-                for k, v in pair_metrics("dpo/", losses, chosen_rewards, rejected_rewards, *policy).items():
-                    sums[k] = sums.get(k, 0) + v
+            # Weighted, not skipped: every rank must all-reduce the same metric keys.
+            for k, v in pair_metrics("dpo/", losses, chosen_rewards, rejected_rewards, *policy).items():
+                sums[k] = sums.get(k, 0) + weight * v
         run.reporter.count_tokens(batches)
         info = engine.step()
         metrics = {**reduce_metrics(sums, kept_per_step), **scheduler_metrics,
