@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     print("final metrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                          for k, v in (result["metrics"] or {}).items()}))
     if getattr(args, "answer_eval", 0):
+        import ray
+
+        ray.shutdown()  # the Ray processes are done; the CPU goes to generation (it ran ~10x slower beside them)
         acc = _answer_eval(cfg, result["checkpoint"], args.answer_eval)
         for when, a in acc.items():
             print(f"answer accuracy {when} SFT: {a['accuracy']:.3f} on {a['n']} held-out prompts "
