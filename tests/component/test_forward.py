@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from unipipe_ray.data import collate_preference, get_task, tokenize_all
+from unipipe_ray.logps import sequence_logps, token_logps
 from unipipe_ray.models import load_causal_lm, load_tokenizer, tiny_model_dir
-from unipipe_ray.stages.dpo import pair_logps
 from unipipe_ray.stages.forward import sequence_pair_logps, token_logps_of
 
 
@@ -49,10 +49,11 @@ def test_chunked_equals_full_logps_and_gradients(batch, tied):
         assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_full_path_is_todays_pair_logps_and_token_shapes_match(batch):
+def test_full_path_is_the_plain_hf_forward_and_token_shapes_match(batch):
     model = load_causal_lm("tiny").eval()
     with torch.no_grad():
-        today = pair_logps(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        today = sequence_logps(*token_logps(logits, batch["labels"])).chunk(2)
         full = sequence_pair_logps(model, model, batch)
         chunked = sequence_pair_logps(model, model, batch, chunk_size=16)
         (logps, mask), (clogps, cmask) = (token_logps_of(model, model, batch, c) for c in (None, 16))
