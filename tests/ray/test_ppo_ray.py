@@ -25,7 +25,8 @@ def test_mean_reward_rises_on_a_learnable_rule(ray_cluster, tmp_path, engine, co
     """Rule: share of response tokens with id < 10000 (~0.2 for the random policy). The untied head lets
     the policy move that mass quickly: in the runs behind this test it passed 0.8 within 8 iterations."""
     cfg = load_config(PPOConfig, overrides=BASE + [
-        f"model={tiny_model_dir(tie_word_embeddings=False)}", f"output_dir={tmp_path}", f"engine={engine}", f"colocate={colocate}",
+        f"model={tiny_model_dir(tie_word_embeddings=False)}", f"output_dir={tmp_path}", f"engine={engine}",
+        f"colocate={colocate}",
         "estimator=grpo", "iterations=8", "ppo_epochs=4", "train.lr=3e-2", "kl_coef=0",
         "rule_reward=tests.ray.rules:low_id_share"])
     result = run_ppo(cfg)
