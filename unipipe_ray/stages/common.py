@@ -49,7 +49,7 @@ def stage_examples(data: DataConfig, kind: str) -> tuple[list, list]:
         task = make_task(data)
         examples, report = {"sft": task.sft_examples, "prompt": task.prompts,
                             "preference": lambda: task.preference_pairs(seed=data.seed)}[kind](), None
-    if report is not None and report.skipped:
+    if report is not None and (report.skipped or report.notes):  # skips, and what a mixture repeated
         log.warning("%s", report.summary())
     order = list(range(len(examples)))
     random.Random(data.seed).shuffle(order)
