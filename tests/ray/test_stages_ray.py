@@ -93,13 +93,14 @@ def test_grad_accumulation_4x2_equals_1x8(uninterrupted, tmp_path):
 
 
 def test_killed_worker_resumes_to_the_same_weights(uninterrupted, tmp_path):
-    """2 workers x batch 2 x accum 2 (8 a step); rank 1 dies hard after step 1's checkpoint."""
+    """2 workers x batch 2 x accum 2 (8 a step); rank 1 dies hard in step 2, after step 1's checkpoint."""
     cfg = load_config(SFTConfig, overrides=DATA + [f"output_dir={tmp_path}", "train.num_workers=2",
                                                    "train.batch_size=2", "train.grad_accum=2", "train.max_steps=3",
                                                    "train.lr=3e-3", "train.warmup_ratio=0",
                                                    "train.checkpoint_every=1"])
     result = run_sft(cfg, inject_failure_at=1)
     assert (tmp_path / ".sft_failure_injected").exists(), "the failure really happened"
+    assert result["metrics"]["resumed_at_step"] == 1
     assert_same_weights(weights(result["checkpoint"]), uninterrupted)
 
 
@@ -131,7 +132,7 @@ def test_deepspeed_zero2_stage_matches_plain_data_parallel(uninterrupted, tmp_pa
 
 @pytest.mark.parametrize("scheduler, keep_ratio, batch", [("sams", 0.5, 4), ("random", 0.25, 2)])
 def test_dpo_with_a_pair_scheduler_survives_a_worker_failure(ray_cluster, tmp_path, scheduler, keep_ratio, batch):
-    """2 workers; rank 1 dies after step 2's checkpoint, so the resumed run reloads the scheduler (SamS nets,
+    """2 workers; rank 1 dies in step 3, after step 2's checkpoint, so the resumed run reloads the scheduler (SamS nets,
     pool, pending round; the random generator) from the checkpoint. Random keeps 1 of 4 pairs: one rank
     always has none, and must still take part in the step (zero-weighted pass, same metric all-reduces)."""
     cfg = load_config(DPOConfig, overrides=DATA + [
@@ -141,6 +142,21 @@ def test_dpo_with_a_pair_scheduler_survives_a_worker_failure(ray_cluster, tmp_pa
     result = run_dpo(cfg, inject_failure_at=2)
     assert (tmp_path / ".dpo_failure_injected").exists()
     m = result["metrics"]
-    assert m["step"] == 4 and math.isfinite(m["dpo/loss"])
+    assert m["step"] == 4 and math.isfinite(m["dpo/loss"]) and m["resumed_at_step"] == 2
     if scheduler == "sams":
         assert m["sams/pool_batches"] == 3  # rounds 1-3 finished and pooled, across the restart
+
+
+def test_a_restarted_job_resumes_to_the_same_weights(uninterrupted, tmp_path):
+    """No restarts allowed: the worker failure in step 3 (after step 2's checkpoint) fails the run. Running the same
+    command again (same config, same output_dir) resumes from that checkpoint and ends where the
+    uninterrupted run did."""
+    overrides = DATA + [f"output_dir={tmp_path}", "train.batch_size=8", "train.max_steps=3", "train.lr=3e-3",
+                        "train.warmup_ratio=0", "train.checkpoint_every=1", "train.max_failures=0"]
+    cfg = load_config(SFTConfig, overrides=overrides)
+    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death in its own error types
+        run_sft(cfg, inject_failure_at=2)
+    assert (tmp_path / ".sft_failure_injected").exists()
+    result = run_sft(load_config(SFTConfig, overrides=overrides))
+    assert result["metrics"]["resumed_at_step"] == 2  # continued, not started over
+    assert_same_weights(weights(result["checkpoint"]), uninterrupted)

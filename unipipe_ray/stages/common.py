@@ -180,7 +180,7 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
 
     The run is named after the stage under ``cfg.output_dir``: running the same command again resumes
     from its latest checkpoint, and a worker failure restarts the group from it (``train.max_failures``).
-    ``inject_failure_at`` (tests) kills the last worker once right after that step's checkpoint.
+    ``inject_failure_at`` (tests) kills the last worker once, in the step after that step's checkpoint.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig

@@ -190,6 +190,7 @@ def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
     import ray.train
 
     train = run.train
+    _maybe_inject_failure(run, done)
     if done == run.steps:
         return
     if train.eval_every and done % train.eval_every == 0:
@@ -198,18 +199,19 @@ def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
         run.reporter.line(done, metrics)
     if train.checkpoint_every and done % train.checkpoint_every == 0:
         save_and_report(run.engine, done, metrics, run.tokenizer, train.lora, run.extra_state())
-        _maybe_inject_failure(run, done)
     elif done % train.log_every == 0:
         ray.train.report(metrics)
 
 
 def _maybe_inject_failure(run: Run, done: int) -> None:
-    """Test hook: the last rank dies hard once, right after checkpoint ``done`` (a marker file makes it
-    once), so Ray Train's failure handling restarts the group from that checkpoint."""
+    """Test hook: the last rank dies hard once (a marker file makes it once) during the step after
+    checkpoint ``at``. The pause first lets Ray Train's controller register that checkpoint, as it would
+    have for a failure that comes later; a worker that dies right inside report() can take it along."""
     at, marker = run.inject_failure
-    if at == done and run.rank == run.world - 1 and not Path(marker).exists():
+    if at is not None and done == at + 1 and run.rank == run.world - 1 and not Path(marker).exists():
         Path(marker).touch()
-        dist.print0(f"{run.reporter.stage}: injected failure after step {done}")
+        time.sleep(2.0)
+        dist.print0(f"{run.reporter.stage}: injected failure in step {done}")
         os._exit(1)
 
 
@@ -217,6 +219,7 @@ def finish(run: Run, metrics: dict, evaluate) -> None:
     """Final eval, last progress line, and the final checkpoint (a Hugging Face model dir)."""
     if run.eval_feats:
         metrics.update(evaluate())
+    metrics["resumed_at_step"] = run.start  # 0: a fresh run; k: this attempt continued from checkpoint k
     run.reporter.line(run.steps, metrics, final=True)
     run.reporter.close()
     save_and_report(run.engine, run.steps, metrics, run.tokenizer, run.train.lora, run.extra_state())
