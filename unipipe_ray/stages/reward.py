@@ -74,8 +74,7 @@ def train_loop(loop_config: dict) -> None:
 
     metrics = dict(run.metrics)
     for step in range(run.start, run.steps):
-        batches = [{k: v.to(device) for k, v in collate_preference([run.train_feats[i] for i in idx], pad_id).items()}
-                   for idx in run.batch_indices(step)]
+        batches = run.micro_batches(step, collate_preference)
         run.reporter.count_tokens(batches)
         sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, margin over this rank's pairs
         for batch in batches:

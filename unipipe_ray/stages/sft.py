@@ -53,8 +53,7 @@ def train_loop(loop_config: dict) -> None:
 
     metrics = dict(run.metrics)
     for step in range(run.start, run.steps):
-        batches = [{k: v.to(device) for k, v in collate_sft([run.train_feats[i] for i in idx], run.pad_id).items()}
-                   for idx in run.batch_indices(step)]
+        batches = run.micro_batches(step, collate_sft)
         # Normalise by the global response-token count / world: DDP's gradient mean then gives the exact
         # token mean over the whole step, whatever the split into ranks and micro-batches.
         local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)

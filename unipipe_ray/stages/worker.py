@@ -157,6 +157,11 @@ class Run:
         return step_batches(len(self.train_feats), self.train.batch_size, self.train.grad_accum, self.world,
                             self.rank, step, self.cfg.data.seed)
 
+    def micro_batches(self, step: int, collate) -> list[dict]:
+        """This rank's micro-batches of optimizer step ``step``, collated and on the device."""
+        return [{k: v.to(self.device) for k, v in collate([self.train_feats[i] for i in idx], self.pad_id).items()}
+                for idx in self.batch_indices(step)]
+
 
 def start_run(stage: str, loop_config: dict, kind: str = "causal", configure=None) -> Run:
     """Common setup of a stage loop: threads/seed, data from the object store, model (fresh or from Ray
