@@ -164,3 +164,31 @@ def test_summarize_format_and_significant():
     assert format_ci(out["mean"], out["low"], out["high"]).startswith("0.625 [")
     assert significant(0.01) and not significant(0.05) and significant(0.04, alpha=0.05)
     assert not significant(0.02, alpha=0.01)
+
+
+def test_bootstrap_coverage_skewed_continuous():
+    """Exponential(1) (skewness 2), n = 60, true mean 1: 200 seeded data sets. The percentile interval of a
+    skewed mean under-covers slightly at this n; BCa corrects part of that. Both should land in 0.90-0.99,
+    and an interval built with the wrong centre (shifted by 0.2) must fail the same check."""
+    rng = np.random.default_rng(2024)
+    data = [rng.exponential(1.0, size=60) for _ in range(200)]
+    for method in ("percentile", "bca"):
+        hits = [lo <= 1.0 <= hi for rep, x in enumerate(data)
+                for _, lo, hi in [bootstrap_ci(x, n_resamples=500, seed=rep, method=method)]]
+        assert 0.90 <= np.mean(hits) <= 0.99, (method, np.mean(hits))
+    shifted = [lo + 0.2 <= 1.0 <= hi + 0.2 for rep, x in enumerate(data)
+               for _, lo, hi in [bootstrap_ci(x, n_resamples=500, seed=rep)]]
+    assert np.mean(shifted) < 0.90
+
+
+def test_paired_bootstrap_interval_covers_true_difference():
+    """Paired scores with a shared per-example difficulty (so pairing matters): a = u + e1, b = u + 0.1 + e2,
+    n = 80, true mean difference 0.1. Over 200 data sets the 95% interval of B - A holds 0.1 in 0.90-0.99."""
+    rng = np.random.default_rng(99)
+    hits = []
+    for rep in range(200):
+        u = rng.normal(size=80)
+        a, b = u + 0.3 * rng.normal(size=80), u + 0.1 + 0.3 * rng.normal(size=80)
+        out = paired_bootstrap(a, b, n_resamples=500, seed=rep)
+        hits.append(out["low"] <= 0.1 <= out["high"])
+    assert 0.90 <= np.mean(hits) <= 0.99
