@@ -2,6 +2,7 @@
 
     unipipe sft|rm|dpo|ppo --config FILE [--address ADDR] [key.sub=value ...]
     unipipe sft ... --answer-eval N     (greedy answers before/after, scored by the task's checker)
+    unipipe eval|select ...             (evaluation with intervals, active selection: see eval/cli.py)
 
 With no ``--address`` (and no RAY_ADDRESS) a local Ray cluster starts on this machine. Running the same
 command again resumes the stage from its latest checkpoint in ``output_dir``.
@@ -16,6 +17,7 @@ import logging
 import sys
 
 from unipipe_ray.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
+from unipipe_ray.eval import cli as eval_cli
 
 STAGES = {"sft": (SFTConfig, "supervised fine-tuning", "unipipe_ray.stages.sft:run_sft"),
           "rm": (RMConfig, "reward model (Bradley-Terry)", "unipipe_ray.stages.reward:run_rm"),
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--answer-eval", type=int, default=0, metavar="N",
                              help="answer N held-out prompts greedily before and after training; report the "
                                   "task checker's accuracy (tasks with a gold checker only)")
+    eval_cli.add_parsers(sub)
     return p
 
 
@@ -57,6 +60,8 @@ def _answer_eval(cfg: SFTConfig, checkpoint: str | None, n: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    if args.command in eval_cli.COMMANDS:
+        return eval_cli.run(args)
     config_cls, _, target = STAGES[args.command]
     try:
         cfg = load_config(config_cls, args.config, args.overrides)

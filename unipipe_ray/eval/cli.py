@@ -71,6 +71,8 @@ def _held_out(args) -> tuple:
     from unipipe_ray.data import load_examples
     from unipipe_ray.stages.common import make_task, stage_examples
 
+    if args.task != "arith" and not args.task_path:
+        raise ValueError(f"--task {args.task} reads a data file: pass --task-path")
     data = DataConfig(task=args.task, task_path=args.task_path, eval_size=args.n, seed=args.seed)
     task = make_task(data)
     examples = stage_examples(data, "sft")[1]
