@@ -50,4 +50,6 @@ def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torc
     index = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     # u can round up to the total, which points one past the end: take the most likely token then.
     past_end = index >= probs.shape[-1]
-    return torch.where(past_end, probs.argmax(-1), index)
+    if past_end.any():
+        index = torch.where(past_end, probs.argmax(-1), index)
+    return index
