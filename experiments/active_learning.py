@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import random
 import sys
@@ -215,6 +216,14 @@ def markdown(result: dict) -> str:
         f"{ci(s['seed_only'])}; whole pool ({result['settings']['pool']} pairs): {result['whole_pool']:.3f}\n"
 
 
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="HH-RLHF style preference pairs (jsonl[.gz])")
@@ -225,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ks", type=int, nargs="+", default=[32, 64, 128, 256], help="label budgets")
     p.add_argument("--rounds", type=int, default=4, help="selection rounds (retrain between rounds)")
     p.add_argument("--ensemble", type=int, default=3, help="heads in the disagreement ensemble")
-    p.add_argument("--weight-decay", type=float, default=1.0, help="L2 penalty of the linear head")
+    # 10: the best of 0.01..100 on pool-only dev halves (--tune); see results/active_learning.md
+    p.add_argument("--weight-decay", type=float, default=10.0, help="L2 penalty of the linear head")
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--max-prompt-length", type=int, default=24)
@@ -249,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"seed {seed}: " + json.dumps({a: per_seed[-1][a] for a in ARMS}), file=sys.stderr)
     result = {"settings": vars(args), "data": info, "per_seed": per_seed, "summary": summarise(per_seed, args),
               "whole_pool": accuracy(train_head(pool, args.weight_decay), test),
-              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+              "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
               "seconds": round(time.time() - start, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
