@@ -115,6 +115,8 @@ def test_unipipe_eval_end_to_end(tmp_path, reward_model, capsys):
     assert len(record["completions"]["A"]) == 6
     markdown = out.with_suffix(".md").read_text()
     assert "| exact_match |" in markdown and "win rate of A over B" in markdown
+    chrf_line = next(line for line in markdown.splitlines() if line.startswith("| chrf |"))
+    assert f"p={comparison['chrf']['p_value']:.3g}" in chrf_line  # the table and the JSON agree
     assert "# unipipe eval: arith, 6 held-out examples" in capsys.readouterr().out
 
 

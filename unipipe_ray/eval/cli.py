@@ -85,7 +85,7 @@ def _held_out(args) -> tuple:
 
 def _eval(args) -> int:
     from unipipe_ray.eval.evaluate import evaluate_model, generate_completions, judge_scores, win_rate_of
-    from unipipe_ray.eval.summary import compare, markdown_table, without_scores
+    from unipipe_ray.eval.summary import compare, without_scores
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -113,19 +113,27 @@ def _eval(args) -> int:
             record["win_rate_A_over_B"]["judge"] = args.reward_model or "gold checker"
     record["metrics"] = {m: without_scores(r) for m, r in results.items()}
     record["completions"] = completions
-    table = markdown_table(results, baseline="B" if "B" in results else None)
-    names = f"A = {args.model}" + (f", B = {args.baseline_model}" if args.baseline_model else "")
-    markdown = f"# unipipe eval: {args.task}, {len(examples)} held-out examples\n\n{names}\n\n{table}\n"
-    if "win_rate_A_over_B" in record:
-        w = record["win_rate_A_over_B"]
-        markdown += (f"\nwin rate of A over B ({w['judge']}): {w['estimate']:.3f} [{w['low']:.2f}, {w['high']:.2f}]"
-                     f" (wins {w['wins']}, losses {w['losses']}, ties {w['ties']}; sign test p={w['p_value']:.3g})\n")
+    markdown = _markdown(args, results, record.get("win_rate_A_over_B"), len(examples))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown)
     print(markdown + f"\nresult: {out} (+ {out.with_suffix('.md')})")
     return 0
+
+
+def _markdown(args, results: dict, win: dict | None, n: int) -> str:
+    from unipipe_ray.eval.summary import markdown_table
+
+    table = markdown_table(results, baseline="B" if "B" in results else None, n_resamples=args.n_resamples,
+                           seed=args.seed)
+    names = f"A = {args.model}" + (f", B = {args.baseline_model}" if args.baseline_model else "")
+    text = f"# unipipe eval: {args.task}, {n} held-out examples\n\n{names}\n\n{table}\n"
+    if win is not None:
+        text += (f"\nwin rate of A over B ({win['judge']}): {win['estimate']:.3f} [{win['low']:.2f}, "
+                 f"{win['high']:.2f}] (wins {win['wins']}, losses {win['losses']}, ties {win['ties']}; "
+                 f"sign test p={win['p_value']:.3g})\n")
+    return text
 
 
 def _select(args) -> int:

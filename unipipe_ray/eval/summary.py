@@ -131,7 +131,7 @@ def _cell(e: dict, digits: int) -> str:
 
 
 def markdown_table(results: dict[str, dict], baseline: str | None = None, alpha: float = 0.05,
-                   digits: int = 3) -> str:
+                   digits: int = 3, n_resamples: int = 2000, seed: int = 0) -> str:
     """One row per metric, one column per model (``results``: {model name: result}); estimates with their
     95% intervals. With ``baseline``, every other model's cell adds its difference to the baseline and
     the p-value; differences with p >= alpha are marked "n.s." (not significant)."""
@@ -144,7 +144,7 @@ def markdown_table(results: dict[str, dict], baseline: str | None = None, alpha:
             e = results[name].get(metric)
             cell = "" if e is None else _cell(e, digits)
             if baseline is not None and name != baseline and e is not None and metric in results[baseline]:
-                c = compare(results[baseline], {metric: e}, alpha).get(metric)
+                c = compare(results[baseline], {metric: e}, alpha, n_resamples, seed).get(metric)
                 if c is not None:
                     mark = "" if c["significant"] else ", n.s."
                     cell += f" ({c['diff']:+.{digits}f}, p={c['p_value']:.3g}{mark})"
