@@ -207,6 +207,7 @@ class PPOConfig:
     kl_horizon: int = 10000             # adaptive controller horizon (samples)
     gold_reward_weight: float = 0.0     # add the task's checker reward (rule reward) with this weight
     rule_reward: str | None = None      # "module:function" (example, text, response_ids) -> float, added as is
+    gold_rule: str | None = None        # "module:function" gold scorer for the watch (default: the task's checker)
     missing_eos_penalty: float = 0.0    # subtracted from responses that hit max_new_tokens without EOS
     whiten_advantages: bool = True      # normalise advantages over the batch
     hacking_window: int = 3             # iterations compared by the reward-hacking watch

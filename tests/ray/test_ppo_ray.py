@@ -53,3 +53,52 @@ def test_reward_model_group_critic_and_a_killed_rollout_actor(ray_cluster, tmp_p
     assert all(h["ppo/reward_std"] > 0 for h in rows)  # real, varying reward-model scores
     assert all(h["ppo/value_loss"] >= 0 for h in rows)
     assert rows[1]["ppo/engine_trainer_logp_max_diff"] < 1e-3  # the restarted engine got the current weights
+
+
+LEARNABLE = ["estimator=grpo", "ppo_epochs=4", "train.lr=3e-2", "kl_coef=0", "rule_reward=tests.ray.rules:low_id_share"]
+
+
+def test_hacking_watch_fires_when_the_proxy_is_gamed_and_keeps_the_best_gold_policy(ray_cluster, tmp_path):
+    """Proxy = the learnable rule; gold = its complement. As the policy games the proxy the gold falls: the
+    watch must fire, stop the run (stop_on_hacking) and leave the best-gold policy on disk."""
+    cfg = load_config(PPOConfig, overrides=BASE + LEARNABLE + [
+        f"model={tiny_model_dir(tie_word_embeddings=False)}", f"output_dir={tmp_path}", "iterations=10",
+        "gold_rule=tests.ray.rules:high_id_share", "stop_on_hacking=true"])
+    result = run_ppo(cfg)
+    rows = history(tmp_path)
+    assert result["stopped_on_hacking"] and len(rows) < 10, [h["watch/divergence"] for h in rows]
+    assert rows[-1]["watch/hacking"] == 1.0 and rows[-1]["watch/divergence"] > 0
+    assert rows[-1]["ppo/proxy_mean"] > rows[0]["ppo/proxy_mean"]
+    assert rows[-1]["ppo/gold_mean"] < rows[0]["ppo/gold_mean"]
+    best = max(h["ppo/gold_mean"] for h in rows)
+    assert best > rows[-1]["ppo/gold_mean"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(result["best_gold_checkpoint"])
+
+
+def test_stopped_run_resumes_from_its_checkpoint_and_an_agreeing_gold_keeps_the_watch_silent(ray_cluster, tmp_path):
+    """Checkpoint every 2 iterations, stop after 3: the re-run starts at iteration 3 from the checkpoint's
+    weights and optimizer state, and finishes. Gold = the proxy itself, so the watch never fires."""
+    overrides = BASE + LEARNABLE + [f"model={tiny_model_dir(tie_word_embeddings=False)}", f"output_dir={tmp_path}",
+                                    "iterations=6", "gold_rule=tests.ray.rules:low_id_share",
+                                    "train.checkpoint_every=2"]
+    cfg = load_config(PPOConfig, overrides=overrides)
+    with pytest.raises(RuntimeError, match="injected stop"):
+        run_ppo(cfg, inject_stop_at=3)
+    stopped = history(tmp_path)
+    assert len(stopped) == 3
+    result = run_ppo(cfg)
+    rows = history(tmp_path)
+    assert result["resumed_at_iteration"] == 2
+    assert [h["iteration"] for h in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(h["watch/hacking"] == 0.0 for h in rows)
+    # Rollouts are seeded per iteration and the batch order is a pure function of it, so iteration 3 re-run
+    # from the checkpoint (weights and optimizer after iteration 2) repeats the stopped run's iteration 3.
+    for key in ("ppo/rule_mean", "ppo/response_length"):
+        assert rows[2][key] == stopped[2][key], key
+    for key in ("ppo/policy_loss", "ppo/approx_kl", "ppo/grad_norm"):
+        assert rows[2][key] == pytest.approx(stopped[2][key], rel=1e-4, abs=1e-6), key
+    assert rows[-1]["ppo/rule_mean"] > rows[0]["ppo/rule_mean"]
+    assert rows[2]["ppo/engine_trainer_logp_max_diff"] < 1e-3  # engines started from the checkpoint too
+    assert not (tmp_path / "checkpoint.new").exists() and (tmp_path / "checkpoint" / "controller.json").is_file()

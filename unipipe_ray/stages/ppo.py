@@ -63,6 +63,15 @@ def load_rule(spec: str | None):
     return getattr(importlib.import_module(module), name)
 
 
+def gold_scorer(cfg: PPOConfig, task):
+    """The gold reward f(example, text, response_ids): cfg.gold_rule, else the task's checker, else None."""
+    if cfg.gold_rule:
+        return load_rule(cfg.gold_rule)
+    if task is not None and task.has_gold_reward:
+        return lambda example, text, response_ids: task.gold_reward(example, text)
+    return None
+
+
 def advantages_and_returns(cfg: PPOConfig, rewards: torch.Tensor, kl: torch.Tensor, kl_coef: float,
                            values: torch.Tensor | None, mask: torch.Tensor) -> tuple:
     """(advantages (N, R), returns (N, R) or None). GAE puts -kl_coef*KL on every token and the sequence
@@ -145,14 +154,17 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
 
     t = {"start": time.perf_counter()}
     restart = lambda actor: ray.get(actor.load_weights.remote(state))  # a restarted engine has the old weights
+    # Seeded per iteration: a resumed run samples what the uninterrupted one would have.
     samples = groups["engines"].call_split("generate", [ids for _, ids in prompts], cfg.samples_per_prompt,
-                                           cfg.max_new_tokens, cfg.temperature, cfg.top_p, on_restart=restart)
+                                           cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                           cfg.train.seed * 1_000_003 + it, on_restart=restart)
     t["generate"] = time.perf_counter()
     n_gen = sum(len(s.response_ids) for s in samples)
     examples = [ex for ex, _ in prompts for _ in range(cfg.samples_per_prompt)]
     texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-    gold = [task.gold_reward(ex, text) for ex, text in zip(examples, texts, strict=True)] \
-        if task is not None and task.has_gold_reward else [0.0] * len(samples)
+    gold_fn = gold_scorer(cfg, task)
+    gold = [gold_fn(ex, text, s.response_ids) for ex, text, s in zip(examples, texts, samples, strict=True)] \
+        if gold_fn else [0.0] * len(samples)
     proxy = groups["reward"].call_split("score", samples) if "reward" in groups else [0.0] * len(samples)
     rule_fn = load_rule(cfg.rule_reward)
     rule = [rule_fn(ex, text, s.response_ids) for ex, text, s in zip(examples, texts, samples, strict=True)] \
@@ -195,6 +207,8 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
         "ppo/reward_mean": float(torch.tensor(proxy).mean()), "ppo/reward_std": float(torch.tensor(proxy).std()),
         "ppo/gold_mean": float(torch.tensor(gold).mean()), "ppo/gold_std": float(torch.tensor(gold).std()),
         "ppo/rule_mean": float(torch.tensor(rule).mean()), "ppo/score_mean": float(rewards.mean()),
+        # what the policy is pushed up on besides the gold reward: the watch's proxy
+        "ppo/proxy_mean": float((torch.tensor(proxy) + torch.tensor(rule)).mean()),
         "ppo/kl": kl_seq, "ppo/kl_coef": kl_ctl.value,
         "ppo/response_length": n_gen / len(samples), "ppo/rollout_tokens_per_s": n_gen / seconds["generate"],
         "ppo/engine_trainer_logp_max_diff": float(((engine_lp - trainer_lp).abs() * mask[:len(check)]).max()),
@@ -213,12 +227,16 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list, list, object]:
     return pair(train), pair(held_out), task
 
 
-def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at: int | None = None) -> dict:
-    """PPO on a Ray cluster (local when no address). ``inject_engine_failure_at`` (tests) kills a rollout
-    actor before that iteration's generation; Ray restarts it and the controller re-syncs its weights."""
+def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at: int | None = None,
+            inject_stop_at: int | None = None) -> dict:
+    """PPO on a Ray cluster (local when no address). Resumes from ``output_dir/checkpoint`` when one exists
+    (``train.checkpoint_every`` iterations apart). Test hooks: ``inject_engine_failure_at`` kills a rollout
+    actor before that iteration's generation (Ray restarts it, the controller re-syncs its weights);
+    ``inject_stop_at`` raises after that many iterations, as a stopped job would end."""
     import ray
 
     from unipipe_ray.models import load_tokenizer, resolve_model
+    from unipipe_ray.stages import ppo_state
     from unipipe_ray.stages.common import check_same_config, init_ray, write_result
     from unipipe_ray.stages.worker import Reporter
 
@@ -228,6 +246,12 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
     paths = {"policy": resolve_model(cfg.model), "reference": resolve_model(cfg.ref_model or cfg.model),
              "reward": resolve_model(cfg.reward_model) if cfg.reward_model else None}
     paths["critic"] = resolve_model(cfg.critic_model) if cfg.critic_model else (paths["reward"] or paths["policy"])
+    tokenizer_dir = str(paths["policy"])
+    resume = ppo_state.find(out_dir / "checkpoint")
+    if resume is not None:  # the trainers and engines start from the checkpoint's weights
+        paths["policy"] = resume / "policy"
+        if (resume / "critic").is_dir():
+            paths["critic"] = resume / "critic"
     tokenizer = load_tokenizer(cfg.model)
     train_prompts, _, task = load_prompts(cfg, tokenizer)
     init_ray(address)
@@ -236,31 +260,57 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
               else FixedKLController(cfg.kl_coef))
     watch, reporter = HackingWatch(cfg.hacking_window), Reporter("ppo", cfg.iterations, str(out_dir / "tensorboard"))
-    rng, history, best_gold, state = random.Random(cfg.data.seed), [], float("-inf"), None
-    for it in range(cfg.iterations):
-        if inject_engine_failure_at == it:
-            ray.kill(groups["engines"].actors[0], no_restart=False)
-        batch = rng.sample(train_prompts, min(cfg.prompts_per_iter, len(train_prompts)))
-        metrics, state = ppo_iteration(cfg, groups, batch, task, tokenizer, kl_ctl, it, state)
-        metrics |= watch.update(metrics["ppo/reward_mean"], metrics["ppo/gold_mean"])
-        history.append(metrics | {"iteration": it + 1})
-        reporter.line(it + 1, metrics)
-        if task is not None and task.has_gold_reward and metrics["ppo/gold_mean"] > best_gold:
-            best_gold = metrics["ppo/gold_mean"]
-            groups["policy"].call("save", str(out_dir / "best_gold"), paths["policy"])
-        if metrics["watch/hacking"]:
-            print(f"ppo: WARNING reward hacking suspected at iteration {it + 1}: the reward model's score rises "
-                  f"while the gold reward falls (divergence {metrics['watch/divergence']:.3f})", flush=True)
-            if cfg.stop_on_hacking:
+    history, best_gold, start, state = [], float("-inf"), 0, None
+    if resume is not None:
+        controller = ppo_state.load_controller(resume)
+        groups["policy"].call("load_checkpoint", str(resume / "policy"))
+        if "critic" in groups:
+            groups["critic"].call("load_checkpoint", str(resume / "critic"))
+        kl_ctl.load_state_dict(controller["kl"])
+        watch.load_state_dict(controller["watch"])
+        history, best_gold, start = controller["history"], controller["best_gold"], controller["iteration"]
+        print(f"ppo: resuming from {resume} at iteration {start + 1} of {cfg.iterations}", flush=True)
+    try:
+        has_gold = gold_scorer(cfg, task) is not None
+        for it in range(start, cfg.iterations):
+            if inject_engine_failure_at == it:
+                ray.kill(groups["engines"].actors[0], no_restart=False)
+            # The batch is a pure function of (seed, iteration): a resumed run draws what the first would have.
+            batch = random.Random(cfg.data.seed * 1_000_003 + it).sample(
+                train_prompts, min(cfg.prompts_per_iter, len(train_prompts)))
+            metrics, state = ppo_iteration(cfg, groups, batch, task, tokenizer, kl_ctl, it, state)
+            metrics |= watch.update(metrics["ppo/proxy_mean"], metrics["ppo/gold_mean"])
+            history.append(metrics | {"iteration": it + 1})
+            reporter.line(it + 1, metrics)
+            (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+            if has_gold and metrics["ppo/gold_mean"] > best_gold:
+                best_gold = metrics["ppo/gold_mean"]
+                groups["policy"].call("save", str(out_dir / "best_gold"), tokenizer_dir)
+            stop = bool(metrics["watch/hacking"]) and cfg.stop_on_hacking
+            if metrics["watch/hacking"]:
+                print(f"ppo: WARNING reward hacking suspected at iteration {it + 1}: the proxy reward rises while "
+                      f"the gold reward falls (divergence {metrics['watch/divergence']:.3f})"
+                      + ("; stopping (stop_on_hacking)" if stop else ""), flush=True)
+            every = cfg.train.checkpoint_every
+            if every and (it + 1) % every == 0 and it + 1 < cfg.iterations and not stop:
+                ppo_state.save(out_dir / "checkpoint", groups, tokenizer_dir,
+                               {"iteration": it + 1, "history": history, "best_gold": best_gold,
+                                "kl": kl_ctl.state_dict(), "watch": watch.state_dict()})
+            if inject_stop_at == it + 1:
+                raise RuntimeError(f"ppo: injected stop after iteration {it + 1} (test hook)")
+            if stop:
                 break
-    reporter.close()
-    groups["policy"].call("save", str(out_dir / "final"), paths["policy"])
-    (out_dir / "history.json").write_text(json.dumps(history, indent=2))
-    result = {"stage": "ppo", "config": to_dict(cfg), "metrics": history[-1], "checkpoint": str(out_dir / "final"),
-              "best_gold_checkpoint": str(out_dir / "best_gold") if best_gold > float("-inf") else None,
-              "train_examples": len(train_prompts), "eval_examples": 0, "seconds": round(time.time() - started, 1)}
-    write_result(out_dir, result)
-    for group in groups.values():
-        group.kill()
-    ray.util.remove_placement_group(placement)
+        groups["policy"].call("save", str(out_dir / "final"), tokenizer_dir)
+        (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+        result = {"stage": "ppo", "config": to_dict(cfg), "metrics": history[-1], "checkpoint": str(out_dir / "final"),
+                  "best_gold_checkpoint": str(out_dir / "best_gold") if best_gold > float("-inf") else None,
+                  "stopped_on_hacking": bool(history[-1]["watch/hacking"]) and cfg.stop_on_hacking,
+                  "resumed_at_iteration": start if resume is not None else None,
+                  "train_examples": len(train_prompts), "eval_examples": 0, "seconds": round(time.time() - started, 1)}
+        write_result(out_dir, result)
+    finally:  # a failed or stopped run must not leave its actors holding the cluster's resources
+        reporter.close()
+        for group in groups.values():
+            group.kill()
+        ray.util.remove_placement_group(placement)
     return result

@@ -97,12 +97,25 @@ class PolicyTrainer:
         return self.engine.full_state_dict()
 
     def save(self, directory: str, tokenizer_dir: str) -> None:
-        from transformers import AutoTokenizer
+        _save_pretrained(self.engine, directory, tokenizer_dir)
 
-        full = self.engine.full_state_dict()
-        if dist.is_main():
-            self.engine.module.save_pretrained(directory, state_dict=full)
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+    def save_checkpoint(self, directory: str, tokenizer_dir: str) -> None:
+        """Weights (Hugging Face format, the init of a resumed trainer) plus optimizer and schedule state."""
+        _save_pretrained(self.engine, directory, tokenizer_dir)
+        self.engine.save_state(f"{directory}/engine")
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Optimizer and schedule state from save_checkpoint (the weights came in through model_path)."""
+        self.engine.load_state(f"{directory}/engine")
+
+
+def _save_pretrained(engine, directory: str, tokenizer_dir: str) -> None:
+    from transformers import AutoTokenizer
+
+    full = engine.full_state_dict()  # collective: every rank calls it
+    if dist.is_main():
+        engine.module.save_pretrained(directory, state_dict=full)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
 
 
 class CriticTrainer:
@@ -145,6 +158,9 @@ class CriticTrainer:
                 total += masked_sum(losses.detach(), mask).double()
                 tokens += float(mask.sum())
         return {"ppo/value_loss": float(dist.all_reduce_sum(total)) / max(float(dist.all_reduce_sum(tokens)), 1.0)}
+
+    save_checkpoint = PolicyTrainer.save_checkpoint
+    load_checkpoint = PolicyTrainer.load_checkpoint
 
 
 class ReferenceModel:

@@ -1,7 +1,8 @@
 """Rollout engines behind one interface: sample n responses per prompt with their log-probs, take new
 weights, score given responses (to check engine and trainer agree after a sync).
 
-    engine.generate(prompts, n, max_new_tokens, temperature, top_p) -> list[Sample] (n per prompt, in order)
+    engine.generate(prompts, n, max_new_tokens, temperature, top_p, seed) -> list[Sample] (n per prompt, in order;
+                                             a seed makes the draw a pure function of it, e.g. per PPO iteration)
     engine.load_weights(state_dict)          the policy's full state dict (tied heads included)
     engine.score(samples, temperature)       teacher-forced log-probs of each sample's response tokens
 
@@ -52,7 +53,9 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0) -> list[Sample]:
+                 top_p: float = 1.0, seed: int | None = None) -> list[Sample]:
+        if seed is not None:
+            self.generator.manual_seed(seed)
         expanded = [p for p in prompts for _ in range(n)]  # n consecutive samples per prompt
         out: list[Sample] = []
         for i in range(0, len(expanded), self.batch_size):
@@ -170,12 +173,12 @@ class VLLMEngine:
         self.eos_id = self.tokenizer.eos_token_id
 
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0) -> list[Sample]:
+                 top_p: float = 1.0, seed: int | None = None) -> list[Sample]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                logprobs=0)
+                                logprobs=0, seed=seed)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         samples = []
         for prompt, out in zip(prompts, outputs, strict=True):
@@ -220,8 +223,8 @@ class RolloutWorker:
     def __init__(self, kind: str, model_path: str, **kwargs):
         self.engine = make_engine(kind, model_path, **kwargs)
 
-    def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0):
-        return self.engine.generate(prompts, n, max_new_tokens, temperature, top_p)
+    def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, seed=None):
+        return self.engine.generate(prompts, n, max_new_tokens, temperature, top_p, seed)
 
     def load_weights(self, state_dict) -> None:
         self.engine.load_weights(state_dict)
