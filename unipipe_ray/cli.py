@@ -1,5 +1,6 @@
 """The ``unipipe`` command.
 
+    unipipe run --config FILE [--address ADDR] [key.sub=value ...]   (the chain SFT -> RM -> PPO -> DPO)
     unipipe sft|rm|dpo|ppo --config FILE [--address ADDR] [key.sub=value ...]
     unipipe sft ... --answer-eval N     (greedy answers before/after, scored by the task's checker)
     unipipe eval|select ...             (evaluation with intervals, active selection: see eval/cli.py)
@@ -37,8 +38,32 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--answer-eval", type=int, default=0, metavar="N",
                              help="answer N held-out prompts greedily before and after training; report the "
                                   "task checker's accuracy (tasks with a gold checker only)")
+    run = sub.add_parser("run", help="the chained pipeline (SFT -> RM -> PPO -> DPO, any subset) with a report")
+    run.add_argument("--config", help="pipeline YAML (see jobs/configs/quickstart.yaml)")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. dpo.beta=0.2")
     eval_cli.add_parsers(sub)
     return p
+
+
+def _run_pipeline(args) -> int:
+    from unipipe_ray.config import PipelineConfig
+    from unipipe_ray.pipeline.chain import given_keys
+    from unipipe_ray.pipeline.run import run_pipeline
+
+    try:
+        cfg = load_config(PipelineConfig, args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"unipipe: {e}", file=sys.stderr)
+        return 2
+    out = run_pipeline(cfg, given_keys(args.config, args.overrides), args.address)
+    print("\n== unipipe run: done ==")
+    print(f"run directory: {out['run_dir']}  manifest: {out['manifest']}")
+    for stage, path in out["checkpoints"].items():
+        print(f"  {stage}: {path}")
+    if "report" in out:
+        print(f"report: {out['report']}")
+    return 0
 
 
 def _answer_eval(cfg: SFTConfig, checkpoint: str | None, n: int) -> dict:
@@ -62,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in eval_cli.COMMANDS:
         return eval_cli.run(args)
+    if args.command == "run":
+        return _run_pipeline(args)
     config_cls, _, target = STAGES[args.command]
     try:
         cfg = load_config(config_cls, args.config, args.overrides)

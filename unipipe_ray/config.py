@@ -231,23 +231,35 @@ class PPOConfig:
         _check(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
 
 
-STAGES = ("sft", "rm", "dpo")  # run order; PPO joins with its stage
+STAGES = ("sft", "rm", "ppo", "dpo")  # the chain's order
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
+    """The chained run. Each stage section is that stage's config; the pipeline fills in what chains them
+    (unless the section sets it): the RM starts from the SFT model, PPO's policy from the previous policy
+    with the RM as reward model and critic, DPO from the previous policy; every ``output_dir`` is
+    ``<run_dir>/<stage>``. The report's held-out set comes from the ``sft`` section's data (task)."""
+
     run_dir: str = "runs/pipeline"          # manifest, checkpoints and report of the chained run
+    model: str = DEFAULT_MODEL              # the first stage's input model
     stages: tuple[str, ...] = STAGES        # which stages to run, in this order (any subset)
+    report: bool = True                     # evaluate every stage's model at the end, write report.md + plots
+    eval_size: int = 32                     # held-out examples in the report
+    eval_max_new_tokens: int = 128          # greedy answer length in the report
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def __post_init__(self):
         _check(len(self.stages) > 0, "stages", "must name at least one stage")
         for s in self.stages:
             _one_of(s, "stages", STAGES)
+        _check(len(set(self.stages)) == len(self.stages), "stages", f"names a stage twice: {list(self.stages)}")
         _check(list(self.stages) == sorted(self.stages, key=STAGES.index), "stages",
                f"must keep the order {' -> '.join(STAGES)}, got {list(self.stages)}")
+        _check(self.eval_size >= 1, "eval_size", f"must be >= 1, got {self.eval_size}")
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -1,0 +1,152 @@
+"""The run's report: every stage's model on one held-out set, with intervals, and the training curves.
+
+    <run_dir>/report.md       the table (eval.summary.markdown_table: 95% bootstrap intervals, differences to
+                              the first policy with paired p-values, "n.s." where not significant) + plots
+    <run_dir>/report.json     the same figures (without per-example scores)
+    <run_dir>/plots/<stage>.png  the stage's TensorBoard scalars (losses, rewards, KL, accuracy) by step
+
+Rows: answer accuracy by the task's checker (= the mean gold reward for 0/1 checkers), the reward model's
+mean score of the answers, the DPO policy's implicit-reward accuracy and margin on held-out pairs, and the
+KL to the SFT model (sampled responses, sum over tokens of log pi - log pi_sft; the k1 estimate).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from unipipe_ray.config import PipelineConfig
+
+CURVE_WORDS = ("loss", "reward", "accuracy", "margin", "kl", "gold", "proxy")
+
+
+@torch.no_grad()
+def kl_to_reference(policy: str, reference: str, prompts: list[list[int]], max_new_tokens: int, seed: int = 0):
+    """Per-prompt sequence KL(policy || reference) estimates: one sampled response per prompt."""
+    from unipipe_ray.models import load_tokenizer
+    from unipipe_ray.workers.roles import ReferenceModel
+    from unipipe_ray.workers.rollout import HFEngine
+
+    samples = HFEngine(policy, seed=seed).generate(prompts, 1, max_new_tokens, temperature=1.0, seed=seed)
+    ref = ReferenceModel(reference, load_tokenizer(reference).pad_token_id, temperature=1.0).logps(samples)
+    return [sum(s.logps) - float(ref[i, :len(s.response_ids)].sum()) for i, s in enumerate(samples)]
+
+
+def held_out(cfg: PipelineConfig, tokenizer):
+    """(task, held-out SFT examples, held-out pairs): the sft section's data split, as the stages make it."""
+    import dataclasses
+
+    from unipipe_ray.stages.common import make_task, stage_examples
+
+    data = dataclasses.replace(cfg.sft.data, eval_size=max(cfg.eval_size, cfg.sft.data.eval_size))
+    task = make_task(data) if not data.sources else None
+    examples = stage_examples(data, "sft")[1][:cfg.eval_size]
+    pairs = stage_examples(dataclasses.replace(cfg.dpo.data, eval_size=max(cfg.eval_size, cfg.dpo.data.eval_size)),
+                           "preference")[1][:cfg.eval_size] if "dpo" in cfg.stages or "rm" in cfg.stages else []
+    return task, examples, pairs
+
+
+def write_report(cfg: PipelineConfig, manifest, given: set[str]) -> Path:
+    from unipipe_ray.data import tokenize_prompt
+    from unipipe_ray.eval.evaluate import evaluate_model, preference_accuracy_of_rm
+    from unipipe_ray.eval.summary import entry, without_scores
+    from unipipe_ray.models import load_tokenizer, resolve_model
+
+    run_dir = Path(cfg.run_dir).resolve()
+    stages = manifest.data["stages"]
+    done = {s: stages[s] for s in cfg.stages if stages.get(s, {}).get("status") == "done"}
+    tokenizer = load_tokenizer(cfg.model)
+    task, examples, pairs = held_out(cfg, tokenizer)
+    rm = done.get("rm", {}).get("checkpoint")
+    models = {"base": str(resolve_model(cfg.model))} | {s: done[s]["checkpoint"] for s in ("sft", "ppo", "dpo")
+                                                         if s in done}
+    sft = models.get("sft")
+    prompts = [tokenize_prompt(ex, tokenizer, 256)["input_ids"] for ex in examples]
+    results, extra = {}, {}
+    for name, path in models.items():
+        print(f"report: evaluating {name} on {len(examples)} held-out examples", flush=True)
+        dpo_ref = (done["dpo"]["config"]["ref_model"] or done["dpo"]["config"]["model"]) if name == "dpo" else None
+        result = evaluate_model(path, task, examples, pairs=pairs if name == "dpo" else None, reward_model=rm,
+                                ref_model=str(resolve_model(dpo_ref)) if dpo_ref else None,
+                                beta=cfg.dpo.beta, max_new_tokens=cfg.eval_max_new_tokens)
+        if sft and name != "sft":
+            result["kl_to_sft"] = entry(kl_to_reference(path, sft, prompts, cfg.eval_max_new_tokens))
+        results[name] = result
+    if rm and pairs:
+        extra["rm_accuracy"] = preference_accuracy_of_rm(rm, pairs)
+    plots = plot_curves(run_dir, list(done))
+    text = _markdown(cfg, manifest, results, extra, plots, len(examples), len(pairs))
+    (run_dir / "report.md").write_text(text)
+    (run_dir / "report.json").write_text(json.dumps(
+        {"models": models, "held_out_examples": len(examples), "held_out_pairs": len(pairs),
+         "results": {k: without_scores(r) for k, r in results.items()},
+         "rm": {k: without_scores({k: v})[k] for k, v in extra.items()}}, indent=2, default=float))
+    print(f"report: {run_dir / 'report.md'}", flush=True)
+    return run_dir / "report.md"
+
+
+def _markdown(cfg, manifest, results, extra, plots, n_examples, n_pairs) -> str:
+    from unipipe_ray.eval.summary import markdown_table
+
+    stages = manifest.data["stages"]
+    lines = [f"# unipipe run: {' -> '.join(cfg.stages)}", "",
+             f"Run directory `{Path(cfg.run_dir).resolve()}`; base model `{cfg.model}`; task "
+             f"`{cfg.sft.data.task}`; held-out set: {n_examples} examples ({n_pairs} preference pairs), "
+             "the sft section's split, never trained on.", "",
+             "| stage | status | seconds | checkpoint |", "|---|---|---|---|"]
+    for s in cfg.stages:
+        e = stages.get(s, {})
+        lines.append(f"| {s} | {e.get('status', 'not run')} | {e.get('seconds')} | `{e.get('checkpoint')}` |")
+    baseline = "sft" if "sft" in results else "base"
+    lines += ["", f"## Every policy on the held-out set (differences to `{baseline}`, paired tests)", "",
+              markdown_table(results, baseline=baseline), ""]
+    if "rm_accuracy" in extra:
+        e = extra["rm_accuracy"]
+        lines += [f"Reward model: held-out preference accuracy {e['estimate']:.3f} "
+                  f"[{e['low']:.3f}, {e['high']:.3f}] on {e['n']} pairs; mean margin {e.get('margin_mean', 0):.3f}.",
+                  ""]
+    lines += ["exact_match is the task checker's verdict (its mean is the mean gold reward); rm_score the reward "
+              "model's mean score of the answers; implicit_accuracy the DPO policy's implicit reward against its "
+              "reference on held-out pairs; kl_to_sft a sampled estimate of KL(policy || SFT) in nats.", "",
+              "## Training curves", ""]
+    lines += [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(run_dir: Path, stages: list[str]) -> list[Path]:
+    """One PNG per stage from its TensorBoard scalars whose names mention a loss, reward, accuracy, KL..."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = []
+    (run_dir / "plots").mkdir(exist_ok=True)
+    for stage in stages:
+        logs = run_dir / stage / "tensorboard"
+        if not logs.is_dir():
+            continue
+        acc = EventAccumulator(str(logs))
+        acc.Reload()
+        tags = [t for t in acc.Tags()["scalars"] if any(w in t.split("/")[-1] for w in CURVE_WORDS)][:9]
+        if not tags:
+            continue
+        cols = min(3, len(tags))
+        rows = (len(tags) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+        for ax, tag in zip(axes.flat, tags, strict=False):  # axes can outnumber tags
+            events = acc.Scalars(tag)
+            ax.plot([e.step for e in events], [e.value for e in events], marker="." if len(events) < 30 else None)
+            ax.set_title(tag, fontsize=9)
+            ax.set_xlabel("iteration" if stage == "ppo" else "step", fontsize=8)
+        for ax in list(axes.flat)[len(tags):]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = run_dir / "plots" / f"{stage}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        out.append(path)
+    return out
