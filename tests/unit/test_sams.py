@@ -20,6 +20,7 @@ torch.set_num_threads(1)
 
 D, L = 8, 3  # policy hidden size and layer count of the synthetic batches
 TINY = dict(
+    encoder="learned",
     connector_width=16,
     context_size=8,
     encoder_layers=1,
@@ -236,6 +237,8 @@ def test_bad_settings_rejected():
         SamsSettings(selection="greedy")
     with pytest.raises(ValueError):
         SamsSettings(depth=3, width=10, explore_downsample=4)
+    with pytest.raises(ValueError, match="encoder"):
+        SamsSettings(encoder="bert")
 
 
 def test_import_pulls_no_heavy_framework():
