@@ -334,16 +334,23 @@ class SamsScheduler:
             raise ValueError("SamS state was saved with different settings")
         # deep copy: optimizers and the pending round must not share tensors with the scheduler that saved them
         state = copy.deepcopy(state)
-        # strict unless the packaged encoder was left out of the state (see _net_state)
-        missing, unexpected = self.nets.load_state_dict(state["nets"], strict=False)
-        if unexpected or [k for k in missing if not (self.packaged_encoder and k.startswith("encoder."))]:
-            raise ValueError(f"SamS state does not fit the nets (missing {missing}, unexpected {unexpected})")
+        self.load_nets(state["nets"])
         for name, opt in self._optimizers().items():
             opt.load_state_dict(state["optimizers"][name])
         self.pool = deque(state["pool"], maxlen=self.settings.pool_size)
         self.pending = state["pending"]
         self.past_reward_sum, self.past_reward_count = state["past_reward_sum"], state["past_reward_count"]
         self.generator.set_state(state["generator"])
+
+    def load_nets(self, nets):
+        """Load the nets' weights only (e.g. pretrained during SFT): optimizers, pool and rewards stay as they are.
+        Strict, except that a frozen packaged MiniLM may be absent (see _net_state)."""
+        try:
+            missing, unexpected = self.nets.load_state_dict(nets, strict=False)
+        except RuntimeError as e:  # a shape mismatch
+            raise ValueError(f"SamS nets do not fit these sams settings: {e}") from None
+        if unexpected or [k for k in missing if not (self.packaged_encoder and k.startswith("encoder."))]:
+            raise ValueError(f"SamS nets do not fit these sams settings (missing {missing}, extra {unexpected})")
 
     def _net_state(self):
         """The nets' weights, less a frozen packaged MiniLM (43 MB that the package restores)."""

@@ -79,7 +79,7 @@ class PairSelector:
     SamS. The selection is over the global micro-batch: rank 0 owns the RNG / scheduler and broadcasts the
     kept global indices, so every rank trains on its own kept pairs and the data-parallel step stays exact."""
 
-    def __init__(self, cfg: DPOConfig, model, seed: int, resumed: dict):
+    def __init__(self, cfg: DPOConfig, model, seed: int, resumed: dict, pretrained: dict | None = None):
         from unipipe_ray.sams import SamsScheduler
 
         self.kind, self.ratio, self.beta = cfg.scheduler, cfg.keep_ratio, cfg.beta
@@ -91,6 +91,8 @@ class PairSelector:
             self.generator.set_state(resumed["generator"])
             if self.sched is not None:
                 self.sched.load_state_dict(resumed["sams"])
+        elif self.sched is not None and pretrained is not None:  # nets pretrained during SFT (sams_pretrain)
+            self.sched.load_nets(pretrained)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(),
@@ -172,7 +174,13 @@ def train_loop(loop_config: dict) -> None:
         keys = sorted({("train", i) for batches in schedule.values() for idx in batches for i in idx}
                       | {("eval", i) for i in range(run.rank, len(run.eval_feats), run.world)})
         ref.precompute({"train": run.train_feats, "eval": run.eval_feats}, keys, train.batch_size, pad_id, device)
-    selector = PairSelector(cfg, engine.module, train.seed, run.resumed_extra.get("selector", {}))
+    pretrained = None
+    if cfg.scheduler == "sams" and dist.is_main():
+        from unipipe_ray.sams_pretrain import pretrained_nets
+
+        pretrained = pretrained_nets(loop_config["model_path"])
+        dist.print0(f"dpo: SamS nets {'pretrained during SFT' if pretrained is not None else 'fresh'}")
+    selector = PairSelector(cfg, engine.module, train.seed, run.resumed_extra.get("selector", {}), pretrained)
     run.extra_state = lambda: {"selector": selector.state_dict()}
     kept_per_step = selector.kept_per_step(train.batch_size, train.grad_accum)
     evaluate_now = lambda: evaluate(cfg, engine.module, ref, run.eval_feats, train.batch_size, pad_id, device)

@@ -38,6 +38,31 @@ def evaluate(model, features: list[dict], batch_size: int, pad_id: int, device, 
     return {"sft/eval_loss": float(total / count.clamp(min=1))}
 
 
+def sams_pretrainer(cfg: SFTConfig, module, seed: int, resumed: dict):
+    """Rank 0's SamS pretrainer when the config asks for one (`sams_pretrain`), else None. getattr: the
+    SFTConfig keys `sams_pretrain` / `sams` are optional here so this stage runs with configs that lack them."""
+    if not getattr(cfg, "sams_pretrain", False) or not dist.is_main():
+        return None
+    from unipipe_ray.sams import SamsScheduler, SamsSettings
+    from unipipe_ray.sams_pretrain import STATE_KEY, SftPretrainer
+
+    sched = SamsScheduler(module.config.hidden_size, module.config.num_hidden_layers,
+                          getattr(cfg, "sams", SamsSettings()), seed=seed)
+    pretrainer = SftPretrainer(sched)
+    if STATE_KEY in resumed:
+        pretrainer.load_state_dict(resumed[STATE_KEY])
+    return pretrainer
+
+
+def sams_pretrain_round(pretrainer, module, batch: dict) -> dict:
+    """Before the step: every rank's no-grad forward of its micro-batch, gathered; rank 0 pretrains."""
+    from unipipe_ray.sams_pretrain import sft_arm_inputs
+
+    features, losses = sft_arm_inputs(module, batch)
+    features, losses = dist.all_gather_cat(features), dist.all_gather_cat(losses)
+    return pretrainer.step(features, losses) if pretrainer is not None else {}
+
+
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     from unipipe_ray.data import collate_sft
@@ -46,6 +71,10 @@ def train_loop(loop_config: dict) -> None:
     train, engine, device = run.train, run.engine, run.device
     chunk = chunk_size(train)
     evaluate_now = lambda: evaluate(engine.module, run.eval_feats, train.batch_size, run.pad_id, device, chunk)
+    pretrain = getattr(run.cfg, "sams_pretrain", False)
+    pretrainer = sams_pretrainer(run.cfg, engine.module, train.seed, run.resumed_extra)
+    if pretrainer is not None:
+        run.extra_state = lambda: {"sams_pretrain": pretrainer.state_dict()}
     dist.print0(f"sft: {len(run.train_feats)} train / {len(run.eval_feats)} eval examples, {run.world} "
                 f"worker(s), {run.steps} steps of {run.per_step} examples")
     if run.start == 0 and run.eval_feats:
@@ -59,13 +88,15 @@ def train_loop(loop_config: dict) -> None:
         local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         normalizer = float(dist.all_reduce_sum(local_tokens)) / run.world
         run.reporter.count_tokens(batches)
-        step_loss = 0.0
+        step_loss, sams_metrics = 0.0, {}
         for batch in batches:
+            if pretrain:
+                sams_metrics = sams_pretrain_round(pretrainer, engine.module, batch)
             loss = sft_loss(*response_logps(engine, batch, engine.module, chunk), mode="token", normalizer=normalizer)
             engine.backward(loss)
             step_loss += float(loss.detach())
         info = engine.step()
-        metrics = {"sft/loss": float(dist.all_reduce_mean(step_loss)),
+        metrics = {"sft/loss": float(dist.all_reduce_mean(step_loss)), **sams_metrics,
                    **run.reporter.step_metrics(info, device, step + 1)}
         worker.end_of_step(run, step + 1, metrics, evaluate_now)
     worker.finish(run, metrics, evaluate_now)
