@@ -184,8 +184,9 @@ class PPOConfig:
     critic_model: str | None = None     # value model init; None: the reward model (or the policy if no RM)
     output_dir: str = "runs/ppo"
     estimator: str = "gae"              # gae (PPO with a critic) | grpo | rloo (group baselines, no critic)
-    engine: str = "hf"                  # rollout engine: hf (transformers generate) | vllm
+    engine: str = "hf"                  # rollout engine: hf (our decode loop on transformers) | vllm
     num_engines: int = 1                # rollout actors
+    weight_sync: str = "object_store"   # object_store (any engine) | collective (vllm; NCCL on GPUs: weight_sync.py)
     num_reward_workers: int = 1         # reward-model actors
     colocate: bool = False              # all roles share the same devices (take turns) | each role its own
     prompts_per_iter: int = 8           # prompts per PPO iteration
@@ -210,7 +211,8 @@ class PPOConfig:
     gold_rule: str | None = None        # "module:function" gold scorer for the watch (default: the task's checker)
     missing_eos_penalty: float = 0.0    # subtracted from responses that hit max_new_tokens without EOS
     whiten_advantages: bool = True      # normalise advantages over the batch
-    hacking_window: int = 3             # iterations compared by the reward-hacking watch
+    hacking_window: int = 4             # iterations the reward-hacking watch compares (later vs earlier half)
+    hacking_z: float = 2.0              # standard errors the proxy must rise and the gold fall for a verdict
     stop_on_hacking: bool = False       # stop when proxy rises while gold falls; keep the best-gold checkpoint
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6))
@@ -218,6 +220,9 @@ class PPOConfig:
     def __post_init__(self):
         _one_of(self.estimator, "estimator", ("gae", "grpo", "rloo"))
         _one_of(self.engine, "engine", ("hf", "vllm"))
+        _one_of(self.weight_sync, "weight_sync", ("object_store", "collective"))
+        _check(self.weight_sync == "object_store" or self.engine == "vllm", "weight_sync",
+               "collective weight sync needs engine: vllm (it runs through vLLM's worker extension)")
         _one_of(self.kl_estimator, "kl_estimator", ("k1", "k2", "k3"))
         for key in ("num_engines", "num_reward_workers", "prompts_per_iter", "samples_per_prompt", "iterations",
                     "max_new_tokens", "ppo_epochs", "minibatch_size", "kl_horizon", "hacking_window"):

@@ -88,6 +88,68 @@ def _masked_layer_mean(hidden, mask):
     return torch.stack([torch.where(real, h, 0).sum(1, dtype=torch.float32) / count for h in hidden], dim=1)
 
 
+class LayerPooler:
+    """Arm features taken by forward hooks while the policy's forward runs: each block's output is mean-pooled
+    over real tokens as soon as it exists, so the L (N, T, d) hidden states are never held together
+    (output_hidden_states keeps them all: for SmolLM2 31 x N x T x 576 floats, more than a DPO step's logits).
+
+        with LayerPooler(model, mask) as pooler:   # mask (N, T), True on real tokens
+            model(...)
+        pooled = pooler.features()                 # (N, L, d) float32
+
+    Same values as `_masked_layer_mean(HF hidden_states[1:])`: HF's last entry is after the final norm, so the
+    last block is read at the norm. Needs a decoder with `.layers` and `.norm` (Llama, Qwen, Mistral, ...);
+    `supports(model)` says whether it has them.
+    """
+
+    def __init__(self, model, mask):
+        decoder = model.get_decoder()
+        self.modules = list(decoder.layers[:-1]) + [decoder.norm]
+        self.mask, self.pooled, self.handles = mask, [None] * len(self.modules), []
+
+    @staticmethod
+    def supports(model):
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        return hasattr(decoder, "layers") and hasattr(decoder, "norm")
+
+    def __enter__(self):
+        for i, module in enumerate(self.modules):
+            self.handles.append(module.register_forward_hook(self._hook(i)))
+        return self
+
+    def _hook(self, i):
+        def pool(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            self.pooled[i] = _masked_layer_mean([hidden.detach()], self.mask)[:, 0]
+
+        return pool
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def features(self):
+        return torch.stack(self.pooled, dim=1)
+
+
+@torch.no_grad()
+def arm_forward(model, batch, chunk_size=None):
+    """The policy's no-grad view of a batch (input_ids, attention_mask, labels; (N, T)) for SamS: per-layer
+    features pooled over real tokens (N, L, d) and token log-probs (N, T-1) with their mask. The LM head runs
+    chunked as in training (no full (N, T, V) logits), the blocks' outputs are pooled on the fly (LayerPooler);
+    a model without `.layers` / `.norm` falls back to output_hidden_states."""
+    from unipipe_ray.logps import token_logps
+    from unipipe_ray.stages.forward import token_logps_of
+
+    mask = batch["attention_mask"].bool()
+    if LayerPooler.supports(model):
+        with LayerPooler(model, mask) as pooler:
+            logps, logps_mask = token_logps_of(model, model, batch, chunk_size)
+        return pooler.features(), logps, logps_mask
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    return _masked_layer_mean(out.hidden_states[1:], mask), *token_logps(out.logits, batch["labels"])
+
+
 @contextmanager
 def private_rng(seed, device):
     """Run the block on the global RNG reseeded from `seed`, then restore it: init and dropout draw from the

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from unipipe_ray.logps import sequence_logps, token_logps
+from unipipe_ray.logps import sequence_logps
 from unipipe_ray.sams import _min_max, batch_reward, pair_rewards
-from unipipe_ray.sams_nets import layer_features
+from unipipe_ray.sams_nets import arm_forward
 
 STATE_KEY = "sams_pretrain"
 
@@ -33,14 +33,11 @@ def sft_rewards(prev_losses, loss_mean, past_mean=None, gamma=0.5):
     return pair_rewards(reward_b, _min_max(prev_losses), gamma), raw
 
 
-@torch.no_grad()
-def sft_arm_inputs(module, batch):
+def sft_arm_inputs(module, batch, chunk_size=None):
     """One no-grad forward of an SFT micro-batch: arm features (n, L, d) over real tokens, and each example's
     token-mean response NLL (n,)."""
-    out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-    features = layer_features(out.hidden_states[1:], None, batch["attention_mask"])
-    losses = -sequence_logps(*token_logps(out.logits, batch["labels"]), average=True)
-    return features.float().cpu(), losses.float().cpu()
+    features, logps, mask = arm_forward(module, batch, chunk_size)
+    return features.float().cpu(), -sequence_logps(logps, mask, average=True).float().cpu()
 
 
 class SftPretrainer:

@@ -52,3 +52,35 @@ def test_engine_logps_match_the_trainer_before_and_after_a_sync(ray_cluster, kin
         assert max_diff(group.call("score", samples)[0], moved) < 1e-3
     finally:
         group.kill()
+
+
+def test_vllm_engine_takes_weights_over_the_weight_group(ray_cluster):
+    """The collective sync path (workers.weight_sync: vLLM worker extension + StatelessProcessGroup): the test
+    process is the trainer's rank 0 and broadcasts a moved state dict while the engine actor receives it.
+    On CPU the transport is the group's TCP store; on GPUs the same calls go through NCCL."""
+    from unipipe_ray.distributed import free_port
+    from unipipe_ray.workers.weight_sync import WeightSender, weight_specs
+
+    path = str(tiny_model_dir(tie_word_embeddings=True))
+    group = ActorGroup(RolloutWorker, 1, {"kind": "vllm", "model_path": path, "dtype": "float32", "seed": 0,
+                                          "threads": 2}, num_cpus=0.1, env_vars={"OMP_NUM_THREADS": "2"})
+    try:
+        samples = group.call("generate", PROMPTS, 2, 6)[0]
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        moved = trainer_logps(model, samples)
+        assert max_diff(group.call("score", samples)[0], moved) > 1e-2
+        host, port = "127.0.0.1", free_port()
+        joined = group.actors[0].join_weight_group.remote(host, port, 1, 2)
+        sender = WeightSender(host, port, 2)  # joins concurrently with the engine
+        ray_cluster.get(joined)
+        state = model.state_dict()
+        received = group.actors[0].receive_weights.remote(weight_specs(state))
+        sender.send(state)
+        ray_cluster.get(received)
+        assert max_diff(group.call("score", samples)[0], moved) < 1e-3
+    finally:
+        group.kill()

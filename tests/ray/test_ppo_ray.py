@@ -20,13 +20,14 @@ def history(tmp_path) -> list[dict]:
     return json.loads((tmp_path / "history.json").read_text())
 
 
-@pytest.mark.parametrize("engine, colocate", [("hf", True), ("vllm", False)])
-def test_mean_reward_rises_on_a_learnable_rule(ray_cluster, tmp_path, engine, colocate):
+@pytest.mark.parametrize("engine, colocate, sync", [("hf", True, "object_store"), ("vllm", False, "collective")])
+def test_mean_reward_rises_on_a_learnable_rule(ray_cluster, tmp_path, engine, colocate, sync):
     """Rule: share of response tokens with id < 10000 (~0.2 for the random policy). The untied head lets
-    the policy move that mass quickly: in the runs behind this test it passed 0.8 within 8 iterations."""
+    the policy move that mass quickly: in the runs behind this test it passed 0.8 within 8 iterations.
+    vLLM takes its weights over the collective weight group (weight_sync.py; the TCP store on CPU)."""
     cfg = load_config(PPOConfig, overrides=BASE + [
         f"model={tiny_model_dir(tie_word_embeddings=False)}", f"output_dir={tmp_path}", f"engine={engine}",
-        f"colocate={colocate}",
+        f"colocate={colocate}", f"weight_sync={sync}",
         "estimator=grpo", "iterations=8", "ppo_epochs=4", "train.lr=3e-2", "kl_coef=0",
         "rule_reward=tests.ray.rules:low_id_share"])
     result = run_ppo(cfg)

@@ -94,3 +94,30 @@ def test_sft_arm_inputs_from_a_tiny_llama():
         logps = torch.log_softmax(out.logits[0, 2:4], -1).gather(-1, ids[2, 3:5, None]).squeeze(-1)
     torch.testing.assert_close(features[2, 0], out.hidden_states[1][0].mean(0))
     torch.testing.assert_close(losses[2], -logps.mean())
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_arm_forward_pools_blocks_on_the_fly_like_hidden_states(chunk):
+    """Hooks give what output_hidden_states + layer_features give (the last block read after the final norm),
+    and the chunked LM head the same log-probs as full logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unipipe_ray.logps import token_logps
+    from unipipe_ray.sams_nets import _masked_layer_mean, arm_forward
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    ids, mask = torch.randint(0, 40, (4, 6)), torch.ones(4, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    labels = torch.where(mask.bool(), ids, -100)
+    hooks = sum(len(m._forward_hooks) for m in model.modules())  # transformers keeps some of its own
+    pooled, logps, logps_mask = arm_forward(model, {"input_ids": ids, "attention_mask": mask, "labels": labels},
+                                            chunk)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks  # ours removed
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    torch.testing.assert_close(pooled, _masked_layer_mean(out.hidden_states[1:], mask.bool()))
+    expected, expected_mask = token_logps(out.logits, labels)
+    assert torch.equal(logps_mask, expected_mask)
+    torch.testing.assert_close(logps, expected)

@@ -11,9 +11,9 @@ import torch
 
 from unipipe_ray import distributed as dist
 from unipipe_ray.config import DPOConfig, chunk_size
-from unipipe_ray.logps import sequence_logps, token_logps
+from unipipe_ray.logps import sequence_logps
 from unipipe_ray.losses import dpo_loss, simpo_loss
-from unipipe_ray.sams_nets import layer_features
+from unipipe_ray.sams_nets import arm_forward
 from unipipe_ray.stages import checkpoint, common, worker
 from unipipe_ray.stages.forward import sequence_pair_logps
 
@@ -51,6 +51,12 @@ class RefScorer:
 
     def __init__(self, model, chunk_size: int | None = None):
         self.model, self.table, self.chunk_size = model, None, chunk_size
+        self.memo: dict = {}  # the last remembered batch's log-probs by key
+
+    def remember(self, keys: list, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        """Hold a scored batch so that a sub-batch of it (SamS's kept pairs) is not scored again."""
+        if self.table is None:
+            self.memo = dict(zip(keys, zip(chosen.tolist(), rejected.tolist(), strict=True), strict=True))
 
     @torch.no_grad()
     def precompute(self, features: dict[str, list], keys: list[tuple[str, int]], batch_size: int, pad_id: int,
@@ -68,9 +74,10 @@ class RefScorer:
 
     @torch.no_grad()
     def __call__(self, batch: dict, keys: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.table is None:
+        table = self.table if self.table is not None else self.memo
+        if not all(k in table for k in keys):
             return pair_logps(self.model, batch, chunk_size=self.chunk_size)
-        pairs = torch.tensor([self.table[k] for k in keys], dtype=torch.float32, device=batch["input_ids"].device)
+        pairs = torch.tensor([table[k] for k in keys], dtype=torch.float32, device=batch["input_ids"].device)
         return pairs[:, 0], pairs[:, 1]
 
 
@@ -82,7 +89,7 @@ class PairSelector:
     def __init__(self, cfg: DPOConfig, model, seed: int, resumed: dict, pretrained: dict | None = None):
         from unipipe_ray.sams import SamsScheduler
 
-        self.kind, self.ratio, self.beta = cfg.scheduler, cfg.keep_ratio, cfg.beta
+        self.kind, self.ratio, self.beta, self.chunk = cfg.scheduler, cfg.keep_ratio, cfg.beta, chunk_size(cfg.train)
         self.generator = torch.Generator().manual_seed(seed)
         self.sched = None
         if self.kind == "sams" and dist.is_main():
@@ -127,14 +134,15 @@ class PairSelector:
 
     @torch.no_grad()
     def _arm_inputs(self, module, batch, ref, keys):
-        """One no-grad forward of the whole micro-batch: per-layer hidden states -> arm features, and the
-        policy's view of each pair (beta * h, chosen log-prob) for SamS's rewards."""
-        out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        """One no-grad forward of the whole micro-batch (LM head chunked, blocks pooled on the fly: see
+        sams_nets.arm_forward): arm features, and the policy's view of each pair (beta * h, chosen log-prob)
+        for SamS's rewards. The reference's log-probs are remembered for the kept pairs' step."""
+        pooled, logps, mask = arm_forward(module, batch, self.chunk)
         n = batch["input_ids"].shape[0] // 2
-        hidden, mask = out.hidden_states[1:], batch["attention_mask"]
-        features = layer_features([h[:n] for h in hidden], [h[n:] for h in hidden], mask[:n], mask[n:])
-        chosen, rejected = sequence_logps(*token_logps(out.logits, batch["labels"])).chunk(2)
+        features = 0.5 * (pooled[:n] + pooled[n:])  # chosen and rejected averaged (paper)
+        chosen, rejected = sequence_logps(logps, mask).chunk(2)
         ref_chosen, ref_rejected = ref(batch, keys)
+        ref.remember(keys, ref_chosen, ref_rejected)
         margins = self.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
         return features.float().cpu(), margins.float().cpu(), chosen.float().cpu()
 

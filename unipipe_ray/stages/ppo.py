@@ -137,23 +137,50 @@ def build_groups(cfg: PPOConfig, paths: dict, pad_id: int, threads: int) -> dict
     return groups, pg
 
 
-def sync_weights(groups: dict) -> object:
-    """Policy weights (rank 0's full state dict, via the object store) into every rollout engine."""
+def join_weight_group(groups: dict) -> list:
+    """Trainer rank 0 and every engine join one weight group (collective sync); returns the weight specs."""
     import ray
 
+    from unipipe_ray.distributed import free_port
+
+    host, port = ray.util.get_node_ip_address(), free_port()
+    world = 1 + len(groups["engines"])
+    ray.get([groups["policy"].actors[0].join_weight_group.remote(host, port, world)]
+            + [e.join_weight_group.remote(host, port, 1 + i, world) for i, e in enumerate(groups["engines"].actors)])
+    return groups["policy"].actors[0].weight_specs.remote()
+
+
+def sync_weights(groups: dict, specs=None):
+    """The policy's new weights into every rollout engine: rank 0's full state dict through the object store,
+    or (``specs`` given: weight_sync collective) a broadcast over the weight group. Returns the object-store
+    state (None after a collective sync) for re-syncing a restarted engine."""
+    import ray
+
+    if specs is not None:
+        ray.get([a.send_weights.remote() for a in groups["policy"].actors]
+                + [e.receive_weights.remote(specs) for e in groups["engines"].actors])
+        return None
     state = ray.put(groups["policy"].call("state_dict")[0])
     groups["engines"].call("load_weights", state)
     return state
 
 
-def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, kl_ctl, it: int, state) -> dict:
+def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, kl_ctl, it: int, state,
+                  specs=None) -> dict:
     """One PPO iteration over ``prompts`` (PromptExamples with their token ids); returns its metrics."""
     import ray
 
     from unipipe_ray.workers.group import split
 
     t = {"start": time.perf_counter()}
-    restart = lambda actor: ray.get(actor.load_weights.remote(state))  # a restarted engine has the old weights
+    def restart(actor):  # a restarted engine has its initial weights: give it the current ones
+        if specs is not None:
+            raise RuntimeError("a rollout engine was restarted, and the collective weight group cannot take it "
+                               "back; run the same command again to resume from the last checkpoint, or use "
+                               "weight_sync: object_store")
+        if state is not None:  # None: no sync yet, so its initial weights are the current ones
+            ray.get(actor.load_weights.remote(state))
+
     # Seeded per iteration: a resumed run samples what the uninterrupted one would have.
     samples = groups["engines"].call_split("generate", [ids for _, ids in prompts], cfg.samples_per_prompt,
                                            cfg.max_new_tokens, cfg.temperature, cfg.top_p,
@@ -193,7 +220,7 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
     if values is not None:
         metrics |= groups["critic"].call_each("update", per_worker(values, returns))[0]
     t["train"] = time.perf_counter()
-    state = sync_weights(groups)
+    state = sync_weights(groups, specs)
     check = samples[:8]  # engine vs trainer log-probs on the new weights: did the sync really happen?
     engine_lp = pad_rows([torch.tensor(r) for r in ray.get(
         groups["engines"].actors[0].score.remote(check, cfg.temperature))], width)
@@ -209,6 +236,7 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
         "ppo/rule_mean": float(torch.tensor(rule).mean()), "ppo/score_mean": float(rewards.mean()),
         # what the policy is pushed up on besides the gold reward: the watch's proxy
         "ppo/proxy_mean": float((torch.tensor(proxy) + torch.tensor(rule)).mean()),
+        "ppo/proxy_std": float((torch.tensor(proxy) + torch.tensor(rule)).std()),
         "ppo/kl": kl_seq, "ppo/kl_coef": kl_ctl.value,
         "ppo/response_length": n_gen / len(samples), "ppo/rollout_tokens_per_s": n_gen / seconds["generate"],
         "ppo/engine_trainer_logp_max_diff": float(((engine_lp - trainer_lp).abs() * mask[:len(check)]).max()),
@@ -259,7 +287,8 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
     groups, placement = build_groups(cfg, paths, tokenizer.pad_token_id, threads)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
               else FixedKLController(cfg.kl_coef))
-    watch, reporter = HackingWatch(cfg.hacking_window), Reporter("ppo", cfg.iterations, str(out_dir / "tensorboard"))
+    watch = HackingWatch(cfg.hacking_window, z=cfg.hacking_z)
+    reporter = Reporter("ppo", cfg.iterations, str(out_dir / "tensorboard"))
     history, best_gold, start, state = [], float("-inf"), 0, None
     if resume is not None:
         controller = ppo_state.load_controller(resume)
@@ -272,14 +301,16 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
         print(f"ppo: resuming from {resume} at iteration {start + 1} of {cfg.iterations}", flush=True)
     try:
         has_gold = gold_scorer(cfg, task) is not None
+        specs = ray.get(join_weight_group(groups)) if cfg.weight_sync == "collective" else None
         for it in range(start, cfg.iterations):
             if inject_engine_failure_at == it:
                 ray.kill(groups["engines"].actors[0], no_restart=False)
             # The batch is a pure function of (seed, iteration): a resumed run draws what the first would have.
             batch = random.Random(cfg.data.seed * 1_000_003 + it).sample(
                 train_prompts, min(cfg.prompts_per_iter, len(train_prompts)))
-            metrics, state = ppo_iteration(cfg, groups, batch, task, tokenizer, kl_ctl, it, state)
-            metrics |= watch.update(metrics["ppo/proxy_mean"], metrics["ppo/gold_mean"])
+            metrics, state = ppo_iteration(cfg, groups, batch, task, tokenizer, kl_ctl, it, state, specs)
+            metrics |= watch.update(metrics["ppo/proxy_mean"], metrics["ppo/gold_mean"], metrics["ppo/proxy_std"],
+                                    metrics["ppo/gold_std"], len(batch) * cfg.samples_per_prompt)
             history.append(metrics | {"iteration": it + 1})
             reporter.line(it + 1, metrics)
             (out_dir / "history.json").write_text(json.dumps(history, indent=2))
@@ -289,7 +320,7 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
             stop = bool(metrics["watch/hacking"]) and cfg.stop_on_hacking
             if metrics["watch/hacking"]:
                 print(f"ppo: WARNING reward hacking suspected at iteration {it + 1}: the proxy reward rises while "
-                      f"the gold reward falls (divergence {metrics['watch/divergence']:.3f})"
+                      f"the gold reward falls (z {metrics['watch/proxy_z']:+.1f} and {metrics['watch/gold_z']:+.1f})"
                       + ("; stopping (stop_on_hacking)" if stop else ""), flush=True)
             every = cfg.train.checkpoint_every
             if every and (it + 1) % every == 0 and it + 1 < cfg.iterations and not stop:

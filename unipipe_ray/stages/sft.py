@@ -54,11 +54,11 @@ def sams_pretrainer(cfg: SFTConfig, module, seed: int, resumed: dict):
     return pretrainer
 
 
-def sams_pretrain_round(pretrainer, module, batch: dict) -> dict:
+def sams_pretrain_round(pretrainer, module, batch: dict, chunk: int | None) -> dict:
     """Before the step: every rank's no-grad forward of its micro-batch, gathered; rank 0 pretrains."""
     from unipipe_ray.sams_pretrain import sft_arm_inputs
 
-    features, losses = sft_arm_inputs(module, batch)
+    features, losses = sft_arm_inputs(module, batch, chunk)
     features, losses = dist.all_gather_cat(features), dist.all_gather_cat(losses)
     return pretrainer.step(features, losses) if pretrainer is not None else {}
 
@@ -91,7 +91,7 @@ def train_loop(loop_config: dict) -> None:
         step_loss, sams_metrics = 0.0, {}
         for batch in batches:
             if pretrain:
-                sams_metrics = sams_pretrain_round(pretrainer, engine.module, batch)
+                sams_metrics = sams_pretrain_round(pretrainer, engine.module, batch, chunk)
             loss = sft_loss(*response_logps(engine, batch, engine.module, chunk), mode="token", normalizer=normalizer)
             engine.backward(loss)
             step_loss += float(loss.detach())

@@ -96,6 +96,25 @@ class PolicyTrainer:
         """The full policy state dict on rank 0 (what the rollout engines load); None on other ranks."""
         return self.engine.full_state_dict()
 
+    def weight_specs(self) -> list:
+        from unipipe_ray.workers.weight_sync import weight_specs
+
+        return weight_specs(self.engine.module.state_dict())
+
+    def join_weight_group(self, host: str, port: int, world_size: int) -> None:
+        """Rank 0 becomes rank 0 of the engines' weight group (workers.weight_sync)."""
+        if dist.is_main():
+            from unipipe_ray.workers.weight_sync import WeightSender
+
+            device = next(self.engine.module.parameters()).device
+            self.sender = WeightSender(host, port, world_size, device)
+
+    def send_weights(self) -> None:
+        """Every rank gathers (collective under ZeRO-3); rank 0 broadcasts to the engines."""
+        full = self.engine.full_state_dict()
+        if dist.is_main():
+            self.sender.send(full)
+
     def save(self, directory: str, tokenizer_dir: str) -> None:
         _save_pretrained(self.engine, directory, tokenizer_dir)
 

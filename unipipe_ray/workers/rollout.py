@@ -168,7 +168,8 @@ class VLLMEngine:
         # On CPU this fraction of the node's RAM is reserved for the KV cache: keep it modest there.
         fraction = memory_fraction or (0.9 if torch.cuda.is_available() else 0.15)
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
-                       max_model_len=max_model_len, gpu_memory_utilization=fraction)
+                       max_model_len=max_model_len, gpu_memory_utilization=fraction,
+                       worker_extension_cls="unipipe_ray.workers.weight_sync.WeightReceiver")
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_id = self.tokenizer.eos_token_id
 
@@ -191,6 +192,15 @@ class VLLMEngine:
     def load_weights(self, state_dict: dict) -> None:
         # CPU weights are prepacked for oneDNN, so plain load_weights fails; reload_weights repacks them.
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+        self.llm.reset_prefix_cache()
+
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join the trainer's weight group (workers.weight_sync) as ``rank`` (this engine runs one worker)."""
+        self.llm.collective_rpc("join_weight_group", args=(host, port, rank, world_size))
+
+    def receive_weights(self, specs) -> None:
+        """The trainer's broadcast of the new weights (it sends concurrently), loaded in place."""
+        self.llm.collective_rpc("receive_weights", args=(specs,))
         self.llm.reset_prefix_cache()
 
     def score(self, samples: list[Sample], temperature: float = 1.0) -> list[list[float]]:
@@ -231,3 +241,9 @@ class RolloutWorker:
 
     def score(self, samples, temperature=1.0):
         return self.engine.score(samples, temperature)
+
+    def join_weight_group(self, host, port, rank, world_size) -> None:
+        self.engine.join_weight_group(host, port, rank, world_size)
+
+    def receive_weights(self, specs) -> None:
+        self.engine.receive_weights(specs)
