@@ -80,9 +80,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # Ray Train blocks ~2 s in every report() at the default health-check interval; 0.1 s keeps it cheap.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     # Workers must not pick a GPU accelerator that is not there (DeepSpeed probes at import).
+    # Inside a Ray job the job's runtime env already reaches every worker, and Ray refuses to merge a key it
+    # sets with ours ("Failed to merge the Job's runtime env"): pass only what the job leaves unset.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}) or {}
+    taken = set(job_env.get("env_vars") or {})
     runtime_env = {"env_vars": {k: os.environ[k] for k in ("UNIPIPE_CACHE", "UNIPIPE_SMOLLM2_GGUF",
                                                           "UNIPIPE_SHARED_DATA", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-                                if k in os.environ}}
+                                if k in os.environ and k not in taken}}
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env,
              num_cpus=num_cpus, log_to_driver=True)
 
