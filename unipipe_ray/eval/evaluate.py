@@ -22,26 +22,26 @@ from unipipe_ray.eval import metrics, stats
 from unipipe_ray.eval.summary import corpus_bleu_entry, entry
 
 
-def generate_completions(model_path: str, examples: Sequence, max_new_tokens: int = 128, batch_size: int = 16,
+def generate_completions(model_path: str, examples: Sequence, max_new_tokens: int = 128, batch_size: int = 64,
                          max_prompt_length: int = 256, engine: str = "hf", progress: bool = True) -> list[str]:
-    """Greedy completions of the examples' prompts. engine "hf": batched transformers generate
-    (eval/generation.py); "vllm": the rollout engine at temperature 0 (needs vLLM installed)."""
-    from unipipe_ray.models import load_causal_lm, load_tokenizer, resolve_model
+    """Greedy completions of the examples' prompts through the rollout engine (workers/rollout.py): "hf"
+    (our decode loop, runs anywhere) or "vllm" (needs vLLM installed)."""
+    from tqdm import tqdm
 
-    if engine == "hf":
-        from unipipe_ray.eval.generation import generate
-
-        return generate(load_causal_lm(model_path), load_tokenizer(model_path), list(examples), max_new_tokens,
-                        batch_size, max_prompt_length, progress)
-    if engine != "vllm":
-        raise ValueError(f"unknown engine {engine!r}; expected hf or vllm")
     from unipipe_ray.data import tokenize_prompt
+    from unipipe_ray.models import load_tokenizer, resolve_model
     from unipipe_ray.workers.rollout import make_engine
 
+    if engine not in ("hf", "vllm"):
+        raise ValueError(f"unknown engine {engine!r}; expected hf or vllm")
     tokenizer = load_tokenizer(model_path)
     prompts = [tokenize_prompt(ex, tokenizer, max_prompt_length)["input_ids"] for ex in examples]
-    samples = make_engine("vllm", resolve_model(model_path)).generate(prompts, 1, max_new_tokens, temperature=0.0)
-    return [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+    runner = make_engine(engine, str(resolve_model(model_path)))
+    out = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
+        samples = runner.generate(prompts[i:i + batch_size], 1, max_new_tokens, temperature=0.0)
+        out.extend(tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples)
+    return out
 
 
 def references_of(examples: Sequence) -> list[str] | None:
