@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -23,8 +24,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# (model spec, data task, pairs per batch, max tokens per sequence)
-SETTINGS = {"tiny": ("tiny", "arith", 16, 128), "smollm2": ("smollm2-135m", "hh_harmless", 8, 128)}
+# (model spec, data task, pairs per batch, max tokens per sequence, timed steps, rounds)
+SETTINGS = {"tiny": ("tiny", "arith", 16, 128, 4, 2), "smollm2": ("smollm2-135m", "hh_harmless", 8, 128, 2, 1)}
 ARMS = ("none", "random", "sams")
 
 
@@ -41,7 +42,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    spec, task, batch, max_length = SETTINGS[args.model]
+    spec, task, batch, max_length = SETTINGS[args.model][:4]
     path = resolve_model(spec)
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = DataConfig(task=task, task_path=str(HH_PATH) if task == "hh_harmless" else None, task_size=400,
@@ -78,13 +79,18 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def steps_rounds(model, args) -> str:
+    steps, rounds = args.steps or SETTINGS[model][4], args.repeats or SETTINGS[model][5]
+    return f"{steps} timed steps x {rounds} rounds"
+
+
 def report(rows: list[dict], args) -> str:
     lines = ["# SamS cost: step time and peak memory vs plain DPO (CPU)", "",
-             f"Machine: {cpu_name()}, {__import__('os').cpu_count()} cores, no GPU; torch threads "
+             f"Machine: {cpu_name()}, {os.cpu_count()} cores, no GPU; torch threads "
              f"{args.threads}; run under `nice -n 19` while another job used the CPU, so times carry noise.",
-             f"Command: `nice -n 19 python experiments/sams_cost.py --models {' '.join(args.models)} --steps "
-             f"{args.steps} --repeats {args.repeats}`. Each arm: a fresh process, 1 warm-up + {args.steps} timed "
-             f"steps on the same pairs; arms interleaved, {args.repeats} rounds; medians over all timed steps.",
+             f"Command: `nice -n 19 python experiments/sams_cost.py {' '.join(sys.argv[1:])}`. Each arm: a fresh "
+             f"process, 1 warm-up + the timed steps on the same pairs; arms interleaved over rounds; medians over "
+             f"all timed steps (tiny: {steps_rounds('tiny', args)}, smollm2: {steps_rounds('smollm2', args)}).",
              "SamS: default settings (frozen all-MiniLM-L6-v2 encoder, f_S and f_S' 4 x 256, 4 Adam steps per net "
              "per round, 32 replayed batches), keep 50%. Random: keep 50% at random (no scheduler).", "",
              "| model | pairs/batch | arm | kept | step s (median) | x plain | RSS before steps MB | "
@@ -105,9 +111,10 @@ def report(rows: list[dict], args) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=sorted(SETTINGS))
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=0, help="timed steps per arm (0: the model's default)")
+    p.add_argument("--repeats", type=int, default=0, help="rounds over the arms (0: the model's default)")
+    # one thread: on 2 busy cores two OpenMP threads wait on each other (measured: ~10x slower steps)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "results/sams_cost"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -118,9 +125,9 @@ def main() -> None:
         return
     rows = []
     for model in args.models:
-        for _ in range(args.repeats):
+        for _ in range(args.repeats or SETTINGS[model][5]):
             for arm in ARMS:
-                rows.append(run_arm(model, arm, args.steps, args.threads))
+                rows.append(run_arm(model, arm, args.steps or SETTINGS[model][4], args.threads))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "step_s"}), flush=True)
     Path(args.out + ".json").write_text(json.dumps({"argv": sys.argv[1:], "cpu": cpu_name(), "rows": rows},
                                                    indent=1))

@@ -172,19 +172,36 @@ def report(result, args) -> str:
              f"{statistics.fmean(result['sft_losses'][-10:]):.3f} (mean of the last 10).", "",
              "Mean over seeds ± 95% t-interval half-width (n = seeds). Accuracy: final test preference accuracy "
              "on clean labels; chosen reward: mean beta * (log pi - log pi_ref) of the test chosen answers; "
-             "flipped share: flipped pairs among the pairs each arm trained on (20% for any arm that ignores them).",
-             "", "| noise | arm | test accuracy | chosen reward | margin | flipped share trained | step s | "
-             "step peak MB |", "|---|---|---|---|---|---|---|---|"]
+             "flipped share: flipped pairs among the pairs each arm trained on (20% for any arm that ignores them). "
+             "Step s: median step time (mean over seeds). Step peak: resident-set high-water mark above the "
+             "resident set before the run; all runs share one process, so after the first run freed memory is "
+             "reused and these figures are not comparable between arms: results/sams_cost.md measures memory "
+             "with a fresh process per arm.",
+             "Accuracy - DPO: the difference to plain DPO of the same seed (same batches, same flipped pairs).",
+             "", "| noise | arm | test accuracy | accuracy - DPO | chosen reward | margin | flipped share trained | "
+             "step s | step peak MB |", "|---|---|---|---|---|---|---|---|---|"]
     for noise in args.noise:
         for arm in args.arms:
             rs = [r for r in runs if r["arm"] == arm and r["noise"] == noise]
             if not rs:
                 continue
+            dpo = {r["seed"]: r["accuracy"] for r in runs if r["arm"] == "none" and r["noise"] == noise}
+            diff = interval([r["accuracy"] - dpo[r["seed"]] for r in rs if r["seed"] in dpo] or [float("nan")])
             cells = [interval([r[k] for r in rs]) for k in ("accuracy", "rewards_chosen", "rewards_margin")]
+            cells.insert(1, diff)
             flipped = statistics.fmean(r["trained_flipped_share"] for r in rs)
             lines.append(f"| {noise:.0%} | {arm} | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in cells)
                          + f" | {flipped:.3f} | {statistics.fmean(r['step_s_median'] for r in rs):.3f} | "
                          f"{statistics.fmean(r['step_peak_above_rss_mb'] for r in rs):.0f} |")
+    lines += ["", "Test accuracy after each epoch (mean over seeds):", "",
+              "| noise | arm | " + " | ".join(f"ep {e + 1}" for e in range(args.epochs)) + " |",
+              "|---|---|" + "---|" * args.epochs]
+    for noise in args.noise:
+        for arm in args.arms:
+            rs = [r for r in runs if r["arm"] == arm and r["noise"] == noise]
+            if rs:
+                means = [statistics.fmean(r["curve"][e]["accuracy"] for r in rs) for e in range(len(rs[0]["curve"]))]
+                lines.append(f"| {noise:.0%} | {arm} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -212,7 +229,12 @@ def main() -> None:
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="skip SFT-time pretraining")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "results/sams_repro"))
+    p.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     args = p.parse_args()
+    if args.report_only:
+        result = json.loads(Path(args.out + ".json").read_text())
+        Path(args.out + ".md").write_text(report(result, args))
+        return
     from transformers import AutoTokenizer
 
     from unipipe_ray.models import resolve_model
