@@ -53,6 +53,8 @@ def plan(cfg: PipelineConfig, manifest: Manifest, stage: str, config: dict, inpu
     if changed:
         return "run", f"config changed ({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''})"
     if entry["status"] == "done":
+        if not Path(entry["checkpoint"]).exists():
+            return "run", f"done earlier, but its checkpoint {entry['checkpoint']} is gone"
         return "skip", f"done earlier (checkpoint {entry['checkpoint']})"
     return "resume", f"stopped earlier ({entry['status']}): resuming from its last checkpoint"
 

@@ -1,0 +1,45 @@
+"""The pipeline's per-stage decision and the chain's defaults, without running anything."""
+
+from unipipe_ray.config import PipelineConfig, load_config, to_dict
+from unipipe_ray.pipeline.chain import given_keys, stage_config
+from unipipe_ray.pipeline.manifest import Manifest
+from unipipe_ray.pipeline.run import plan
+
+
+def test_chain_defaults_and_what_the_user_set_wins(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("model: tiny\ndpo:\n  model: my/dpo-init\n")
+    cfg = load_config(PipelineConfig, path, [f"run_dir={tmp_path}/run"])
+    given = given_keys(str(path), ["ppo.reward_model=rm-x"])
+    assert {"model", "dpo", "dpo.model", "ppo.reward_model"} <= given
+    ckpt = {"sft": "S", "rm": "R", "ppo": "P"}
+    assert stage_config(cfg, "sft", {}, given).model == "tiny"
+    assert stage_config(cfg, "rm", ckpt, given).model == "S"
+    ppo = stage_config(cfg, "ppo", ckpt, given)
+    assert ppo.model == "S" and ppo.reward_model is None  # user set ppo.reward_model: not overwritten here
+    assert stage_config(cfg, "dpo", ckpt, given).model == "my/dpo-init"
+    no_user = set()
+    assert stage_config(cfg, "dpo", ckpt, no_user).model == "P"
+    assert stage_config(cfg, "dpo", {"sft": "S"}, no_user).model == "S"  # no PPO: the SFT policy
+    assert stage_config(cfg, "ppo", ckpt, no_user).reward_model == "R"
+    assert stage_config(cfg, "rm", {}, no_user).model == "tiny"
+    assert stage_config(cfg, "sft", {}, no_user).output_dir == f"{tmp_path}/run/sft"
+
+
+def test_plan_skip_resume_run(tmp_path):
+    cfg = load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}"])
+    m = Manifest(tmp_path)
+    conf = to_dict(stage_config(cfg, "sft", {}, set()))
+    assert plan(cfg, m, "sft", conf, False) == ("run", "first run")
+    m.start("sft", conf)
+    assert plan(cfg, m, "sft", conf, False)[0] == "resume"
+    (tmp_path / "ckpt").mkdir()
+    m.finish("sft", {"checkpoint": str(tmp_path / "ckpt"), "metrics": {"a": 1.0, "skip": [1]}, "seconds": 3})
+    assert Manifest(tmp_path).stage("sft")["metrics"] == {"a": 1.0}  # written to disk, plain values only
+    assert plan(cfg, m, "sft", conf, False)[0] == "skip"
+    assert plan(cfg, m, "sft", conf, True)[0] == "run"  # an earlier stage ran again
+    changed = dict(conf, train=dict(conf["train"], lr=1.0))
+    action, why = plan(cfg, m, "sft", changed, False)
+    assert action == "run" and "train.lr" in why
+    (tmp_path / "ckpt").rmdir()
+    assert plan(cfg, m, "sft", conf, False) == ("run", f"done earlier, but its checkpoint {tmp_path / 'ckpt'} is gone")
