@@ -17,7 +17,7 @@ import torch
 from unipipe_ray.config import DPOConfig, TrainConfig
 from unipipe_ray.data import collate_preference
 from unipipe_ray.sams import SamsSettings
-from unipipe_ray.stages.dpo import PairSelector, RefScorer, pair_logps, pair_losses
+from unipipe_ray.stages.dpo import PairSelector, RefScorer, no_grad_chunk, pair_logps, pair_losses
 
 HH_PATH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless/test.jsonl.gz"
 
@@ -56,7 +56,7 @@ class DpoLearner:
     def __init__(self, policy, ref, cfg: DPOConfig, pad_id: int, lr: float, seed: int, weight_decay: float = 0.0):
         self.policy, self.cfg, self.pad_id = policy.train(), cfg, pad_id
         self.chunk = cfg.train.logps_chunk_size or None
-        self.ref = RefScorer(ref.eval().requires_grad_(False), self.chunk)
+        self.ref = RefScorer(ref.eval().requires_grad_(False), no_grad_chunk(self.chunk))  # as the stage does
         self.opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr,
                                      weight_decay=weight_decay)
         self.selector = PairSelector(cfg, policy, seed, {})

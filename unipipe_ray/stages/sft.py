@@ -39,15 +39,14 @@ def evaluate(model, features: list[dict], batch_size: int, pad_id: int, device, 
 
 
 def sams_pretrainer(cfg: SFTConfig, module, seed: int, resumed: dict):
-    """Rank 0's SamS pretrainer when the config asks for one (`sams_pretrain`), else None. getattr: the
-    SFTConfig keys `sams_pretrain` / `sams` are optional here so this stage runs with configs that lack them."""
-    if not getattr(cfg, "sams_pretrain", False) or not dist.is_main():
+    """Rank 0's SamS pretrainer when the config asks for one (`sams_pretrain`), else None."""
+    if not cfg.sams_pretrain or not dist.is_main():
         return None
-    from unipipe_ray.sams import SamsScheduler, SamsSettings
+    from unipipe_ray.sams import SamsScheduler
     from unipipe_ray.sams_pretrain import STATE_KEY, SftPretrainer
 
     sched = SamsScheduler(module.config.hidden_size, module.config.num_hidden_layers,
-                          getattr(cfg, "sams", SamsSettings()), seed=seed)
+                          cfg.sams, seed=seed)
     pretrainer = SftPretrainer(sched)
     if STATE_KEY in resumed:
         pretrainer.load_state_dict(resumed[STATE_KEY])
@@ -71,7 +70,7 @@ def train_loop(loop_config: dict) -> None:
     train, engine, device = run.train, run.engine, run.device
     chunk = chunk_size(train)
     evaluate_now = lambda: evaluate(engine.module, run.eval_feats, train.batch_size, run.pad_id, device, chunk)
-    pretrain = getattr(run.cfg, "sams_pretrain", False)
+    pretrain = run.cfg.sams_pretrain
     pretrainer = sams_pretrainer(run.cfg, engine.module, train.seed, run.resumed_extra)
     if pretrainer is not None:
         run.extra_state = lambda: {"sams_pretrain": pretrainer.state_dict()}
