@@ -26,7 +26,8 @@ def save(directory: Path, groups: dict, tokenizer_dir: str, controller: dict) ->
     if "critic" in groups:
         groups["critic"].call("save_checkpoint", str(new / "critic"), tokenizer_dir)
     (new / CONTROLLER).write_text(json.dumps(controller))
-    if directory.exists():
+    if directory.exists():  # complete, so an .old beside it is stale (a crash after an earlier swap)
+        shutil.rmtree(old, ignore_errors=True)
         directory.rename(old)
     new.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
