@@ -13,6 +13,7 @@ from pathlib import Path
 from unipipe_ray.config import PipelineConfig, to_dict
 from unipipe_ray.pipeline.chain import stage_config
 from unipipe_ray.pipeline.manifest import Manifest
+from unipipe_ray.stages.common import config_differences
 
 
 def _runner(stage: str):
@@ -22,13 +23,6 @@ def _runner(stage: str):
     from unipipe_ray.stages.sft import run_sft
 
     return {"sft": run_sft, "rm": run_rm, "ppo": run_ppo, "dpo": run_dpo}[stage]
-
-
-def _differences(old, new, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new))
-                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _move_aside(output_dir: Path, run_dir: Path) -> Path | None:
@@ -49,7 +43,7 @@ def plan(cfg: PipelineConfig, manifest: Manifest, stage: str, config: dict, inpu
         return "run", "first run"
     if inputs_ran:
         return "run", "an earlier stage ran again, so its input changed"
-    changed = _differences(entry["config"], config)
+    changed = [key for key, _, _ in config_differences(entry["config"], config)]
     if changed:
         return "run", f"config changed ({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''})"
     if entry["status"] == "done":

@@ -105,17 +105,18 @@ def scaling(train: TrainConfig):
         max(1, int(per_worker + 0.1))
 
 
-def _differences(old, new, prefix: str = "") -> list[str]:
+def config_differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for every leaf where two config dicts differ."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for k in sorted(set(old) | set(new))
-                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+                for d in config_differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 def check_same_config(path: Path, config: dict) -> None:
     """Resuming into ``output_dir`` is only safe with the config that started the run: refuse otherwise."""
     if path.exists():
-        diffs = _differences(json.loads(path.read_text()), config)
+        diffs = [f"{key}: {a!r} -> {b!r}" for key, a, b in config_differences(json.loads(path.read_text()), config)]
         if diffs:
             raise ValueError(f"{path.parent} holds a run started with a different config ({'; '.join(diffs)}); "
                              f"resuming it would mix the two. Use another output_dir, or delete that one.")
