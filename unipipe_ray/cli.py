@@ -4,6 +4,7 @@
     unipipe sft|rm|dpo|ppo --config FILE [--address ADDR] [key.sub=value ...]
     unipipe sft ... --answer-eval N     (greedy answers before/after, scored by the task's checker)
     unipipe eval|select ...             (evaluation with intervals, active selection: see eval/cli.py)
+    unipipe tune|sweep-report ...       (Ray Tune sweeps and their report: see tune/cli.py)
 
 With no ``--address`` (and no RAY_ADDRESS) a local Ray cluster starts on this machine. Running the same
 command again resumes the stage from its latest checkpoint in ``output_dir``.
@@ -19,6 +20,7 @@ import sys
 
 from unipipe_ray.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
 from unipipe_ray.eval import cli as eval_cli
+from unipipe_ray.tune import cli as tune_cli
 
 STAGES = {"sft": (SFTConfig, "supervised fine-tuning", "unipipe_ray.stages.sft:run_sft"),
           "rm": (RMConfig, "reward model (Bradley-Terry)", "unipipe_ray.stages.reward:run_rm"),
@@ -43,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. dpo.beta=0.2")
     eval_cli.add_parsers(sub)
+    tune_cli.add_parsers(sub)
     return p
 
 
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in eval_cli.COMMANDS:
         return eval_cli.run(args)
+    if args.command in tune_cli.COMMANDS:
+        return tune_cli.run(args)
     if args.command == "run":
         return _run_pipeline(args)
     config_cls, _, target = STAGES[args.command]

@@ -55,6 +55,11 @@ class DataConfig:
     task_size: int = 2000                   # examples the generated `arith` task makes
     sources: tuple[DataSource, ...] = ()    # user data instead of the task's (weighted mixture)
     size: int | None = None                 # take this many training examples (None: all)
+    budget: int | None = None               # split this many of the task's training questions between SFT
+                                            # and preference data (data.split.budget_split): an sft stage
+                                            # takes round(budget * sft_ratio), a preference stage the rest
+    sft_ratio: float = 1.0                  # share of the budget spent on SFT examples
+    budget_seed: int = 0                    # which questions the budget draws (training order stays `seed`)
     eval_size: int = 64                     # held-out examples for evaluation, split off before training
     max_length: int = 256                   # tokens per sequence (prompt + response)
     max_prompt_length: int | None = None    # prompt tokens kept (from the end); None: max_length // 2
@@ -68,6 +73,12 @@ class DataConfig:
         _check(self.max_prompt_length is None or 0 < self.max_prompt_length < self.max_length,
                "max_prompt_length", f"must be in (0, max_length={self.max_length}), got {self.max_prompt_length}")
         _check(self.size is None or self.size > 0, "size", f"must be > 0 or null, got {self.size}")
+        _check(self.budget is None or self.budget > 0, "budget", f"must be > 0 or null, got {self.budget}")
+        _check(self.budget is None or self.size is None, "budget", "set budget or size, not both")
+        _check(self.budget is None or not self.sources, "budget",
+               "splits one task's question pool (index i is the same question in its SFT and preference data); "
+               "it cannot split user sources")
+        _check(0 <= self.sft_ratio <= 1, "sft_ratio", f"must be in [0, 1], got {self.sft_ratio}")
         _check(self.eval_size >= 0, "eval_size", f"must be >= 0, got {self.eval_size}")
         _check(self.task_size > 0, "task_size", f"must be > 0, got {self.task_size}")
 
@@ -107,6 +118,8 @@ class TrainConfig:
     log_every: int = 1             # report metrics every k steps
     checkpoint_every: int = 0      # save a resumable checkpoint every k steps (0: only at the end)
     max_failures: int = 2          # worker-group restarts (from the last checkpoint) before giving up
+    cpus_per_worker: float | None = None  # CPU tokens per worker; None: the workers share the whole cluster
+                                   # (a Tune sweep sets it so that several trials fit side by side)
     seed: int = 0                  # model init / dropout / data order
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -126,6 +139,8 @@ class TrainConfig:
                "needs backend: deepspeed")
         _check(not self.offload_optimizer or self.backend == "deepspeed", "offload_optimizer",
                "needs backend: deepspeed")
+        _check(self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker",
+               f"must be > 0 or null, got {self.cpus_per_worker}")
         for key in ("checkpoint_every", "max_failures", "logps_chunk_size"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
 
@@ -287,6 +302,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return _coerce(inner[0], value, key)
     if _is_dataclass_type(tp):
         return _build(tp, value, key)
+    if origin is dict:  # free-form mapping (a search space): its owner's __post_init__ checks the entries
+        _check(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
+        return dict(value)
     if origin is tuple:
         _check(isinstance(value, (list, tuple)), key, f"must be a list, got {type(value).__name__}")
         item_tp = typing.get_args(tp)[0]

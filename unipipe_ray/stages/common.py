@@ -58,7 +58,28 @@ def stage_examples(data: DataConfig, kind: str) -> tuple[list, list]:
     train_examples = [examples[i] for i in order[data.eval_size:]]
     if data.size is not None:
         train_examples = train_examples[:data.size]
+    if data.budget is not None:
+        train_examples = budget_part(train_examples, data, kind)
     return train_examples, [examples[i] for i in order[:data.eval_size]]
+
+
+def budget_part(pool: list, data: DataConfig, kind: str) -> list:
+    """This stage's share of ``data.budget`` questions of the training pool: the SFT indices of budget_split
+    for kind sft, the preference ones for kind preference. Both stages see the same pool in the same order
+    (same task, same seed), so the two shares are disjoint questions."""
+    from unipipe_ray.data import budget_split
+
+    if kind not in ("sft", "preference"):
+        raise ValueError(f"data.budget splits SFT and preference data; a {kind} stage cannot use it")
+    if data.budget > len(pool):
+        raise ValueError(f"data.budget={data.budget} exceeds the {len(pool)} training questions of task "
+                         f"{data.task!r} (raise data.task_size or lower the budget)")
+    sft, pref = budget_split(len(pool), data.budget, data.sft_ratio, data.budget_seed)
+    picked = sft if kind == "sft" else pref
+    if not picked:
+        raise ValueError(f"data.budget={data.budget} at sft_ratio={data.sft_ratio} leaves no {kind} data: "
+                         f"skip this stage")
+    return [pool[i] for i in picked]
 
 
 def load_stage_data(data: DataConfig, kind: str, tokenizer) -> tuple[list, list, list]:
@@ -98,6 +119,9 @@ def scaling(train: TrainConfig):
 
     if train.use_gpu:
         return ScalingConfig(num_workers=train.num_workers, use_gpu=True), 1
+    if train.cpus_per_worker is not None:
+        return ScalingConfig(num_workers=train.num_workers, resources_per_worker={"CPU": train.cpus_per_worker}), \
+            max(1, round(train.cpus_per_worker))
     cpus = ray.cluster_resources().get("CPU", 1)
     # 0.9 leaves room for Ray Train's controller so 2 workers fit on a 2-core machine.
     per_worker = max(0.9, math.floor(cpus / train.num_workers * 10) / 10 - 0.1)

@@ -1,0 +1,7 @@
+"""Ray Tune sweeps over the pipeline: the SFT/preference split of a fixed data budget, and SamS settings.
+
+    config.py     TuneConfig: the base pipeline, the search space, search algorithm and scheduler (YAML)
+    trainable.py  one trial = a small pipeline (SFT -> DPO) on its share of the budget, then held-out metrics
+    run.py        the Tuner: resources that fit the cluster, restore of an interrupted experiment
+    report.py     the sweep report (markdown + PNG) from a finished experiment directory
+"""

@@ -1,0 +1,128 @@
+"""Run a sweep with Ray Tune: trials side by side as the cluster's CPUs (or GPUs) allow, restore of an
+interrupted experiment, then the sweep report.
+
+    unipipe tune --config tune_configs/allocation.yaml [--address ADDR] [key.sub=value ...]
+
+Each trial is a function trainable that runs its stages through Ray Train (``TorchTrainer.fit()`` inside the
+trial: Ray 2.60 refuses ``Tuner(TorchTrainer)``). The trial actor itself holds 0.01 CPU and its Ray Train
+workers ``cpus_per_worker`` each, and no more trials run at once than the cluster holds all their workers:
+otherwise a trial's workers wait for CPUs that the other trials' idle actors keep, forever (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from unipipe_ray.config import TrainConfig, to_dict
+from unipipe_ray.stages.common import config_differences
+from unipipe_ray.tune.config import TuneConfig
+
+TRIAL_CPU = 0.01  # the trial actor: it only waits on Ray Train and generates the held-out answers
+
+
+def experiment_dir(cfg: TuneConfig) -> Path:
+    return Path(cfg.storage_path).resolve() / cfg.name
+
+
+def trial_demand(cfg: TuneConfig) -> tuple[float, int]:
+    """(CPU tokens, GPUs) one trial's largest stage holds at once: the trial actor plus its workers."""
+    stages: list[TrainConfig] = [getattr(cfg.base, s).train for s in cfg.base.stages]
+    gpus = max((t.num_workers for t in stages if t.use_gpu), default=0)
+    cpus = max(t.num_workers * (t.cpus_per_worker or (1.0 if t.use_gpu else cfg.cpus_per_worker)) for t in stages)
+    return TRIAL_CPU + cpus, gpus
+
+
+def concurrency(cfg: TuneConfig, cluster: dict) -> int:
+    """How many trials fit side by side; a trial that can never fit is an error, not a silent wait."""
+    cpus, gpus = trial_demand(cfg)
+    have_cpu, have_gpu = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    if cpus > have_cpu + 1e-9 or gpus > have_gpu:
+        raise ValueError(f"one trial needs {cpus:g} CPU and {gpus} GPU at once, the cluster has {have_cpu:g} CPU "
+                         f"and {have_gpu:g} GPU: lower cpus_per_worker or num_workers, or add nodes")
+    fits = math.floor((have_cpu + 1e-9) / cpus)
+    if gpus:
+        fits = min(fits, int(have_gpu // gpus))
+    return max(1, min(fits, cfg.max_concurrent_trials or fits))
+
+
+def param_space(cfg: TuneConfig) -> dict:
+    from ray import tune
+
+    samplers = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
+                "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+    space = {}
+    for key, spec in cfg.space.items():
+        if isinstance(spec, dict):
+            kind, values = next(iter(spec.items()))
+            space[key] = samplers[kind](values)
+        else:
+            space[key] = spec
+    return space
+
+
+def base_tree(cfg: TuneConfig) -> dict:
+    """The base pipeline as a tree, with every Ray Train stage's CPU share set (unless the user set it)."""
+    tree = to_dict(cfg.base)
+    for stage in ("sft", "dpo"):
+        train = tree[stage]["train"]
+        if train["cpus_per_worker"] is None and not train["use_gpu"]:
+            train["cpus_per_worker"] = cfg.cpus_per_worker
+    return tree
+
+
+def _check_same_sweep(path: Path, config: dict) -> None:
+    """Restoring runs the stored search; a changed YAML would silently not apply, so refuse and say what."""
+    if path.exists():
+        old = json.loads(path.read_text())
+        diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in config_differences(old, config) if not k.startswith("report")]
+        if diffs:
+            raise ValueError(f"{path.parent} holds a sweep started with another config ({'; '.join(diffs[:8])}); "
+                             "restoring it would ignore the change. Use another name, or move that directory.")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config, indent=2))
+
+
+def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, inject: dict | None = None) -> Path:
+    """Run (or resume) the sweep; return its experiment directory. ``given``: the base keys the user set
+    (``dpo.model`` ...; pipeline.chain.given_keys under ``base.``). ``inject`` (tests): see tune_trial."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from unipipe_ray.stages.common import init_ray
+    from unipipe_ray.tune.trainable import tune_trial
+
+    exp_dir = experiment_dir(cfg)
+    _check_same_sweep(exp_dir / "unipipe_tune.json", to_dict(cfg))
+    init_ray(address)
+    parallel = concurrency(cfg, ray.cluster_resources())
+    cpus, _ = trial_demand(cfg)
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trial, base=base_tree(cfg), given=sorted(given), stages_root=str(exp_dir / "stages"),
+                             engine=cfg.eval_engine, threads=max(1, round(cpus)), inject=inject),
+        {"CPU": TRIAL_CPU})
+    if tune.Tuner.can_restore(str(exp_dir)):
+        print(f"tune: resuming {exp_dir}: finished trials are kept, errored and unfinished ones run", flush=True)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
+    else:
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.asha.max_t,
+                                   grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
+                     if cfg.scheduler == "asha" else FIFOScheduler())
+        print(f"tune: {exp_dir}: up to {parallel} trial(s) at once ({cpus:g} CPU each)", flush=True)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(cfg),
+            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
+                                        num_samples=cfg.num_samples, max_concurrent_trials=parallel),
+            run_config=tune.RunConfig(name=cfg.name, storage_path=str(exp_dir.parent)))
+    results = tuner.fit()
+    errors = [r for r in results if r.error is not None]
+    print(f"tune: {len(results)} trials, {len(errors)} errored" +
+          (" (run the same command again to retry them)" if errors else ""), flush=True)
+    if cfg.report:
+        from unipipe_ray.tune.report import write_sweep_report
+
+        print(f"tune: report {write_sweep_report(exp_dir, metric=cfg.metric, mode=cfg.mode)}", flush=True)
+    return exp_dir

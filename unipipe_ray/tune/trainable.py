@@ -1,0 +1,142 @@
+"""One trial of a sweep: a small pipeline (SFT -> DPO, or one of them) on the trial's settings, then the
+held-out metrics after each stage.
+
+Allocation trials (ALLOCATION.md) take three keys: ``budget`` N, ``sft_ratio`` r and ``seed``. Both stages
+read the same task pool; ``data.budget`` makes the SFT stage take round(N * r) questions and the DPO stage
+the other N - round(N * r), disjoint (data.split.budget_split). DPO's reference is its input: the SFT model,
+or the base model when r = 0 (then there is no SFT stage). Every other space key is a dotted override of
+the base pipeline (``dpo.keep_ratio``, ``dpo.sams.lr``, ...).
+
+Each trial is a pipeline run in ``<experiment>/stages/<trial key>/`` with its manifest, so a trial that
+errored and is resumed (``Tuner.restore``) skips its finished stages.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from unipipe_ray.config import ConfigError, PipelineConfig, _build, _set_dotted
+
+POOL_KEYS = ("task", "task_path", "task_size", "sources", "eval_size", "seed")  # what makes the shared pool
+
+
+def split_counts(budget: int, ratio: float) -> tuple[int, int]:
+    """(SFT examples, preference pairs) of a budget: budget_split's round-half-up, as the data stages use it."""
+    n_sft = math.floor(budget * ratio + 0.5)
+    return n_sft, budget - n_sft
+
+
+def trial_key(params: dict) -> str:
+    """A directory name for a trial's parameters, the same on every run: sorted key=value, safe characters."""
+    text = "_".join(f"{k}={params[k]}" for k in sorted(params))
+    return re.sub(r"[^A-Za-z0-9_.=-]", "-", text)[:200]
+
+
+def trial_config(base: dict, params: dict, run_dir: str) -> PipelineConfig:
+    """The pipeline one trial runs: the base (a ``to_dict`` tree) with the trial's parameters applied."""
+    tree = copy.deepcopy(base)
+    for key, value in params.items():
+        if key == "budget":
+            for stage in ("sft", "dpo"):
+                _set_dotted(tree, f"{stage}.data.budget", value)
+                _set_dotted(tree, f"{stage}.data.size", None)
+        elif key == "sft_ratio":
+            for stage in ("sft", "dpo"):
+                _set_dotted(tree, f"{stage}.data.sft_ratio", value)
+        elif key == "seed":  # which questions the budget draws, and the training seed; the held-out set stays
+            for stage in ("sft", "dpo"):
+                _set_dotted(tree, f"{stage}.data.budget_seed", value)
+                _set_dotted(tree, f"{stage}.train.seed", value)
+        else:
+            _set_dotted(tree, key, value)
+    tree.update(run_dir=run_dir, report=False)
+    cfg = _build(PipelineConfig, tree)
+    if "budget" not in params:
+        return cfg
+    for key in POOL_KEYS:  # disjointness only holds when both stages index the same pool
+        if getattr(cfg.sft.data, key) != getattr(cfg.dpo.data, key):
+            raise ConfigError(f"base.dpo.data.{key}", f"must equal base.sft.data.{key} in a budget sweep (one "
+                              f"pool split between SFT and DPO), got {getattr(cfg.dpo.data, key)!r} vs "
+                              f"{getattr(cfg.sft.data, key)!r}")
+    n_sft, n_pref = split_counts(params["budget"], cfg.sft.data.sft_ratio)
+    stages = tuple(s for s in cfg.stages if (s == "sft" and n_sft) or (s == "dpo" and n_pref))
+    return dataclasses.replace(cfg, stages=stages)
+
+
+def held_out(cfg: PipelineConfig):
+    """(task, held-out examples, held-out pairs) from the sft section's split: never trained on."""
+    from unipipe_ray.stages.common import make_task, stage_examples
+
+    data = dataclasses.replace(cfg.sft.data, budget=None, size=None)
+    if cfg.eval_size > data.eval_size:
+        raise ConfigError("base.eval_size", f"{cfg.eval_size} is more than the {data.eval_size} examples held "
+                          "out of training (base.sft.data.eval_size)")
+    examples = stage_examples(data, "sft")[1][:cfg.eval_size]
+    pairs = stage_examples(dataclasses.replace(data), "preference")[1][:cfg.eval_size]
+    return (make_task(data) if not data.sources else None), examples, pairs
+
+
+def evaluate_policy(cfg: PipelineConfig, model: str, ref: str | None, engine: str = "hf") -> dict:
+    """Held-out figures of one policy: answer accuracy (task checker) with its 95% interval, the share of
+    answers missing the "#### n" line, and with a reference the DPO implicit-reward accuracy on pairs."""
+    from unipipe_ray.data.answers import extract_answer
+    from unipipe_ray.eval.evaluate import evaluate_generations, generate_completions, implicit_reward_accuracy
+
+    task, examples, pairs = held_out(cfg)
+    completions = generate_completions(model, examples, cfg.eval_max_new_tokens, engine=engine, progress=False)
+    misses = sum(extract_answer(c) is None for c in completions)
+    out = {"n_eval": len(examples), "format_miss": misses / len(examples), "format_miss_count": misses}
+    figures = evaluate_generations(completions, examples, task)
+    if ref is not None and pairs:
+        figures["pref_accuracy"] = implicit_reward_accuracy(model, ref, pairs, cfg.dpo.beta, progress=False)
+    for name, key in (("exact_match", "accuracy"), ("pref_accuracy", "pref_accuracy"), ("rougeL", "rougeL")):
+        if name in figures:
+            e = figures[name]
+            out.update({key: e["estimate"], f"{key}_low": e["low"], f"{key}_high": e["high"]})
+    return out
+
+
+def run_trial(cfg: PipelineConfig, given: set[str], engine: str = "hf", fail_before: str | None = None,
+              address: str | None = None) -> Iterator[dict]:
+    """Run the trial's stages one at a time; after each, yield its model's held-out metrics (one Tune report
+    per stage, so ASHA can stop a weak trial after SFT). ``fail_before`` (tests) raises before that stage."""
+    from unipipe_ray.models import resolve_model
+    from unipipe_ray.pipeline.manifest import Manifest
+    from unipipe_ray.pipeline.run import run_pipeline
+
+    started = time.time()
+    data = cfg.sft.data
+    counts = split_counts(data.budget, data.sft_ratio) if data.budget is not None else (None, None)
+    if not cfg.stages:
+        raise ValueError("the trial has no stage to run")
+    for i, stage in enumerate(cfg.stages):
+        if stage == fail_before:
+            raise RuntimeError(f"injected failure before {stage}")
+        out = run_pipeline(dataclasses.replace(cfg, stages=cfg.stages[:i + 1]), given, address)
+        entry = Manifest(Path(out["run_dir"])).stage(stage)
+        ref = None
+        if stage == "dpo":
+            ref = str(resolve_model(entry["config"]["ref_model"] or entry["config"]["model"]))
+        metrics = {k: v for k, v in (entry.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        yield {"stage": stage, **metrics, **evaluate_policy(cfg, out["checkpoints"][stage], ref, engine),
+               "sft_examples": counts[0], "pref_pairs": counts[1], "seconds": round(time.time() - started, 1)}
+
+
+def tune_trial(params: dict, base: dict, given: list[str], stages_root: str, engine: str = "hf",
+               threads: int = 1, inject: dict | None = None) -> None:
+    """The Tune function trainable: a thin shell over run_trial. ``inject`` (tests): {"params": {...},
+    "before": stage} fails the matching trial once, before that stage."""
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(threads)  # the held-out generation runs in this actor
+    cfg = trial_config(base, params, str(Path(stages_root) / trial_key(params)))
+    fail = inject["before"] if inject and all(params.get(k) == v for k, v in inject["params"].items()) else None
+    for metrics in run_trial(cfg, set(given) | set(params), engine, fail_before=fail):
+        tune.report(metrics)
