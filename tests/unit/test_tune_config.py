@@ -114,3 +114,24 @@ def test_trials_fit_side_by_side_and_one_that_never_fits_is_an_error(sweep):
         concurrency(load_config(TuneConfig, sweep, ["base.dpo.train.num_workers=3"]), {"CPU": 2})
     gpu = load_config(TuneConfig, sweep, ["base.sft.train.use_gpu=true", "base.dpo.train.use_gpu=true"])
     assert concurrency(gpu, {"CPU": 16, "GPU": 8}) == 8
+
+
+def test_the_shipped_sweeps_load_and_the_jobs_point_at_them():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    configs = sorted((root / "tune_configs").glob("*.yaml"))
+    assert {"allocation.yaml", "sams.yaml"} <= {p.name for p in configs}
+    for path in configs:
+        load_config(TuneConfig, path)  # raises, naming the file and key, on any bad entry
+    for job, config in (("tune_allocation.py", "allocation.yaml"), ("tune_sams.py", "sams.yaml")):
+        assert f'DEFAULT = "tune_configs/{config}"' in (root / "jobs" / job).read_text()
+
+
+def test_interim_results_carry_the_held_out_pair_accuracy_under_the_final_name():
+    from unipipe_ray.tune.trainable import interim_metrics
+
+    out = interim_metrics("dpo", 25, {"dpo/loss": 0.6, "dpo/eval_loss": 0.65, "dpo/eval_rewards_accuracy": 0.7,
+                                      "step": 25})
+    assert out == {"stage": "dpo-step", "step": 25, "dpo/eval_loss": 0.65, "dpo/eval_rewards_accuracy": 0.7,
+                   "pref_accuracy": 0.7}

@@ -5,6 +5,7 @@ Plain functions, not a base class: a stage module is its worker loop plus a call
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -158,16 +159,48 @@ def write_result(output_dir: str | Path, result: dict) -> Path:
 
 
 class _Progress:
-    """Latest (step, total, metrics) from rank 0, polled by the driver's progress bar."""
+    """Latest (step, total, metrics) from rank 0, polled by the driver's progress bar, and every held-out
+    evaluation (kept whole: a 1 s poll would miss most of them)."""
 
     def __init__(self):
         self.state = (0, 0, {})
+        self.evals: list[tuple[int, dict]] = []
 
     def update(self, step: int, total: int, metrics: dict) -> None:
         self.state = (step, total, metrics)
+        if any("/eval_" in k for k in metrics):
+            self.evals.append((step, metrics))
 
     def get(self) -> tuple:
         return self.state
+
+    def evals_from(self, i: int) -> list[tuple[int, dict]]:
+        return self.evals[i:]
+
+
+_eval_listeners: list = []  # fn(stage, step, metrics) per held-out evaluation of a running stage (Tune trials)
+
+
+@contextlib.contextmanager
+def eval_listener(fn):
+    """Call ``fn(stage, step, metrics)`` on the driver for every periodic evaluation of the stages run inside."""
+    _eval_listeners.append(fn)
+    try:
+        yield
+    finally:
+        _eval_listeners.remove(fn)
+
+
+def _pass_evals(progress, stage: str, seen: int) -> int:
+    import ray
+
+    if not _eval_listeners:
+        return seen
+    for step, metrics in ray.get(progress.evals_from.remote(seen)):
+        for fn in list(_eval_listeners):
+            fn(stage, step, metrics)
+        seen += 1
+    return seen
 
 
 def _fit_with_progress(trainer, progress, stage: str):
@@ -180,8 +213,10 @@ def _fit_with_progress(trainer, progress, stage: str):
     thread.start()
     # Without a terminal (ray job logs, CI) the rank-0 progress lines say the same without redraw noise.
     bar = tqdm(desc=stage, unit="step", dynamic_ncols=True, disable=not sys.stderr.isatty())
+    seen = 0
     while thread.is_alive():
         thread.join(timeout=1.0)
+        seen = _pass_evals(progress, stage, seen)
         step, total, metrics = ray.get(progress.get.remote())
         if total:
             bar.total = total

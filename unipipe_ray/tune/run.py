@@ -102,7 +102,7 @@ def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, injec
     cpus, _ = trial_demand(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, base=base_tree(cfg), given=sorted(given), stages_root=str(exp_dir / "stages"),
-                             engine=cfg.eval_engine, threads=max(1, round(cpus)), inject=inject),
+                             metric=cfg.metric, engine=cfg.eval_engine, threads=max(1, round(cpus)), inject=inject),
         {"CPU": TRIAL_CPU})
     if tune.Tuner.can_restore(str(exp_dir)):
         print(f"tune: resuming {exp_dir}: finished trials are kept, errored and unfinished ones run", flush=True)

@@ -128,15 +128,39 @@ def run_trial(cfg: PipelineConfig, given: set[str], engine: str = "hf", fail_bef
                "sft_examples": counts[0], "pref_pairs": counts[1], "seconds": round(time.time() - started, 1)}
 
 
-def tune_trial(params: dict, base: dict, given: list[str], stages_root: str, engine: str = "hf",
+def interim_metrics(stage: str, step: int, metrics: dict) -> dict:
+    """A stage's periodic held-out evaluation as a Tune result: DPO's implicit-reward accuracy on the held-out
+    pairs is the final report's ``pref_accuracy`` (the same pairs), so ASHA can rank trials on it mid-stage."""
+    out = {"stage": f"{stage}-step", "step": step,
+           **{k: v for k, v in metrics.items() if "/eval_" in k and isinstance(v, (int, float))}}
+    if "dpo/eval_rewards_accuracy" in metrics:
+        out["pref_accuracy"] = metrics["dpo/eval_rewards_accuracy"]
+    return out
+
+
+def tune_trial(params: dict, base: dict, given: list[str], stages_root: str, metric: str, engine: str = "hf",
                threads: int = 1, inject: dict | None = None) -> None:
-    """The Tune function trainable: a thin shell over run_trial. ``inject`` (tests): {"params": {...},
-    "before": stage} fails the matching trial once, before that stage."""
+    """The Tune function trainable: a thin shell over run_trial. Every result carries ``metric`` (Tune
+    requires it): stage ends always; periodic evaluations inside a stage when they have it.
+    ``inject`` (tests): {"params": {...}, "before": stage} fails the matching trial, before that stage."""
     import torch
     from ray import tune
+
+    from unipipe_ray.stages.common import eval_listener
 
     torch.set_num_threads(threads)  # the held-out generation runs in this actor
     cfg = trial_config(base, params, str(Path(stages_root) / trial_key(params)))
     fail = inject["before"] if inject and all(params.get(k) == v for k, v in inject["params"].items()) else None
-    for metrics in run_trial(cfg, set(given) | set(params), engine, fail_before=fail):
-        tune.report(metrics)
+    reported = []
+
+    def report(metrics: dict) -> None:
+        if metric in metrics:
+            tune.report(metrics)
+            reported.append(metrics)
+
+    with eval_listener(lambda stage, step, m: report(interim_metrics(stage, step, m))):
+        for metrics in run_trial(cfg, set(given) | set(params), engine, fail_before=fail):
+            report(metrics)
+    if not reported:
+        raise ValueError(f"no result of this trial has the sweep's metric {metric!r} (stages {list(cfg.stages)}; "
+                         "accuracy needs a task with a checker, pref_accuracy a DPO stage)")

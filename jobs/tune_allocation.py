@@ -1,0 +1,23 @@
+"""The SFT/preference budget sweep (ALLOCATION.md) as a Ray job.
+
+    ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
+        -- python jobs/tune_allocation.py storage_path=/shared/runs/tune
+
+Arguments are those of `unipipe tune` after the config: dotted overrides (`name=...`, `base.dpo.beta=0.5`,
+`space.budget={grid: [100, 1000]}`); `--config FILE` picks another sweep (default tune_configs/allocation.yaml).
+Submitting the same command again resumes the sweep: finished trials are kept, errored and unfinished ones
+run. The report lands in <storage_path>/<name>/sweep_report.md; `unipipe sweep-report DIR` rewrites it.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working dir holds the package
+
+from unipipe_ray.cli import main  # noqa: E402
+
+DEFAULT = "tune_configs/allocation.yaml"
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    sys.exit(main(["tune", *args] if "--config" in args else ["tune", "--config", DEFAULT, *args]))
