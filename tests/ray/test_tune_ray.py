@@ -106,3 +106,45 @@ def test_the_sweep_report_is_written_from_the_finished_directory(finished_sweep,
     pngs = list(exp_dir.glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert main(["sweep-report", str(tmp_path / "missing")]) == 2
+
+
+SAMS_SEARCH = """
+name: asha
+base:
+  model: tiny
+  stages: [dpo]
+  eval_size: 4
+  eval_max_new_tokens: 8
+  sft: {data: &data {task: arith, task_size: 80, eval_size: 4, max_length: 96}}
+  dpo:
+    data: *data
+    scheduler: sams
+    sams: {encoder: learned, depth: 2, width: 32, connector_width: 64, context_size: 32, encoder_heads: 2,
+           encoder_ff_width: 64}
+    train: {batch_size: 8, max_steps: 4, lr: 1.0e-3, eval_every: 2, log_every: 2}
+space:
+  dpo.keep_ratio: {choice: [0.25, 0.75]}
+  dpo.sams.explore_weight: {loguniform: [0.001, 0.1]}
+search: random
+num_samples: 2
+scheduler: asha
+asha: {max_t: 2, grace_period: 1, reduction_factor: 2}
+metric: pref_accuracy
+max_concurrent_trials: 2
+"""
+
+
+def test_a_random_sams_search_under_asha_reports_mid_stage_and_finishes(ray_cluster, tmp_path):
+    path = tmp_path / "sams.yaml"
+    path.write_text(SAMS_SEARCH)
+    exp_dir = run_tune(load_config(TuneConfig, path, [f"storage_path={tmp_path}", "report=false"]), given=set())
+    trials = [[json.loads(line) for line in p.read_text().splitlines()] for p in exp_dir.glob("*/result.json")]
+    assert len(trials) == 2
+    for results in trials:
+        # the DPO stage's periodic held-out evaluations came first, then the final one after the stage (past
+        # max_t: survivors of the rungs run to their end)
+        assert [r["stage"] for r in results][-1] == "dpo" and "dpo-step" in [r["stage"] for r in results]
+        assert all(0.0 <= r["pref_accuracy"] <= 1.0 for r in results)
+        assert results[-1]["training_iteration"] > 2
+        config = results[-1]["config"]
+        assert config["dpo.keep_ratio"] in (0.25, 0.75) and 0.001 <= config["dpo.sams.explore_weight"] <= 0.1

@@ -32,7 +32,8 @@ def _default_base() -> PipelineConfig:
 
 @dataclass(frozen=True)
 class AshaConfig:
-    max_t: int = 2                 # most training iterations a trial reports (one per evaluated stage: SFT, DPO)
+    max_t: int = 2                 # the top rung, in results (one per periodic eval and per finished stage);
+                                   # a trial that survives the rungs still runs to its end
     grace_period: int = 1          # iterations before a trial can be stopped
     reduction_factor: int = 2      # keep the top 1/reduction_factor at each rung
 

@@ -109,7 +109,8 @@ def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, injec
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.asha.max_t,
-                                   grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
+                                   grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor,
+                                   stop_last_trials=False)  # a survivor runs to its end and final evaluation
                      if cfg.scheduler == "asha" else FIFOScheduler())
         print(f"tune: {exp_dir}: up to {parallel} trial(s) at once ({cpus:g} CPU each)", flush=True)
         tuner = tune.Tuner(
