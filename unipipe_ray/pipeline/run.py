@@ -1,18 +1,19 @@
 """Run the chain: per stage skip (done, same config), resume (interrupted, same config) or run (new, or its
 config or an input stage changed: then every later stage runs again too), recording it in the manifest.
+run_dir is a local path or a URI (s3://, gs://, file://: rundir.py keeps a local staging copy in step with it).
 
     unipipe run --config FILE [--address ADDR] [key.sub=value ...]
 """
 
 from __future__ import annotations
 
-import datetime
-import shutil
+import dataclasses
 from pathlib import Path
 
 from unipipe_ray.config import PipelineConfig, to_dict
 from unipipe_ray.pipeline.chain import stage_config
 from unipipe_ray.pipeline.manifest import Manifest
+from unipipe_ray.pipeline.rundir import RunDir
 from unipipe_ray.stages.common import config_differences
 
 
@@ -23,17 +24,6 @@ def _runner(stage: str):
     from unipipe_ray.stages.sft import run_sft
 
     return {"sft": run_sft, "rm": run_rm, "ppo": run_ppo, "dpo": run_dpo}[stage]
-
-
-def _move_aside(output_dir: Path, run_dir: Path) -> Path | None:
-    """A stage's old outputs go to <run_dir>/replaced/ instead of being deleted (nothing lost silently)."""
-    if not output_dir.exists():
-        return None
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    target = run_dir / "replaced" / f"{output_dir.name}-{stamp}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(output_dir), target)
-    return target
 
 
 def plan(cfg: PipelineConfig, manifest: Manifest, stage: str, config: dict, inputs_ran: bool) -> tuple[str, str]:
@@ -56,12 +46,16 @@ def plan(cfg: PipelineConfig, manifest: Manifest, stage: str, config: dict, inpu
 def run_pipeline(cfg: PipelineConfig, given: set[str], address: str | None = None,
                  inject: dict | None = None) -> dict:
     """Run ``cfg.stages`` in order under ``cfg.run_dir``; then the report. ``given``: the keys the user set
-    (chain.given_keys). ``inject`` (tests): {stage: kwargs for its run function}, e.g. a stop in PPO."""
-    if "://" in cfg.run_dir:
-        raise ValueError(f"run_dir {cfg.run_dir!r}: the stages write checkpoints to a local or shared POSIX path; "
-                         "URIs (s3://, gs://) are not supported yet. Mount the bucket or use a shared filesystem.")
-    run_dir = Path(cfg.run_dir).resolve()
-    manifest = Manifest(run_dir)
+    (chain.given_keys). ``inject`` (tests): {stage: kwargs for its run function}, e.g. a stop in PPO.
+
+    A URI run_dir (s3://...) is checked here, before any training, and the run works in its local staging
+    copy, pulled first and pushed as stages end (rundir.py)."""
+    run_dir = RunDir(cfg.run_dir)
+    if run_dir.uri:
+        print(f"pipeline: run_dir {run_dir.uri}: working in the staging copy {run_dir.local}", flush=True)
+    run_dir.pull(cfg.stages)
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir.local))  # the stages read and write local paths
+    manifest = Manifest(run_dir.local)
     checkpoints: dict[str, str] = {}
     inputs_ran = False
     for i, stage in enumerate(cfg.stages):
@@ -73,22 +67,16 @@ def run_pipeline(cfg: PipelineConfig, given: set[str], address: str | None = Non
             checkpoints[stage] = manifest.stage(stage)["checkpoint"]
             continue
         if action == "run":
-            moved = _move_aside(Path(stage_cfg.output_dir).resolve(), run_dir)
+            moved = run_dir.set_aside(stage)
             if moved:
-                print(f"pipeline: {stage}: its earlier outputs moved to {moved}", flush=True)
+                print(f"pipeline: {stage}: its earlier outputs moved to {run_dir.shown(moved)}", flush=True)
             manifest.forget_after(list(cfg.stages[i:]))
-        manifest.start(stage, config)
-        try:
-            result = _runner(stage)(stage_cfg, address, **(inject or {}).get(stage, {}))
-        except BaseException as e:
-            manifest.fail(stage, e)
-            print(f"pipeline: {stage} failed ({type(e).__name__}: {e}); run the same command again to resume it",
-                  flush=True)
-            raise
-        manifest.finish(stage, result)
-        checkpoints[stage] = str(result["checkpoint"])
+        checkpoints[stage] = _run_stage(stage, stage_cfg, config, manifest, run_dir, address, inject)
         inputs_ran = True
-    out = {"run_dir": str(run_dir), "checkpoints": checkpoints, "manifest": str(manifest.path)}
+    # Local paths (a URI run's staging copy), loadable as they are; "uri" names the run_dir they mirror.
+    out = {"run_dir": str(run_dir.local), "checkpoints": checkpoints, "manifest": str(manifest.path)}
+    if run_dir.uri:
+        out["uri"] = run_dir.uri
     if cfg.report:
         from unipipe_ray.pipeline.report import write_report
 
@@ -99,4 +87,27 @@ def run_pipeline(cfg: PipelineConfig, given: set[str], address: str | None = Non
         out["report"] = str(write_report(cfg, manifest, given))
         manifest.data["report"] = "report.md"
         manifest.save()
+        run_dir.push("report.md", "report.json", "plots", "manifest.json")
     return out
+
+
+def _run_stage(stage: str, stage_cfg, config: dict, manifest: Manifest, run_dir: RunDir, address: str | None,
+               inject: dict | None) -> str:
+    """Run one stage, recording it in the manifest and pushing it to a URI run_dir; returns its checkpoint."""
+    manifest.start(stage, config)
+    run_dir.push("manifest.json")
+    try:
+        result = _runner(stage)(stage_cfg, address, **(inject or {}).get(stage, {}))
+    except BaseException as e:
+        manifest.fail(stage, e)
+        print(f"pipeline: {stage} failed ({type(e).__name__}: {e}); run the same command again to resume it",
+              flush=True)
+        try:
+            run_dir.push(stage, "manifest.json")  # its checkpoints, so that another machine can resume it
+        except Exception as push_error:  # the stage's own error is the one to raise; the staging copy keeps all
+            print(f"pipeline: pushing {stage} to {run_dir.uri} failed too ({push_error}); the next run pushes it",
+                  flush=True)
+        raise
+    manifest.finish(stage, result)
+    run_dir.push(stage, "manifest.json")
+    return str(result["checkpoint"])

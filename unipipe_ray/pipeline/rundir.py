@@ -1,0 +1,246 @@
+"""The run directory: a local path, or a URI of any filesystem pyarrow supports (s3://, gs://, hdfs://, file://).
+
+The stages read and write local paths (Ray Train's storage, PPO's checkpoints, the next stage's model), so a
+URI run works in a local staging copy, ``<cache_dir>/runs/<uri>-<hash>`` (``UNIPIPE_CACHE``), mirrored to the
+URI through ``pyarrow.fs``:
+
+    before the run     pull the manifest and the run's stage directories (not replaced/, report, plots)
+    a stage starts     push the manifest
+    a stage ends       push its directory, then the manifest (done, or failed: any exception, Ctrl-C included)
+    outputs replaced   push them to <uri>/replaced/<stage>-<time>, then delete <uri>/<stage>
+    after the report   push report.md, report.json, plots/, then the manifest
+
+A push mirrors: afterwards <uri>/<name> holds exactly the staging copy's files (checkpoints a stage rotated out
+go there too). On pull, per stage, the staging copy wins when it holds the same attempt as the URI (the same
+``started`` in both manifests: it is as far along or further, e.g. after a push that failed, and is pushed
+then); otherwise the URI's copy wins, and a stale staging copy moves to <staging>/replaced/ first.
+
+Paths in the small files at the top of the run and of each stage directory (manifest.json, <stage>/*.json,
+report.*) are stored at the URI with the URI in place of the staging directory: the manifest there names
+checkpoints by their URI, and a run continued on another machine (another staging directory) reads the same
+configs, so its finished stages are skipped and a failed one resumes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+from unipipe_ray.models import cache_dir
+from unipipe_ray.pipeline.manifest import Manifest
+
+
+def is_uri(run_dir: str) -> bool:
+    return "://" in run_dir
+
+
+def staging_dir(uri: str) -> Path:
+    """The local working copy of a URI run_dir: readable and unique (a hash of the URI)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", uri).strip("-")[-80:]
+    return (cache_dir() / "runs" / f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}").resolve()
+
+
+def set_aside(path: Path, run_dir: Path, suffix: str = "") -> Path | None:
+    """Move ``path`` to <run_dir>/replaced/<name>-<time><suffix> instead of deleting it (nothing lost silently)."""
+    if not path.exists():
+        return None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = run_dir / "replaced" / f"{path.name}-{stamp}{suffix}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(path), target)
+    return target
+
+
+class RunDir:
+    """``local``: where the run works. For a URI run_dir also ``uri`` (without its ?query) and the remote copy
+    that ``pull`` and ``push`` keep in step; for a local one both are no-ops."""
+
+    def __init__(self, run_dir: str):
+        self.fs = self.uri = None
+        if not is_uri(run_dir):
+            self.local = Path(run_dir).resolve()
+            return
+        self.uri = run_dir.split("?", 1)[0].rstrip("/")
+        self.fs, self.root = _open(run_dir)
+        self.local = staging_dir(self.uri)
+
+    def shown(self, path: str | Path) -> str:
+        """A path in the run as the user knows it: under the URI for a URI run_dir."""
+        return _swap(str(path), str(self.local), self.uri) if self.uri else str(path)
+
+    def set_aside(self, stage: str) -> Path | None:
+        """A stage's outputs that are about to be replaced go to replaced/, here and at the URI."""
+        moved = set_aside(self.local / stage, self.local)
+        if moved and self.fs is not None:
+            self.push(moved.relative_to(self.local).as_posix())  # copied first: an interrupted move loses nothing
+            if self._list(stage):
+                self.fs.delete_dir(f"{self.root}/{stage}")
+        return moved
+
+    def pull(self, stages: list[str] | tuple[str, ...]) -> None:
+        """Bring the URI's manifest and these stages' directories into the staging copy (who wins: see above)."""
+        if self.fs is None:
+            return
+        remote = json.loads(self._read("manifest.json") or "null") or {"stages": {}}
+        manifest = Manifest(self.local)
+        newer = []
+        for stage in stages:
+            mine, theirs = manifest.stage(stage), remote["stages"].get(stage)
+            if _attempt(mine) != _attempt(theirs):
+                stale = set_aside(self.local / stage, self.local, suffix="-stale")
+                if stale:
+                    print(f"pipeline: {stage}: the staging copy held another attempt, moved to {stale}", flush=True)
+                mine = theirs
+            elif mine != theirs:
+                newer.append(stage)
+            pulled = self._get_missing(stage)
+            if pulled:
+                print(f"pipeline: {stage}: pulled {pulled} files from {self.uri}/{stage}", flush=True)
+            remote["stages"].pop(stage, None)
+            if mine is not None:
+                remote["stages"][stage] = mine
+        manifest.data = remote
+        manifest.save()
+        if newer:  # the staging copy got further than the URI (its last push failed): the URI catches up
+            self.push(*newer, "manifest.json")
+
+    def push(self, *names: str) -> None:
+        """Mirror these files or directories of the staging copy (paths relative to it) to the URI, in order."""
+        if self.fs is None:
+            return
+        for name in names:
+            src = self.local / name
+            files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+            keep = [p.relative_to(self.local).as_posix() for p in files]
+            made: set[str] = set()  # directories made in this push (deletes come after the uploads)
+            for rel in keep:
+                self._put(rel, made)
+            self._delete_others(name, set(keep))
+            if src.is_dir():  # single files (the manifest, the report) go without a line
+                size = sum(p.stat().st_size for p in files) / 2**20
+                print(f"pipeline: pushed {name} to {self.uri}/{name} ({len(files)} files, {size:.1f} MiB)",
+                      flush=True)
+
+    # ------------------------------------------------------------------------------------------ transfers
+
+    def _put(self, rel: str, made: set[str]) -> None:
+        import pyarrow.fs as pafs
+
+        dst = f"{self.root}/{rel}"
+        parent = dst.rsplit("/", 1)[0]
+        if parent not in made:  # a local filesystem needs the directories; object stores ignore them
+            self.fs.create_dir(parent, recursive=True)
+            made.add(parent)
+        if _holds_paths(rel):
+            with self.fs.open_output_stream(dst) as f:
+                f.write(_relocate(rel, (self.local / rel).read_text(), str(self.local), self.uri).encode())
+        else:
+            pafs.copy_files(str(self.local / rel), dst, destination_filesystem=self.fs)
+
+    def _get_missing(self, name: str) -> int:
+        """Download the files under <uri>/<name> that the staging copy lacks; returns how many."""
+        import pyarrow.fs as pafs
+
+        missing = [rel for rel, kind in self._list(name)
+                   if kind == pafs.FileType.File and not (self.local / rel).exists()]
+        for rel in missing:
+            target = self.local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if _holds_paths(rel):
+                target.write_text(self._read(rel))
+            else:
+                pafs.copy_files(f"{self.root}/{rel}", str(target), source_filesystem=self.fs)
+        return len(missing)
+
+    def _delete_others(self, name: str, keep: set[str]) -> None:
+        """Delete what <uri>/<name> holds beyond ``keep``: files, then directories left empty, deepest first."""
+        import pyarrow.fs as pafs
+
+        entries = sorted(self._list(name), key=lambda e: (e[1] != pafs.FileType.File, -e[0].count("/")))
+        for rel, kind in entries:
+            if kind == pafs.FileType.File and rel not in keep:
+                self.fs.delete_file(f"{self.root}/{rel}")
+            elif kind == pafs.FileType.Directory and not any(k.startswith(rel + "/") for k in keep):
+                try:
+                    self.fs.delete_dir(f"{self.root}/{rel}")
+                except FileNotFoundError:  # an object store's implicit directory went with its last file
+                    pass
+
+    def _list(self, name: str) -> list[tuple[str, object]]:
+        """(path relative to the run, FileType) of <uri>/<name> and, for a directory, of everything under it."""
+        import pyarrow.fs as pafs
+
+        info = self.fs.get_file_info(f"{self.root}/{name}")
+        if info.type == pafs.FileType.NotFound:
+            return []
+        found = [info] + (self.fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
+                          if info.type == pafs.FileType.Directory else [])
+        return [(i.path[len(self.root) + 1:], i.type) for i in found]
+
+    def _read(self, rel: str) -> str | None:
+        """The text of <uri>/<rel> with local paths in it, or None when there is no such file."""
+        try:
+            with self.fs.open_input_stream(f"{self.root}/{rel}") as f:
+                text = f.read().decode()
+        except FileNotFoundError:
+            return None
+        return _relocate(rel, text, self.uri, str(self.local)) if _holds_paths(rel) else text
+
+
+def _open(run_dir: str):
+    """(filesystem, root path) of a URI run_dir, checked by writing a file there: a bad URI, a missing bucket or
+    missing credentials stop the run here, before any training."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(run_dir)
+        root = root.rstrip("/")
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(f"{root}/.unipipe-write-check") as f:
+            f.write(b"ok")
+        fs.delete_file(f"{root}/.unipipe-write-check")
+    except Exception as e:
+        raise ValueError(
+            f"run_dir {run_dir!r} is not usable: {type(e).__name__}: {str(e).rstrip('.')}. run_dir takes a local "
+            "path or a URI of a filesystem pyarrow supports (s3://bucket/path, gs://bucket/path, "
+            "file:///absolute/path) that this machine can write to: check the scheme, that the bucket exists, and "
+            "the credentials") from e
+    return fs, root
+
+
+def _attempt(entry: dict | None) -> str | None:
+    return entry and entry.get("started")
+
+
+def _holds_paths(rel: str) -> bool:
+    """The small files that name paths in the run: at its top or at the top of a stage directory."""
+    return rel.count("/") <= 1 and rel.endswith((".json", ".md"))
+
+
+def _relocate(rel: str, text: str, old: str, new: str) -> str:
+    """``text`` with every path under ``old`` moved under ``new`` (JSON: string values; markdown: the text)."""
+    if rel.endswith(".md"):
+        return text.replace(old, new)
+    try:
+        data = json.loads(text)
+    except ValueError:  # not JSON after all: leave it as it is
+        return text
+    return json.dumps(_walk(data, old, new), indent=2)
+
+
+def _walk(node, old: str, new: str):
+    if isinstance(node, str):
+        return _swap(node, old, new)
+    if isinstance(node, dict):
+        return {k: _walk(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_walk(v, old, new) for v in node]
+    return node
+
+
+def _swap(path: str, old: str, new: str) -> str:
+    return new + path[len(old):] if path == old or path.startswith(old + "/") else path
