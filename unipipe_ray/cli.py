@@ -62,6 +62,8 @@ def _run_pipeline(args) -> int:
     out = run_pipeline(cfg, given_keys(args.config, args.overrides), args.address)
     print("\n== unipipe run: done ==")
     print(f"run directory: {out['run_dir']}  manifest: {out['manifest']}")
+    if out.get("uri"):
+        print(f"pushed to: {out['uri']} (the directory above is its local staging copy)")
     for stage, path in out["checkpoints"].items():
         print(f"  {stage}: {path}")
     if "report" in out:

@@ -268,3 +268,9 @@ class PipelineConfig:
         _check(list(self.stages) == sorted(self.stages, key=STAGES.index), "stages",
                f"must keep the order {' -> '.join(STAGES)}, got {list(self.stages)}")
         _check(self.eval_size >= 1, "eval_size", f"must be >= 1, got {self.eval_size}")
+        # The report scores the first eval_size held-out examples of the sft (and dpo) data split; asking for
+        # more than a section holds out would score examples that stage trained on.
+        for section in ("sft", "dpo"):
+            held = getattr(self, section).data.eval_size
+            _check(self.eval_size <= held, "eval_size", f"{self.eval_size} is more than the {held} examples "
+                   f"{section}.data holds out of training (raise {section}.data.eval_size)")

@@ -100,3 +100,14 @@ def test_resuming_with_a_changed_config_is_refused(tmp_path):
     changed = to_dict(load_config(SFTConfig, overrides=["train.lr=2e-4"]))
     with pytest.raises(ValueError, match=r"different config \(train\.lr: 0\.0001 -> 0\.0002\)"):
         check_same_config(tmp_path / "sft_config.json", changed)
+
+
+def test_the_report_cannot_ask_for_more_held_out_examples_than_a_section_holds_out():
+    """eval_size 40 with sft.data.eval_size 32 would score 8 examples the SFT stage trained on."""
+    from unipipe_ray.config import PipelineConfig
+
+    with pytest.raises(ConfigError, match=r"eval_size: 40 is more than the 32 examples sft.data holds out"):
+        load_config(PipelineConfig, None, ["eval_size=40", "sft.data.eval_size=32"])
+    with pytest.raises(ConfigError, match=r"the 16 examples dpo.data holds out"):
+        load_config(PipelineConfig, None, ["eval_size=32", "dpo.data.eval_size=16"])
+    assert load_config(PipelineConfig, None, ["eval_size=32", "sft.data.eval_size=32"]).eval_size == 32

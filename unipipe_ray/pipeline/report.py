@@ -36,15 +36,15 @@ def kl_to_reference(policy: str, reference: str, prompts: list[list[int]], max_n
 
 def held_out(cfg: PipelineConfig, tokenizer):
     """(task, held-out SFT examples, held-out pairs): the sft section's data split, as the stages make it."""
-    import dataclasses
 
     from unipipe_ray.stages.common import make_task, stage_examples
 
-    data = dataclasses.replace(cfg.sft.data, eval_size=max(cfg.eval_size, cfg.sft.data.eval_size))
+    # The sections' own held-out splits (PipelineConfig checks eval_size fits in them): never trained on.
+    data = cfg.sft.data
     task = make_task(data) if not data.sources else None
     examples = stage_examples(data, "sft")[1][:cfg.eval_size]
-    pairs = stage_examples(dataclasses.replace(cfg.dpo.data, eval_size=max(cfg.eval_size, cfg.dpo.data.eval_size)),
-                           "preference")[1][:cfg.eval_size] if "dpo" in cfg.stages or "rm" in cfg.stages else []
+    pairs = stage_examples(cfg.dpo.data, "preference")[1][:cfg.eval_size] \
+        if "dpo" in cfg.stages or "rm" in cfg.stages else []
     return task, examples, pairs
 
 

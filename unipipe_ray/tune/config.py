@@ -70,9 +70,6 @@ class TuneConfig:
         _check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         _check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1, "max_concurrent_trials",
                f"must be >= 1 or null, got {self.max_concurrent_trials}")
-        _check(self.base.eval_size <= self.base.sft.data.eval_size, "base.eval_size",
-               f"{self.base.eval_size} is more than the {self.base.sft.data.eval_size} examples held out of "
-               "training (base.sft.data.eval_size)")
         object.__setattr__(self, "space", flatten_space(self.space))
         _check(bool(self.space), "space", "names no key to search")
         if self.base.stages == STAGES:  # the pipeline's default chain: a trial's default is SFT -> DPO

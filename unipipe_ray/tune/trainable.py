@@ -73,10 +73,7 @@ def held_out(cfg: PipelineConfig):
     """(task, held-out examples, held-out pairs) from the sft section's split: never trained on."""
     from unipipe_ray.stages.common import make_task, stage_examples
 
-    data = dataclasses.replace(cfg.sft.data, budget=None, size=None)
-    if cfg.eval_size > data.eval_size:
-        raise ConfigError("base.eval_size", f"{cfg.eval_size} is more than the {data.eval_size} examples held "
-                          "out of training (base.sft.data.eval_size)")
+    data = dataclasses.replace(cfg.sft.data, budget=None, size=None)  # eval_size fits: PipelineConfig checks it
     examples = stage_examples(data, "sft")[1][:cfg.eval_size]
     pairs = stage_examples(dataclasses.replace(data), "preference")[1][:cfg.eval_size]
     return (make_task(data) if not data.sources else None), examples, pairs
