@@ -19,6 +19,7 @@ CONFIG = """
 model: tiny
 stages: [sft, dpo]
 report: false
+eval_size: 4
 sft:
   data: &data
     task: arith
