@@ -141,10 +141,12 @@ def test_a_random_sams_search_under_asha_reports_mid_stage_and_finishes(ray_clus
     trials = [[json.loads(line) for line in p.read_text().splitlines()] for p in exp_dir.glob("*/result.json")]
     assert len(trials) == 2
     for results in trials:
-        # the DPO stage's periodic held-out evaluations came first, then the final one after the stage (past
-        # max_t: survivors of the rungs run to their end)
-        assert [r["stage"] for r in results][-1] == "dpo" and "dpo-step" in [r["stage"] for r in results]
-        assert all(0.0 <= r["pref_accuracy"] <= 1.0 for r in results)
-        assert results[-1]["training_iteration"] > 2
+        # the DPO stage's periodic held-out evaluations reach Tune while the stage runs
+        assert results[0]["stage"] == "dpo-step" and all(0.0 <= r["pref_accuracy"] <= 1.0 for r in results)
         config = results[-1]["config"]
         assert config["dpo.keep_ratio"] in (0.25, 0.75) and 0.001 <= config["dpo.sams.explore_weight"] <= 0.1
+    # ASHA may stop the weaker trial at a rung (its last result is mid-stage); the first trial to reach the top
+    # rung (max_t = 2) is never stopped and runs past it to the end of its stage and the final evaluation
+    finished = [r for r in trials if r[-1]["stage"] == "dpo"]
+    assert finished and all(r[-1]["training_iteration"] > 2 for r in finished)
+    assert all(r[-1]["training_iteration"] <= 2 for r in trials if r[-1]["stage"] == "dpo-step")
