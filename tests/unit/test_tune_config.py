@@ -135,3 +135,15 @@ def test_interim_results_carry_the_held_out_pair_accuracy_under_the_final_name()
                                       "step": 25})
     assert out == {"stage": "dpo-step", "step": 25, "dpo/eval_loss": 0.65, "dpo/eval_rewards_accuracy": 0.7,
                    "pref_accuracy": 0.7}
+
+
+def test_a_dpo_only_trial_is_scored_on_its_own_data_split(sweep):
+    """A SamS search runs DPO alone and sets only dpo.data; the unused sft section must not pick the set."""
+    from unipipe_ray.tune.trainable import held_out
+
+    base = base_tree(load_config(TuneConfig, sweep, ["base.stages=[dpo]", "base.dpo.data.task_size=50",
+                                                     "base.dpo.data.seed=7", "space={dpo.beta: {grid: [0.1]}}"]))
+    task, examples, pairs = held_out(trial_config(base, {"dpo.beta": 0.1}, "x"))
+    expected = stage_examples(DataConfig(task="arith", task_size=50, eval_size=6, seed=7), "sft")[1]
+    assert prompts(examples) == prompts(expected) and prompts(pairs) == prompts(expected)
+    assert task.seed == 7 and len(task.problems) == 50

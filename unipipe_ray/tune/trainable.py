@@ -70,12 +70,14 @@ def trial_config(base: dict, params: dict, run_dir: str) -> PipelineConfig:
 
 
 def held_out(cfg: PipelineConfig):
-    """(task, held-out examples, held-out pairs) from the sft section's split: never trained on."""
+    """(task, held-out examples, held-out pairs) from the held-out split of the trial's first stage's data
+    (a DPO-only search reads its own data, not the unused sft section): never trained on."""
     from unipipe_ray.stages.common import make_task, stage_examples
 
-    data = dataclasses.replace(cfg.sft.data, budget=None, size=None)  # eval_size fits: PipelineConfig checks it
+    section = cfg.sft if cfg.stages[0] == "sft" else cfg.dpo
+    data = dataclasses.replace(section.data, budget=None, size=None)  # eval_size fits: PipelineConfig checks it
     examples = stage_examples(data, "sft")[1][:cfg.eval_size]
-    pairs = stage_examples(dataclasses.replace(data), "preference")[1][:cfg.eval_size]
+    pairs = stage_examples(data, "preference")[1][:cfg.eval_size]
     return (make_task(data) if not data.sources else None), examples, pairs
 
 
