@@ -222,6 +222,13 @@ def finding_iii(cells: dict, budgets: list[int]) -> str:
         more_miss = [n for n in big if cells[(n, 0.0)]["misses"] > cells[(n, 0.1)]["misses"]]
         lines.append(f"- Verdict: r = 0 is clearly below r = 0.1 at N in {worse or 'none'} of {big}; r = 0 misses the "
                      f"format more often at N in {more_miss or 'none'}.")
+        for n in big:  # the paper: under 10% SFT removes most of the cold-start gap
+            c0, c1, cb = cells[(n, 0.0)], cells[(n, 0.1)], cells[(n, _best(cells, n))]
+            gap = cb["mean"] - c0["mean"]
+            if gap > 0:
+                share = (c1["mean"] - c0["mean"]) / gap
+                lines.append(f"- N = {n}: r = 0.1 closes {share:.0%} of the gap between r = 0 ({c0['mean']:.3f}) and "
+                             f"the best split r = {_best(cells, n):g} ({cb['mean']:.3f}).")
     return "\n".join(lines)
 
 
@@ -249,8 +256,9 @@ def finding_iv(cells: dict, budgets: list[int]) -> str:
         smaller = [m for m in budgets if m < n and best[m]["mean"] >= c["mean"]]
         if smaller:
             m = smaller[0]
+            clear = best[m]["wilson"][0] > c["wilson"][1]
             hits.append(f"N={m} at r={_best(cells, m):g} ({best[m]['mean']:.3f}) >= N={n} at r={r:g} "
-                        f"({c['mean']:.3f})")
+                        f"({c['mean']:.3f})" + (" (clear: pooled intervals apart)" if clear else ""))
     if not hits:
         return "(iv) No smaller budget with its best split reaches any split of a larger budget: not reproduced."
     return "(iv) A smaller budget with its best split matches (mean >= mean) a larger budget with a worse split " \
@@ -281,6 +289,17 @@ def base_model_text(model: str) -> str:
             "a 135M model is too slow for a grid on 2 CPU cores (ALLOCATION.md).")
 
 
+PAPER_RATIOS = (1.0, 0.75, 0.5, 0.25, 0.1, 0.01, 0.0)
+
+
+def deviations(s: dict) -> str:
+    missing = [f"{r:g}" for r in PAPER_RATIOS if r not in s["ratios"]]
+    return (f"Against the paper's setup (ALLOCATION.md): budgets {s['budgets']} instead of 100 to 10,000-20,000; "
+            + (f"ratios {', '.join(missing)} not run; " if missing else "") + "full fine-tuning instead of LoRA "
+            "r = 32; the arith task instead of GSM8K; lrs as in Setting (the paper: SFT 5e-5, DPO 5e-6); beta, "
+            "epochs, schedule, warmup and batch 16 as in the paper.")
+
+
 def report(result: dict) -> str:
     cells = {tuple(json.loads(k)): v for k, v in result["cells"].items()}
     budgets = sorted({b for b, _ in cells})
@@ -296,6 +315,7 @@ def report(result: dict) -> str:
              f"greedy answers <= {s['max_new_tokens']} new tokens, checker \"#### n\"); budgets {s['budgets']}, SFT "
              f"ratios {s['ratios']}, seeds {s['seeds']} (which questions the budget draws and the training seed); SFT "
              f"{s['sft']}; DPO beta {s['beta']}, {s['dpo']}; DPO reference = the SFT model (base model at r = 0).", "",
+             deviations(s), "",
              "Accuracy: mean over seeds ± 95% t half-width (over seeds), then [95% Wilson interval over all graded "
              "answers of the cell, held-out questions x seeds]. Format misses: answers without \"#### n\", summed "
              "over seeds. Pref acc: DPO implicit-reward accuracy on held-out pairs (mean over seeds). After SFT: "
@@ -385,6 +405,8 @@ def main() -> None:
                f"{sum(seconds) / 60:.0f} min in all, first start to last end {span:.0f} min (trials side by side)"}
     cells = cells_of(rows)
     argv = [a for a in sys.argv[1:] if a != "--report-only"]
+    if "--note" in argv:  # the note is printed on its own line
+        del argv[argv.index("--note"):argv.index("--note") + 2]
     result = {"command": "nice -n 19 python experiments/allocation_repro.py " + " ".join(argv),
               "machine": cpu_line(),
               "note": args.note,
