@@ -268,9 +268,16 @@ class PipelineConfig:
         _check(list(self.stages) == sorted(self.stages, key=STAGES.index), "stages",
                f"must keep the order {' -> '.join(STAGES)}, got {list(self.stages)}")
         _check(self.eval_size >= 1, "eval_size", f"must be >= 1, got {self.eval_size}")
-        # The report scores the first eval_size held-out examples of the sft (and dpo) data split; asking for
+        # The report scores the first eval_size held-out examples of these sections' data splits; asking for
         # more than a section holds out would score examples that stage trained on.
-        for section in ("sft", "dpo"):
+        for section in filter(None, self.held_out_sections()):
             held = getattr(self, section).data.eval_size
             _check(self.eval_size <= held, "eval_size", f"{self.eval_size} is more than the {held} examples "
                    f"{section}.data holds out of training (raise {section}.data.eval_size)")
+
+    def held_out_sections(self) -> tuple[str, str | None]:
+        """(section whose held-out examples the report answers, section whose held-out pairs it scores):
+        the sft data when SFT runs, else the first stage's; pairs from dpo (else rm) when one of them runs."""
+        examples = "sft" if "sft" in self.stages else self.stages[0]
+        pairs = "dpo" if "dpo" in self.stages else "rm" if "rm" in self.stages else None
+        return examples, pairs

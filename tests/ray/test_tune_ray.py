@@ -72,7 +72,7 @@ def finished_sweep(ray_cluster, tmp_path_factory):
     cfg = sweep_config(tmp_path)
     exp_dir = run_tune(cfg, given=set(), inject={"params": {"budget": 16, "sft_ratio": 0.5}, "before": "dpo"})
     first = {p.parent.name: p.read_text() for p in exp_dir.glob("*/result.json")}
-    failed_run = exp_dir / "stages" / "budget=16_seed=0_sft_ratio=0.5"
+    [failed_run] = (exp_dir / "stages").glob("budget=16_seed=0_sft_ratio=0.5_*")  # <params>_<trial id>
     sft_started = Manifest(failed_run).stage("sft")["started"]
     assert Manifest(failed_run).stage("dpo") is None
     run_tune(cfg, given=set())

@@ -147,3 +147,43 @@ def test_a_dpo_only_trial_is_scored_on_its_own_data_split(sweep):
     expected = stage_examples(DataConfig(task="arith", task_size=50, eval_size=6, seed=7), "sft")[1]
     assert prompts(examples) == prompts(expected) and prompts(pairs) == prompts(expected)
     assert task.seed == 7 and len(task.problems) == 50
+
+
+def test_a_share_smaller_than_one_batch_trains_in_one_smaller_batch(sweep):
+    """budget 20 at r = 0.1: 2 SFT examples under a batch of 4 x 2 accumulation -> batch 1 x accum 2; DPO's 18
+    pairs fill its batch of 4 and keep it. At r = 0.01 of 100 one example is left: batch 1, accum 1."""
+    base = base_tree(load_config(TuneConfig, sweep, ["base.sft.train.batch_size=4", "base.sft.train.grad_accum=2",
+                                                     "base.dpo.train.batch_size=4", "base.sft.data.task_size=200",
+                                                     "base.dpo.data.task_size=200"]))
+    cfg = trial_config(base, {"budget": 20, "sft_ratio": 0.1}, "x")
+    assert (cfg.sft.train.batch_size, cfg.sft.train.grad_accum, cfg.dpo.train.batch_size) == (1, 2, 4)
+    cfg = trial_config(base, {"budget": 100, "sft_ratio": 0.01}, "x")
+    assert (cfg.sft.train.batch_size, cfg.sft.train.grad_accum) == (1, 1)
+    with pytest.raises(ConfigError, match="base.sft.train.num_workers: 2 workers cannot share the 1 example"):
+        trial_config({**base, "sft": {**base["sft"], "train": {**base["sft"]["train"], "num_workers": 2}}},
+                     {"budget": 100, "sft_ratio": 0.01}, "x")
+
+
+def test_budget_keys_that_would_silently_do_nothing_are_refused(sweep):
+    with pytest.raises(ConfigError, match="space.sft_ratio: needs a budget"):
+        load_config(TuneConfig, sweep, ["space={sft_ratio: {grid: [0.5]}, dpo.beta: {grid: [0.1]}}"])
+    with pytest.raises(ConfigError, match="storage_path: must be a local or shared path"):
+        load_config(TuneConfig, sweep, ["storage_path=s3://bucket/tune"])
+    # a budget set in the base (not searched) still splits the pool and drops an empty stage
+    base = base_tree(load_config(TuneConfig, sweep, ["base.sft.data.budget=10", "base.dpo.data.budget=10",
+                                                     "space={sft_ratio: {grid: [0.0, 1.0]}}"]))
+    assert trial_config(base, {"sft_ratio": 0.0}, "x").stages == ("dpo",)
+    with pytest.raises(ConfigError, match="base.dpo.data.budget: must equal base.sft.data.budget"):
+        trial_config({**base, "dpo": {**base["dpo"], "data": {**base["dpo"]["data"], "budget": 12}}},
+                     {"sft_ratio": 0.5}, "x")
+
+
+def test_relative_paths_are_made_absolute_for_the_trials(sweep, tmp_path, monkeypatch):
+    """Tune runs every trial in its own directory: a relative data file or model directory would miss."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    tree = base_tree(load_config(TuneConfig, sweep, ["base.model=models/base", "base.sft.data.task=gsm8k",
+                                                     "base.sft.data.task_path=data/train.jsonl"]))
+    assert tree["model"] == str(tmp_path / "models" / "base")
+    assert tree["sft"]["data"]["task_path"] == str(tmp_path / "data" / "train.jsonl")
+    assert tree["dpo"]["model"] == "smollm2-135m"  # a model spec, not a path: left alone

@@ -21,6 +21,7 @@ from unipipe_ray.tune.report import (
     best_config,
     best_split,
     cold_start,
+    finished,
     group_by,
     iso_performance,
     load_trials,
@@ -196,7 +197,7 @@ def test_write_sweep_report_allocation(alloc_exp, tmp_path):
     path = write_sweep_report(alloc_exp, out_dir=tmp_path / "out")
     assert path == tmp_path / "out" / "sweep_report.md"
     md = path.read_text()
-    assert "17 trials: 15 finished, 1 errored, 1 running or unfinished" in md
+    assert "17 trials: 15 finished, 1 errored, 0 stopped early by the scheduler, 1 running or unfinished" in md
     assert "| 64 | 0 | 0.120 [-0.13, 0.37] | 2 | 0.7 |" in md
     assert "| 1024 | 0.1 | 0.700 [0.65, 0.75] | 1 | 0.05 |" in md
     assert "| 64 | 1 | 0.420 [0.17, 0.67] | 0.1 | no (intervals overlap) |" in md
@@ -248,10 +249,25 @@ def test_generic_search_best_config_and_groups(sams_exp):
 
 def test_write_sweep_report_generic(sams_exp):
     md = write_sweep_report(sams_exp).read_text()
-    assert "8 trials: 8 finished, 0 errored, 0 running or unfinished" in md and "Fixed: dpo.sams.lr=0.001" in md
+    assert "8 trials: 8 finished, 0 errored, 0 stopped early by the scheduler, 0 running or unfinished" in md
+    assert "Fixed: dpo.sams.lr=0.001" in md
     assert "`dpo.keep_ratio=0.5, dpo.sams.encoder=mlp, dpo.sams.lr=0.001`: accuracy 0.520 [" in md
     assert "| 0.25 | 0.370 [" in md and "| mlp | 0.420 [" in md
     assert "| ab12c_00000 | 0.25 | mlp | 0 | 0.300 |  | 0.600 | dpo | done |  |" in md
     for p in ("dpo.keep_ratio", "dpo.sams.encoder"):
         assert f"](sweep_param_{p}.png)" in md
         assert (sams_exp / f"sweep_param_{p}.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_trial_the_scheduler_stopped_is_listed_but_not_analysed(tmp_path):
+    """ASHA stops a trial mid-stage: Tune calls it TERMINATED, but its last result is an interim one
+    (final: False), so it must not enter the means beside trials that ran their final evaluation."""
+    exp = tmp_path / "asha"
+    write_trial(exp, 0, {"dpo.keep_ratio": 0.5}, [{"stage": "dpo-step", "pref_accuracy": 0.9, "final": False}])
+    write_trial(exp, 1, {"dpo.keep_ratio": 0.25}, [{"stage": "dpo-step", "pref_accuracy": 0.5, "final": False},
+                                                   {"stage": "dpo", "pref_accuracy": 0.6, "final": True}])
+    records = sorted(load_trials(exp), key=lambda r: r["trial"])
+    assert [r["status"] for r in records] == ["stopped early", "done"]
+    assert [r["params"]["dpo.keep_ratio"] for r in finished(records, "pref_accuracy")] == [0.25]
+    text = write_sweep_report(exp, metric="pref_accuracy").read_text()
+    assert "2 trials: 1 finished, 0 errored, 1 stopped early by the scheduler" in text

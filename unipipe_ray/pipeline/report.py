@@ -35,16 +35,15 @@ def kl_to_reference(policy: str, reference: str, prompts: list[list[int]], max_n
 
 
 def held_out(cfg: PipelineConfig, tokenizer):
-    """(task, held-out SFT examples, held-out pairs): the sft section's data split, as the stages make it."""
-
+    """(task, held-out examples, held-out pairs): the data splits of cfg.held_out_sections(), as the stages
+    make them (PipelineConfig checks that eval_size fits in them): never trained on."""
     from unipipe_ray.stages.common import make_task, stage_examples
 
-    # The sections' own held-out splits (PipelineConfig checks eval_size fits in them): never trained on.
-    data = cfg.sft.data
+    examples_from, pairs_from = cfg.held_out_sections()
+    data = getattr(cfg, examples_from).data
     task = make_task(data) if not data.sources else None
     examples = stage_examples(data, "sft")[1][:cfg.eval_size]
-    pairs = stage_examples(cfg.dpo.data, "preference")[1][:cfg.eval_size] \
-        if "dpo" in cfg.stages or "rm" in cfg.stages else []
+    pairs = stage_examples(getattr(cfg, pairs_from).data, "preference")[1][:cfg.eval_size] if pairs_from else []
     return task, examples, pairs
 
 
@@ -93,8 +92,9 @@ def _markdown(cfg, manifest, results, extra, plots, n_examples, n_pairs) -> str:
     stages = manifest.data["stages"]
     lines = [f"# unipipe run: {' -> '.join(cfg.stages)}", "",
              f"Run directory `{Path(cfg.run_dir).resolve()}`; base model `{cfg.model}`; task "
-             f"`{cfg.sft.data.task}`; held-out set: {n_examples} examples ({n_pairs} preference pairs), "
-             "the sft section's split, never trained on.", "",
+             f"`{getattr(cfg, cfg.held_out_sections()[0]).data.task}`; held-out set: {n_examples} examples "
+             f"({n_pairs} preference pairs), the {' and '.join(filter(None, cfg.held_out_sections()))} sections' "
+             "splits, never trained on.", "",
              "| stage | status | seconds | checkpoint |", "|---|---|---|---|"]
     for s in cfg.stages:
         e = stages.get(s, {})

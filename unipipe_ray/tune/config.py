@@ -62,6 +62,8 @@ class TuneConfig:
     report: bool = True                   # write sweep_report.md + PNGs into the experiment directory
 
     def __post_init__(self):
+        _check("://" not in self.storage_path, "storage_path", f"must be a local or shared path, got "
+               f"{self.storage_path!r} (the trials' stage runs and checkpoints are written there directly)")
         _one_of(self.search, "search", ("grid", "random"))
         _one_of(self.scheduler, "scheduler", ("fifo", "asha"))
         _one_of(self.mode, "mode", ("max", "min"))
@@ -78,6 +80,10 @@ class TuneConfig:
                f"a trial runs sft and/or dpo, got {list(self.base.stages)}")
         for key, spec in self.space.items():
             check_space_entry(self.base, key, spec, self.search)
+        budgeted = "budget" in self.space or self.base.sft.data.budget is not None
+        _check("sft_ratio" not in self.space or budgeted, "space.sft_ratio",
+               "needs a budget (space.budget or base.sft.data.budget): without one every trial trains both stages "
+               "on the whole pool")
 
 
 def flatten_space(space: dict, prefix: str = "") -> dict:

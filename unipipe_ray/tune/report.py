@@ -24,6 +24,7 @@ from unipipe_ray.eval.stats import format_ci
 
 STATES = {"TERMINATED": "done", "ERROR": "error"}  # Tune's trial status -> ours; any other is unfinished
 UNFINISHED = "running/unfinished"
+STOPPED = "stopped early"  # ended by the scheduler: its last result is not the final one, so not analysed
 # Two-sided 95% Student t quantiles, 1-10 degrees of freedom (seeds are few; scipy is not a dependency).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
@@ -64,7 +65,7 @@ def _tune_statuses(exp: Path) -> dict[str, str]:
 
 def load_trials(exp_dir) -> list[dict]:
     """One record per trial directory: {"trial", "params", "metrics" (last result line without "config"),
-    "history" (every line), "status" ("done" | "error" | "running/unfinished"), "note" (what went wrong)}.
+    "history" (every line), "status" ("done" | "error" | "stopped early" | "running/unfinished"), "note"}.
     The status comes from Tune's experiment state; without it, error.txt means "error" and results "done"."""
     exp = Path(exp_dir)
     if not exp.is_dir():
@@ -80,6 +81,8 @@ def load_trials(exp_dir) -> list[dict]:
         status = STATES.get(states[d.name], UNFINISHED) if d.name in states else "error" if error.is_file() else "done"
         if status == "done" and not history:
             status = UNFINISHED  # nothing to report is never a finished trial
+        elif status == "done" and history[-1].get("final") is False:
+            status = STOPPED  # a scheduler (ASHA) ended it before its last stage's final evaluation
         if status == "error" and error.is_file():  # the exception line, e.g. "RuntimeError: CUDA out of memory"
             note = ([ln.strip() for ln in error.read_text(errors="replace").splitlines() if ln.strip()] or [""])[-1]
         metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "config"}
@@ -327,12 +330,13 @@ def write_sweep_report(exp_dir, metric: str = "accuracy", mode: str = "max", out
     records = load_trials(exp_dir)
     out = Path(out_dir) if out_dir is not None else Path(exp_dir)
     out.mkdir(parents=True, exist_ok=True)
-    count = {s: sum(r["status"] == s for r in records) for s in ("done", "error", UNFINISHED)}
+    count = {s: sum(r["status"] == s for r in records) for s in ("done", "error", STOPPED, UNFINISHED)}
     keys = {k for r in records for k in r["params"]}
     varied = sorted(set(searched_params(records)) | (keys & {"seed"}))  # the table's columns; the rest is fixed
     fixed = {k: v for k, v in records[0]["params"].items() if k not in varied}
     lines = [f"# Sweep report: {Path(exp_dir).resolve().name}", "",
-             f"{len(records)} trials: {count['done']} finished, {count['error']} errored, {count[UNFINISHED]} "
+             f"{len(records)} trials: {count['done']} finished, {count['error']} errored, {count[STOPPED]} stopped "
+             f"early by the scheduler, {count[UNFINISHED]} "
              f"running or unfinished; {len(finished(records, metric))} finished with `{metric}` are analysed "
              f"({mode} is best; intervals are 95%). Fixed: {', '.join(f'{k}={v}' for k, v in fixed.items()) or '-'}.",
              ""]

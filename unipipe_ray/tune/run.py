@@ -30,8 +30,16 @@ def trial_demand(cfg: TuneConfig) -> tuple[float, int]:
     """(CPU tokens, GPUs) one trial's largest stage holds at once: the trial actor plus its workers."""
     stages: list[TrainConfig] = [getattr(cfg.base, s).train for s in cfg.base.stages]
     gpus = max((t.num_workers for t in stages if t.use_gpu), default=0)
-    cpus = max(t.num_workers * (t.cpus_per_worker or (1.0 if t.use_gpu else cfg.cpus_per_worker)) for t in stages)
+    # a GPU worker takes Ray Train's default of 1 CPU (stages.common.scaling ignores cpus_per_worker there)
+    cpus = max(t.num_workers * (1.0 if t.use_gpu else t.cpus_per_worker or cfg.cpus_per_worker) for t in stages)
     return TRIAL_CPU + cpus, gpus
+
+
+def eval_resources(cfg: TuneConfig) -> dict:
+    """The held-out evaluation's Ray task: a GPU when the stages train on GPUs, else one worker's CPU share,
+    both free once the stage before it has finished (so it never waits on another trial)."""
+    cpus, gpus = trial_demand(cfg)
+    return {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(cfg.cpus_per_worker, cpus - TRIAL_CPU)}
 
 
 def concurrency(cfg: TuneConfig, cluster: dict) -> int:
@@ -44,6 +52,9 @@ def concurrency(cfg: TuneConfig, cluster: dict) -> int:
     fits = math.floor((have_cpu + 1e-9) / cpus)
     if gpus:
         fits = min(fits, int(have_gpu // gpus))
+    if cfg.max_concurrent_trials and cfg.max_concurrent_trials > fits:
+        print(f"tune: max_concurrent_trials={cfg.max_concurrent_trials} lowered to {fits}: no more trials fit the "
+              f"cluster's {have_cpu:g} CPU / {have_gpu:g} GPU at once", flush=True)
     return max(1, min(fits, cfg.max_concurrent_trials or fits))
 
 
@@ -62,19 +73,41 @@ def param_space(cfg: TuneConfig) -> dict:
     return space
 
 
+def _absolute(path: str | None, must_exist: bool = False) -> str | None:
+    """A relative local path made absolute against the launch directory (Tune runs each trial in its own
+    directory). Model specs that are not local paths (smollm2-135m, tiny, hub ids) stay as they are."""
+    if path is None or "://" in path or path.startswith("hf:"):
+        return path
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if must_exist and not p.exists():  # a model spec name, not a path
+        return path
+    return str(p.resolve())
+
+
 def base_tree(cfg: TuneConfig) -> dict:
-    """The base pipeline as a tree, with every Ray Train stage's CPU share set (unless the user set it)."""
+    """The base pipeline as a tree: every Ray Train stage's CPU share set (unless the user set it), and its
+    relative paths (models, data files) made absolute."""
     tree = to_dict(cfg.base)
+    tree["model"] = _absolute(tree["model"], must_exist=True)
     for stage in ("sft", "dpo"):
-        train = tree[stage]["train"]
+        section = tree[stage]
+        train = section["train"]
         if train["cpus_per_worker"] is None and not train["use_gpu"]:
             train["cpus_per_worker"] = cfg.cpus_per_worker
+        for key in ("model", "ref_model"):
+            if key in section:
+                section[key] = _absolute(section[key], must_exist=True)
+        section["data"]["task_path"] = _absolute(section["data"]["task_path"])
+        for source in section["data"]["sources"]:
+            source["path"] = _absolute(source["path"])
     return tree
 
 
-def _check_same_sweep(path: Path, config: dict) -> None:
+def _check_same_sweep(path: Path, config: dict, compare: bool) -> None:
     """Restoring runs the stored search; a changed YAML would silently not apply, so refuse and say what."""
-    if path.exists():
+    if compare and path.exists():
         old = json.loads(path.read_text())
         diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in config_differences(old, config) if not k.startswith("report")]
         if diffs:
@@ -96,15 +129,18 @@ def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, injec
     from unipipe_ray.tune.trainable import tune_trial
 
     exp_dir = experiment_dir(cfg)
-    _check_same_sweep(exp_dir / "unipipe_tune.json", to_dict(cfg))
     init_ray(address)
     parallel = concurrency(cfg, ray.cluster_resources())
     cpus, _ = trial_demand(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, base=base_tree(cfg), given=sorted(given), stages_root=str(exp_dir / "stages"),
-                             metric=cfg.metric, engine=cfg.eval_engine, threads=max(1, round(cpus)), inject=inject),
+                             metric=cfg.metric, engine=cfg.eval_engine, eval_resources=eval_resources(cfg),
+                             inject=inject),
         {"CPU": TRIAL_CPU})
-    if tune.Tuner.can_restore(str(exp_dir)):
+    restoring = tune.Tuner.can_restore(str(exp_dir))
+    # Written once the sweep starts (a sweep that never started can be re-run with a fixed config).
+    _check_same_sweep(exp_dir / "unipipe_tune.json", to_dict(cfg), compare=restoring)
+    if restoring:
         print(f"tune: resuming {exp_dir}: finished trials are kept, errored and unfinished ones run", flush=True)
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:

@@ -7,8 +7,8 @@ the other N - round(N * r), disjoint (data.split.budget_split). DPO's reference 
 or the base model when r = 0 (then there is no SFT stage). Every other space key is a dotted override of
 the base pipeline (``dpo.keep_ratio``, ``dpo.sams.lr``, ...).
 
-Each trial is a pipeline run in ``<experiment>/stages/<trial key>/`` with its manifest, so a trial that
-errored and is resumed (``Tuner.restore``) skips its finished stages.
+Each trial is a pipeline run in ``<experiment>/stages/<trial key>_<trial id>/`` with its manifest, so a trial
+that errored and is resumed (``Tuner.restore``) skips its finished stages.
 """
 
 from __future__ import annotations
@@ -57,16 +57,36 @@ def trial_config(base: dict, params: dict, run_dir: str) -> PipelineConfig:
             _set_dotted(tree, key, value)
     tree.update(run_dir=run_dir, report=False)
     cfg = _build(PipelineConfig, tree)
-    if "budget" not in params:
+    budget = cfg.sft.data.budget
+    if budget is None and cfg.dpo.data.budget is None:
         return cfg
     for key in POOL_KEYS:  # disjointness only holds when both stages index the same pool
         if getattr(cfg.sft.data, key) != getattr(cfg.dpo.data, key):
             raise ConfigError(f"base.dpo.data.{key}", f"must equal base.sft.data.{key} in a budget sweep (one "
                               f"pool split between SFT and DPO), got {getattr(cfg.dpo.data, key)!r} vs "
                               f"{getattr(cfg.sft.data, key)!r}")
-    n_sft, n_pref = split_counts(params["budget"], cfg.sft.data.sft_ratio)
+    for key in ("budget", "sft_ratio", "budget_seed"):
+        if getattr(cfg.sft.data, key) != getattr(cfg.dpo.data, key):
+            raise ConfigError(f"base.dpo.data.{key}", f"must equal base.sft.data.{key}: both stages take their "
+                              "share of one budget (set budget, sft_ratio and seed in the space instead)")
+    n_sft, n_pref = split_counts(budget, cfg.sft.data.sft_ratio)
     stages = tuple(s for s in cfg.stages if (s == "sft" and n_sft) or (s == "dpo" and n_pref))
-    return dataclasses.replace(cfg, stages=stages)
+    shares = {"sft": n_sft, "dpo": n_pref}
+    return dataclasses.replace(cfg, stages=stages, **{s: fit_batch(getattr(cfg, s), shares[s], s) for s in stages})
+
+
+def fit_batch(section, n: int, stage: str):
+    """A share smaller than one optimizer step (batch_size x grad_accum x workers: r = 0.01 of a small budget)
+    trains in steps of the whole share instead of failing: the batch shrinks to what the share fills."""
+    train = section.train
+    if n >= train.batch_size * train.grad_accum * train.num_workers:
+        return section
+    if n < train.num_workers:
+        raise ConfigError(f"base.{stage}.train.num_workers", f"{train.num_workers} workers cannot share the "
+                          f"{n} example(s) this trial's budget gives {stage}")
+    accum = min(train.grad_accum, n // train.num_workers)
+    batch = n // (accum * train.num_workers)
+    return dataclasses.replace(section, train=dataclasses.replace(train, batch_size=batch, grad_accum=accum))
 
 
 def held_out(cfg: PipelineConfig):
@@ -74,7 +94,7 @@ def held_out(cfg: PipelineConfig):
     (a DPO-only search reads its own data, not the unused sft section): never trained on."""
     from unipipe_ray.stages.common import make_task, stage_examples
 
-    section = cfg.sft if cfg.stages[0] == "sft" else cfg.dpo
+    section = cfg.sft if "sft" in cfg.stages else cfg.dpo
     data = dataclasses.replace(section.data, budget=None, size=None)  # eval_size fits: PipelineConfig checks it
     examples = stage_examples(data, "sft")[1][:cfg.eval_size]
     pairs = stage_examples(data, "preference")[1][:cfg.eval_size]
@@ -101,10 +121,24 @@ def evaluate_policy(cfg: PipelineConfig, model: str, ref: str | None, engine: st
     return out
 
 
+def _remote_eval(resources: dict):
+    """evaluate_policy as a Ray task outside the trial's placement group (Tune would capture it there, and
+    that group holds only the trial actor's 0.01 CPU)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return ray.remote(evaluate_policy).options(
+        **resources, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+
+
 def run_trial(cfg: PipelineConfig, given: set[str], engine: str = "hf", fail_before: str | None = None,
-              address: str | None = None) -> Iterator[dict]:
+              address: str | None = None, eval_resources: dict | None = None) -> Iterator[dict]:
     """Run the trial's stages one at a time; after each, yield its model's held-out metrics (one Tune report
-    per stage, so ASHA can stop a weak trial after SFT). ``fail_before`` (tests) raises before that stage."""
+    per stage; the last one carries ``final: True``). ``eval_resources`` (e.g. {"num_cpus": 0.9,
+    "num_gpus": 1}): evaluate in a Ray task holding what the stage's workers just released (the trial actor
+    holds 0.01 CPU and no GPU); None: in this process. ``fail_before`` (tests) raises before that stage."""
+    import ray
+
     from unipipe_ray.models import resolve_model
     from unipipe_ray.pipeline.manifest import Manifest
     from unipipe_ray.pipeline.run import run_pipeline
@@ -123,13 +157,17 @@ def run_trial(cfg: PipelineConfig, given: set[str], engine: str = "hf", fail_bef
         if stage == "dpo":
             ref = str(resolve_model(entry["config"]["ref_model"] or entry["config"]["model"]))
         metrics = {k: v for k, v in (entry.get("metrics") or {}).items() if isinstance(v, (int, float))}
-        yield {"stage": stage, **metrics, **evaluate_policy(cfg, out["checkpoints"][stage], ref, engine),
+        args = (cfg, out["checkpoints"][stage], ref, engine)
+        held_out_metrics = (ray.get(_remote_eval(eval_resources).remote(*args)) if eval_resources
+                            else evaluate_policy(*args))
+        yield {"stage": stage, **metrics, **held_out_metrics, "final": i == len(cfg.stages) - 1,
                "sft_examples": counts[0], "pref_pairs": counts[1], "seconds": round(time.time() - started, 1)}
 
 
 def interim_metrics(stage: str, step: int, metrics: dict) -> dict:
     """A stage's periodic held-out evaluation as a Tune result: DPO's implicit-reward accuracy on the held-out
-    pairs is the final report's ``pref_accuracy`` (the same pairs), so ASHA can rank trials on it mid-stage."""
+    pairs is the final report's ``pref_accuracy`` (from the same held-out split; the stage scores all
+    ``data.eval_size`` pairs, the final report the first ``eval_size``), so ASHA can rank trials mid-stage."""
     out = {"stage": f"{stage}-step", "step": step,
            **{k: v for k, v in metrics.items() if "/eval_" in k and isinstance(v, (int, float))}}
     if "dpo/eval_rewards_accuracy" in metrics:
@@ -138,17 +176,17 @@ def interim_metrics(stage: str, step: int, metrics: dict) -> dict:
 
 
 def tune_trial(params: dict, base: dict, given: list[str], stages_root: str, metric: str, engine: str = "hf",
-               threads: int = 1, inject: dict | None = None) -> None:
+               eval_resources: dict | None = None, inject: dict | None = None) -> None:
     """The Tune function trainable: a thin shell over run_trial. Every result carries ``metric`` (Tune
     requires it): stage ends always; periodic evaluations inside a stage when they have it.
     ``inject`` (tests): {"params": {...}, "before": stage} fails the matching trial, before that stage."""
-    import torch
     from ray import tune
 
     from unipipe_ray.stages.common import eval_listener
 
-    torch.set_num_threads(threads)  # the held-out generation runs in this actor
-    cfg = trial_config(base, params, str(Path(stages_root) / trial_key(params)))
+    # Tune's trial id (kept on restore) tells repeats of the same parameters apart (num_samples > 1).
+    run_dir = Path(stages_root) / f"{trial_key(params)}_{tune.get_context().get_trial_id()}"
+    cfg = trial_config(base, params, str(run_dir))
     fail = inject["before"] if inject and all(params.get(k) == v for k, v in inject["params"].items()) else None
     reported = []
 
@@ -158,7 +196,8 @@ def tune_trial(params: dict, base: dict, given: list[str], stages_root: str, met
             reported.append(metrics)
 
     with eval_listener(lambda stage, step, m: report(interim_metrics(stage, step, m))):
-        for metrics in run_trial(cfg, set(given) | set(params), engine, fail_before=fail):
+        for metrics in run_trial(cfg, set(given) | set(params), engine, fail_before=fail,
+                                 eval_resources=eval_resources):
             report(metrics)
     if not reported:
         raise ValueError(f"no result of this trial has the sweep's metric {metric!r} (stages {list(cfg.stages)}; "
