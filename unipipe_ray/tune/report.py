@@ -55,7 +55,8 @@ def _read_results(path: Path) -> tuple[list[dict], str | None]:
 def _tune_statuses(exp: Path) -> dict[str, str]:
     """{trial dir name: Tune status} from the newest experiment_state-*.json ({} when absent or unreadable).
     Needed because a function trial that returns normally never logs ``done: true`` in result.json."""
-    files = sorted(exp.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    # Newest by the start time in the name: a restored run may touch the older files too, so mtimes tie or lie.
+    files = sorted(exp.glob("experiment_state-*.json"), key=lambda p: p.name)
     try:
         states = [json.loads(t[0]) for t in json.loads(files[-1].read_text())["trial_data"]] if files else []
         return {s["relative_logdir"]: s["status"] for s in states if s.get("relative_logdir")}
