@@ -271,3 +271,16 @@ def test_a_trial_the_scheduler_stopped_is_listed_but_not_analysed(tmp_path):
     assert [r["params"]["dpo.keep_ratio"] for r in finished(records, "pref_accuracy")] == [0.25]
     text = write_sweep_report(exp, metric="pref_accuracy").read_text()
     assert "2 trials: 1 finished, 0 errored, 1 stopped early by the scheduler" in text
+
+
+def test_the_newest_experiment_state_is_chosen_by_name_not_mtime(alloc_exp):
+    """A restored sweep writes a new experiment_state file but may also rewrite the older one last: the
+    name (its start time) says which is current."""
+    import os
+
+    trial = by_params(load_trials(alloc_exp))[(64, 0.1, 2)]["trial"]
+    old, new = (alloc_exp / f"experiment_state-2026-01-01_00-00-0{i}.json" for i in (0, 1))
+    for path, status in ((new, "TERMINATED"), (old, "ERROR")):
+        path.write_text(json.dumps({"trial_data": [[json.dumps({"relative_logdir": trial, "status": status}), "{}"]]}))
+    os.utime(old, (2e9, 2e9))  # the older file touched last
+    assert by_params(load_trials(alloc_exp))[(64, 0.1, 2)]["status"] == "done"
