@@ -12,6 +12,11 @@ import math
 import random
 
 
+def sft_count(budget: int, sft_ratio: float) -> int:
+    """round(budget * sft_ratio), half-up (2.5 -> 3, not Python's half-to-even): the SFT share of a budget."""
+    return math.floor(budget * sft_ratio + 0.5)
+
+
 def budget_split(pool_size: int, budget: int, sft_ratio: float, seed: int) -> tuple[list[int], list[int]]:
     """-> (sft_indices, pref_indices), disjoint indices into a pool of `pool_size` questions.
 
@@ -28,5 +33,5 @@ def budget_split(pool_size: int, budget: int, sft_ratio: float, seed: int) -> tu
         raise ValueError(f"sft_ratio must be in [0, 1], got {sft_ratio}")
     order = list(range(pool_size))
     random.Random(seed).shuffle(order)
-    n_sft = math.floor(budget * sft_ratio + 0.5)
+    n_sft = sft_count(budget, sft_ratio)
     return order[:n_sft], order[n_sft:budget]

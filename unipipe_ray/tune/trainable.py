@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import re
 import time
 from collections.abc import Iterator
@@ -27,8 +26,10 @@ POOL_KEYS = ("task", "task_path", "task_size", "sources", "eval_size", "seed")  
 
 
 def split_counts(budget: int, ratio: float) -> tuple[int, int]:
-    """(SFT examples, preference pairs) of a budget: budget_split's round-half-up, as the data stages use it."""
-    n_sft = math.floor(budget * ratio + 0.5)
+    """(SFT examples, preference pairs) of a budget, as budget_split gives them to the data stages."""
+    from unipipe_ray.data.split import sft_count
+
+    n_sft = sft_count(budget, ratio)
     return n_sft, budget - n_sft
 
 
