@@ -8,6 +8,7 @@ with either backend. DeepSpeed is imported lazily: importing it is slow and prob
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
@@ -233,6 +234,21 @@ class Engine:
             return
         self.load_state_dict(torch.load(Path(directory) / _DDP_STATE_FILE, map_location="cpu", weights_only=True))
 
+    def close(self) -> None:
+        """Release what the backend holds once training is over; every rank calls it (DeepSpeed may sync).
+
+        A DeepSpeed engine sits in reference cycles (hooks, optimizer, module back-references), so without
+        this it lives on, with its optimizer buffers and its handles on the process group, into interpreter
+        finalization. ``module`` stays usable for saving or scoring.
+        """
+        if self.backend == "deepspeed" and self.model is not None:
+            self.model.destroy()  # removes ZeRO's gradient hooks and frees its buffers
+            # destroy() leaves the engine's forward/backward hooks on our module, and they keep the whole
+            # engine alive for as long as the module lives.
+            _drop_hooks_of(self.module, self.model)
+        self.model = self.optimizer = self.scheduler = None
+        gc.collect()
+
     def full_state_dict(self) -> dict | None:
         """The full model state dict (fp32, CPU) on rank 0, None elsewhere; every rank must call it.
 
@@ -266,6 +282,27 @@ class Engine:
         return param.detach()
 
 
+def _drop_hooks_of(module: torch.nn.Module, owner: object) -> None:
+    """Remove from ``module`` and its children every hook that is a method or closure of ``owner``."""
+    def owned(hook) -> bool:
+        cells = getattr(hook, "__closure__", None) or ()
+        return getattr(hook, "__self__", None) is owner or any(
+            _cell_value(c) is owner for c in cells)
+
+    for sub in module.modules():
+        for attr in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"):
+            hooks = getattr(sub, attr, None)
+            for key in [k for k, h in (hooks or {}).items() if owned(h)]:
+                del hooks[key]
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
 def _grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     """Global L2 norm of the gradients, clipping them to max_norm when max_norm > 0."""
     grads = [p for p in params if p.grad is not None]
@@ -283,6 +320,28 @@ def init_group(rank: int, world: int, master_addr: str, master_port: int) -> Non
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK="0")
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world)
+
+
+def shutdown() -> None:
+    """Tear down the process group this process started (and DeepSpeed's hold on it) while Python is alive.
+
+    ``torch.distributed.destroy_process_group`` alone is not enough once DeepSpeed ran: DeepSpeed keeps its
+    own reference to the world group, so the gloo backend and its worker threads survive into interpreter
+    finalization, where tearing them down can abort the process (``terminate called without an active
+    exception``). DeepSpeed's own destroy_process_group destroys torch's group and drops its references.
+    The barrier first keeps rank 0, which hosts the rendezvous store, from leaving while a peer still talks.
+    Call it only where this process created the group (not inside Ray Train, which owns its group).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if world_size() > 1:
+        dist.barrier()
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def free_port() -> int:

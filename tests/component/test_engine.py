@@ -146,9 +146,42 @@ def worker(rank, world, port, spec, out_dir):
         train(fresh, rank, world, spec["grad_accum"], range(RESUME_AFTER, STEPS), resumed)
         resumed["weights"] = fresh.full_state_dict()
         record["resumed"] = resumed
+        fresh.close()
+        del fresh
+    engine.close()
+    del engine, probe
+    record["teardown"] = teardown()
     torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+
+
+def teardown() -> dict:
+    """Shut the process group down as the facade does, and report what would be freed only at finalization.
+
+    torch's destroy_process_group does not stop gloo's threads: they stop when the last reference to the
+    group goes. A group still referenced from a module global (DeepSpeed keeps the world group in one) is
+    released only while the interpreter finalizes, and tearing gloo down then can abort the rank at exit
+    ('terminate called without an active exception'). No module global may hold a group afterwards.
+    """
+    import gc
+
+    ud.shutdown()
+    gc.collect()
+    held = sorted(f"{module}.{name}" for module, name, value in module_globals()
+                  if isinstance(value, torch.distributed.ProcessGroup))
+    return {"process_group_initialized": torch.distributed.is_initialized(), "groups_in_module_globals": held}
+
+
+def module_globals():
+    """(module, name, value) for every module-level global, and the items of global dicts/lists/tuples."""
+    import sys
+
+    for module_name, module in list(sys.modules.items()):
+        for name, value in list(getattr(module, "__dict__", {}).items()):
+            yield module_name, name, value
+            if type(value) is dict:  # exact types: lazy mappings (transformers) import on access
+                yield from ((module_name, name, v) for v in list(value.values()))
+            elif type(value) in (list, tuple):
+                yield from ((module_name, name, v) for v in list(value))
 
 
 def free_port():
@@ -185,9 +218,18 @@ def runs(tmp_path_factory):
             world = SPECS[name].get("world", 2)
             mp.spawn(worker, args=(world, free_port(), SPECS[name], out_dir), nprocs=world, join=True)
             cache[name] = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+        assert_clean_teardown(cache[name])  # mp.spawn itself raises if a rank died (e.g. SIGABRT at exit)
         return cache[name]
 
     return get
+
+
+CLEAN = {"process_group_initialized": False, "groups_in_module_globals": []}
+
+
+def assert_clean_teardown(records):
+    for rank, record in enumerate(records):
+        assert record["teardown"] == CLEAN, f"rank {rank}: {record['teardown']}"
 
 
 def assert_matches(record, reference, tol=1e-5):

@@ -228,3 +228,4 @@ def finish(run: Run, metrics: dict, evaluate) -> None:
     run.reporter.line(run.steps, metrics, final=True)
     run.reporter.close()
     save_and_report(run.engine, run.steps, metrics, run.tokenizer, run.train.lora, run.extra_state())
+    run.engine.close()  # DeepSpeed's engine would otherwise outlive the loop in reference cycles
