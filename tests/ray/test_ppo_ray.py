@@ -96,10 +96,8 @@ def test_stopped_run_resumes_from_its_checkpoint_and_an_agreeing_gold_keeps_the_
     assert all(h["watch/hacking"] == 0.0 for h in rows)
     # Rollouts are seeded per iteration and the batch order is a pure function of it, so iteration 3 re-run
     # from the checkpoint (weights and optimizer after iteration 2) repeats the stopped run's iteration 3.
-    for key in ("ppo/rule_mean", "ppo/response_length"):
+    for key in ("ppo/rule_mean", "ppo/response_length", "ppo/policy_loss", "ppo/approx_kl", "ppo/grad_norm"):
         assert rows[2][key] == stopped[2][key], key
-    for key in ("ppo/policy_loss", "ppo/approx_kl", "ppo/grad_norm"):
-        assert rows[2][key] == pytest.approx(stopped[2][key], rel=1e-4, abs=1e-6), key
     assert rows[-1]["ppo/rule_mean"] > rows[0]["ppo/rule_mean"]
     assert rows[2]["ppo/engine_trainer_logp_max_diff"] < 1e-3  # engines started from the checkpoint too
     assert not (tmp_path / "checkpoint.new").exists() and (tmp_path / "checkpoint" / "controller.json").is_file()
