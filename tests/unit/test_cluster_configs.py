@@ -4,6 +4,7 @@ zipping with Ray's packager); the KubeRay manifests give GPU workers and one sha
 is accepted by the real pipeline config schema. No cluster is started."""
 
 import copy
+import re
 import shlex
 import subprocess
 import sys
@@ -97,7 +98,8 @@ def test_launcher_config_passes_rays_validation_and_matches_the_project():
     assert any("pip install" in c and " -e " in c and "[vllm]" in c for c in cfg["setup_commands"])
     assert f"-v {SHARED}:{SHARED}" in cfg["docker"]["run_options"]
     for local in cfg["file_mounts"].values():
-        assert (ROOT / local).exists(), local
+        if not local.startswith("~"):  # ~/.ray/auth_token lives on the user's machine
+            assert (ROOT / local).exists(), local
 
 
 def test_kuberay_cluster_has_gpu_workers_and_one_shared_volume_everywhere():
@@ -114,7 +116,7 @@ def test_kuberay_cluster_has_gpu_workers_and_one_shared_volume_everywhere():
         images.add(container["image"])
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         assert claims.get(mounts.get(SHARED)) == docs["PersistentVolumeClaim"]["metadata"]["name"]
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["UNIPIPE_CACHE"].startswith(SHARED + "/")
     assert len(images) == 1  # one Ray and one torch on every pod
     gpus = [int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
@@ -148,3 +150,123 @@ def test_pipeline_job_entrypoint_is_unipipe_run(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(tmp_path / "no.yaml")],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "no.yaml" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ security
+
+PUBLIC_SERVICE_TYPES = {"LoadBalancer", "NodePort"}
+
+
+def aws_problems(cfg: dict) -> list[str]:
+    """What in the launcher config would let someone other than the cluster's users run code on it."""
+    problems = []
+    if "-e RAY_AUTH_MODE=token" not in cfg["docker"]["run_options"]:
+        problems.append("aws: RAY_AUTH_MODE=token missing from docker.run_options")
+    if not any(remote.endswith(".ray/auth_token") for remote in cfg.get("file_mounts", {})):
+        problems.append("aws: no auth token shipped to the nodes (file_mounts)")
+    starts = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
+    if "--dashboard-host=127.0.0.1" not in starts or "0.0.0.0" in starts:
+        problems.append("aws: the dashboard / job API is not bound to the head's loopback")
+    for command in cfg.get("initialization_commands", []) + cfg.get("setup_commands", []):
+        for mode in re.findall(r"chmod\s+(?:-R\s+)?(\S+)", command):
+            if re.fullmatch(r"[0-7]{3,4}", mode) and mode[-1] != "0" or "o+" in mode or mode.startswith("a+"):
+                problems.append(f"aws: '{command}' opens files to every user of the node")
+    return problems
+
+
+def ray_containers(docs: dict) -> list[dict]:
+    spec = docs["RayCluster"]["spec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    return [c for pod in pods for c in pod["containers"]]
+
+
+def token_env_problems(container: dict, where: str) -> list[str]:
+    env = {e["name"]: e for e in container.get("env", [])}
+    problems = []
+    if env.get("RAY_AUTH_MODE", {}).get("value") != "token":
+        problems.append(f"{where}: RAY_AUTH_MODE is not token")
+    if "secretKeyRef" not in env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}):
+        problems.append(f"{where}: RAY_AUTH_TOKEN does not come from a Secret")
+    return problems
+
+
+def kuberay_problems(docs: dict, rayjob: dict) -> list[str]:
+    problems = []
+    cluster = docs["RayCluster"]
+    for container in ray_containers(docs):
+        problems += token_env_problems(container, f"kuberay {container['name']}")
+        if any("hostPort" in port for port in container.get("ports", [])):
+            problems.append(f"kuberay {container['name']}: a hostPort publishes a Ray port on the node")
+    head = cluster["spec"]["headGroupSpec"]
+    if head.get("serviceType", "ClusterIP") in PUBLIC_SERVICE_TYPES:
+        problems.append(f"kuberay: head service type {head['serviceType']} is public")
+    if any(d.get("spec", {}).get("type") in PUBLIC_SERVICE_TYPES for k, d in docs.items() if k == "Service"):
+        problems.append("kuberay: a public Service")
+    name = cluster["metadata"]["name"]
+    policy = docs.get("NetworkPolicy")
+    if policy is None or policy["spec"]["podSelector"].get("matchLabels") != {"ray.io/cluster": name}:
+        problems.append("kuberay: no NetworkPolicy guards the Ray pods")
+    else:
+        sources = [src for rule in policy["spec"].get("ingress", []) for src in (rule.get("from") or [None])]
+        if any(src is None or "podSelector" not in src for src in sources):
+            problems.append("kuberay: the NetworkPolicy admits traffic from outside the cluster's own pods")
+        admitted = [src["podSelector"].get("matchLabels", {}) for src in sources if src and "podSelector" in src]
+        submitter = rayjob["spec"].get("submitterPodTemplate", {})
+        labels = submitter.get("metadata", {}).get("labels", {})
+        if not any(m and m.items() <= labels.items() for m in admitted):
+            problems.append("kuberay: the RayJob submitter pod is not admitted by the NetworkPolicy")
+    submitter_containers = rayjob["spec"].get("submitterPodTemplate", {}).get("spec", {}).get("containers", [])
+    if not submitter_containers:
+        problems.append("rayjob: no submitter pod template carrying the token")
+    for container in submitter_containers:
+        problems += token_env_problems(container, "rayjob submitter")
+    return problems
+
+
+def shipped():
+    aws = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    return aws, kuberay(), yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())
+
+
+def test_cluster_configs_require_the_token_and_publish_no_port():
+    aws, docs, rayjob = shipped()
+    assert aws_problems(aws) == []
+    assert kuberay_problems(docs, rayjob) == []
+
+
+def test_the_security_check_catches_each_weakening():
+    """Each way of opening the cluster, applied to a copy of the shipped files, is reported."""
+    def weakened(change):
+        aws, docs, rayjob = copy.deepcopy(shipped())
+        change(aws, docs, rayjob)
+        return aws_problems(aws) + kuberay_problems(docs, rayjob)
+
+    def public_dashboard(aws, docs, rayjob):
+        aws["head_start_ray_commands"] = [c.replace("127.0.0.1", "0.0.0.0") for c in aws["head_start_ray_commands"]]
+
+    def worker_auth_off(aws, docs, rayjob):
+        env = docs["RayCluster"]["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
+        env[:] = [e for e in env if e["name"] != "RAY_AUTH_MODE"]
+
+    def token_in_plain_text(aws, docs, rayjob):
+        for e in rayjob["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"]:
+            if e["name"] == "RAY_AUTH_TOKEN":
+                e.pop("valueFrom")
+                e["value"] = "secret"
+
+    cases = {
+        "aws auth off": (lambda a, d, r: a["docker"]["run_options"].remove("-e RAY_AUTH_MODE=token"), "RAY_AUTH_MODE"),
+        "aws dashboard public": (public_dashboard, "loopback"),
+        "aws world-writable /shared": (lambda a, d, r: a["initialization_commands"].append("sudo chmod 1777 /shared"),
+                                       "every user"),
+        "kuberay worker auth off": (worker_auth_off, "RAY_AUTH_MODE is not token"),
+        "kuberay token in plain text": (token_in_plain_text, "does not come from a Secret"),
+        "kuberay LoadBalancer": (lambda a, d, r: d["RayCluster"]["spec"]["headGroupSpec"].update(
+            serviceType="LoadBalancer"), "public"),
+        "kuberay no NetworkPolicy": (lambda a, d, r: d.pop("NetworkPolicy"), "NetworkPolicy"),
+        "kuberay policy open to all": (lambda a, d, r: d["NetworkPolicy"]["spec"]["ingress"].append({}),
+                                       "outside the cluster"),
+    }
+    for name, (change, expected) in cases.items():
+        problems = weakened(change)
+        assert any(expected in p for p in problems), (name, problems)
