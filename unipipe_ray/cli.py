@@ -19,6 +19,7 @@ import logging
 import sys
 
 from unipipe_ray.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
+from unipipe_ray.data.records import DataError
 from unipipe_ray.eval import cli as eval_cli
 from unipipe_ray.tune import cli as tune_cli
 
@@ -49,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Errors in what the user gave (data records, a model path, a resume that would mix configs), raised by a
+# stage after Ray started: a message and exit 2 like a bad config, not a traceback and exit 1.
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+
+
 def _run_pipeline(args) -> int:
     from unipipe_ray.config import PipelineConfig
     from unipipe_ray.pipeline.chain import given_keys
@@ -59,7 +65,11 @@ def _run_pipeline(args) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"unipipe: {e}", file=sys.stderr)
         return 2
-    out = run_pipeline(cfg, given_keys(args.config, args.overrides), args.address)
+    try:
+        out = run_pipeline(cfg, given_keys(args.config, args.overrides), args.address)
+    except USER_ERRORS as e:
+        print(f"unipipe run: {e}", file=sys.stderr)
+        return 2
     print("\n== unipipe run: done ==")
     print(f"run directory: {out['run_dir']}  manifest: {out['manifest']}")
     if out.get("uri"):
@@ -103,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unipipe: {e}", file=sys.stderr)
         return 2
     module, func = target.split(":")
-    result = getattr(importlib.import_module(module), func)(cfg, args.address)
+    try:
+        result = getattr(importlib.import_module(module), func)(cfg, args.address)
+    except USER_ERRORS as e:
+        print(f"unipipe {args.command}: {e}", file=sys.stderr)
+        return 2
     print(f"\n== unipipe {args.command}: done ==")
     print(f"model: {cfg.model}  data: {cfg.data.task if not cfg.data.sources else 'user sources'} "
           f"({result['train_examples']} train / {result['eval_examples']} held out)")

@@ -18,6 +18,7 @@ from unipipe_ray.config_io import (  # noqa: F401  (re-exported: callers load co
     _set_dotted,
     load_config,
     parse_override,
+    read_yaml,
     to_dict,
 )
 from unipipe_ray.models import DEFAULT_MODEL
@@ -79,6 +80,7 @@ class LoraConfig:
 
     def __post_init__(self):
         _check(self.r > 0, "r", f"must be > 0, got {self.r}")
+        _check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
         _check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 
@@ -115,6 +117,7 @@ class TrainConfig:
         _check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         _check(0 < self.lr < 1, "lr", f"must be in (0, 1), got {self.lr}")
+        _check(0 <= self.weight_decay < 1, "weight_decay", f"must be in [0, 1), got {self.weight_decay}")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
@@ -154,6 +157,9 @@ class RMConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        _check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
+
 
 @dataclass(frozen=True)
 class DPOConfig:
@@ -177,6 +183,7 @@ class DPOConfig:
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         _one_of(self.scheduler, "scheduler", ("none", "random", "sams"))
         _check(0 < self.keep_ratio <= 1, "keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
+        _check(self.simpo_gamma >= 0, "simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
 
 
 @dataclass(frozen=True)
@@ -237,6 +244,13 @@ class PPOConfig:
         _check(0 < self.clip_eps < 1, "clip_eps", f"must be in (0, 1), got {self.clip_eps}")
         _check(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma in (0, 1] and lam in [0, 1]")
         _check(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+        # the adaptive controller divides by the target: 0 would end the first iteration in a ZeroDivisionError
+        _check(self.kl_target is None or self.kl_target > 0, "kl_target", f"must be > 0 or null, got {self.kl_target}")
+        _check(0 < self.critic_lr < 1, "critic_lr", f"must be in (0, 1), got {self.critic_lr}")
+        _check(self.value_clip_eps > 0, "value_clip_eps", f"must be > 0, got {self.value_clip_eps}")
+        for key in ("gold_reward_weight", "missing_eos_penalty"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        _check(self.hacking_z > 0, "hacking_z", f"must be > 0, got {self.hacking_z}")
 
 
 STAGES = ("sft", "rm", "ppo", "dpo")  # the chain's order
@@ -268,6 +282,7 @@ class PipelineConfig:
         _check(list(self.stages) == sorted(self.stages, key=STAGES.index), "stages",
                f"must keep the order {' -> '.join(STAGES)}, got {list(self.stages)}")
         _check(self.eval_size >= 1, "eval_size", f"must be >= 1, got {self.eval_size}")
+        _check(self.eval_max_new_tokens >= 1, "eval_max_new_tokens", f"must be >= 1, got {self.eval_max_new_tokens}")
         # The report scores the first eval_size held-out examples of these sections' data splits; asking for
         # more than a section holds out would score examples that stage trained on.
         for section in filter(None, self.held_out_sections()):

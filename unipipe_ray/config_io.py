@@ -5,6 +5,7 @@ and the dotted key. ``config.py`` holds the dataclasses; this module knows nothi
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -57,9 +58,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float):
+        # No key means "infinite" or "not a number": .inf epochs would pass every range check and then
+        # fail in each Ray Train attempt, a NaN weight would train NaN weights.
+        _check(math.isfinite(value), key, f"must be a finite number, got {value!r}")
     _check(isinstance(value, tp) and not (tp is int and isinstance(value, bool)), key,
            f"must be {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -72,6 +77,8 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     _check(isinstance(data, dict), prefix, f"must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:  # an override like `train={1: 2}` (a file's keys were checked by read_yaml)
+        _check(isinstance(k, str), f"{dotted}{k}", f"keys must be names (strings), got {type(k).__name__}")
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(dotted + str(unknown[0]), f"unknown key (known keys: {', '.join(names)})")
@@ -93,6 +100,76 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+# Expanded size above which a YAML file is refused: an alias of an alias of ... (a "billion laughs" file)
+# would otherwise grow exponentially when the tree is walked, copied or dumped. Real configs have < 1000 nodes.
+MAX_YAML_NODES = 100_000
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+def _check_nodes(node: yaml.Node, path: str, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Expanded node count below ``node``; refuses duplicate keys, non-string keys and recursive aliases."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    _check(id(node) not in open_nodes, path, "a recursive YAML alias (a node that contains itself)")
+    open_nodes.add(id(node))
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                size += _check_nodes(value_node, path, sizes, open_nodes)
+                continue
+            where = f"{path}.{key_node.value}" if path else str(key_node.value)
+            _check(isinstance(key_node, yaml.ScalarNode) and key_node.tag == _STR_TAG, where,
+                   f"keys must be names (strings), got {key_node.tag.rsplit(':', 1)[-1]} on line {line}")
+            _check(key_node.value not in seen, where,
+                   f"duplicate key (lines {seen.get(key_node.value)} and {line}); the first would be lost")
+            seen[key_node.value] = line
+            size += _check_nodes(value_node, where, sizes, open_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            size += _check_nodes(item, f"{path}[{i}]", sizes, open_nodes)
+    open_nodes.discard(id(node))
+    sizes[id(node)] = size
+    _check(size <= MAX_YAML_NODES, path or "<top level>",
+           f"expands to more than {MAX_YAML_NODES} YAML nodes through aliases; refusing to build it")
+    return size
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file's mapping: refuses what ``yaml.safe_load`` lets through silently (duplicate keys keep
+    the last, non-string keys, alias bombs) and unreadable files, with errors naming the file and key."""
+    source = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if not p.is_file():
+        raise ConfigError("", "is a directory, not a YAML file" if p.is_dir() else "is not a regular file",
+                          source)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError("", f"is not UTF-8 text (line {line}: {e.reason})", source) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        _check_nodes(node, "", {}, set())
+        tree = loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"invalid YAML: {e}", source) from None
+    except ConfigError as e:
+        raise ConfigError(e.key, e.message, source) from None
+    finally:
+        loader.dispose()
+    if not isinstance(tree, dict):
+        raise ConfigError("", f"top level must be a mapping, got {type(tree).__name__}", source)
+    return tree
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``train.lr=1e-5`` -> ("train.lr", 1e-05); the value is parsed as YAML."""
     if "=" not in text:
@@ -106,14 +183,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     source = str(path) if path else "<defaults>"
     tree: dict = {}
     if path:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError("", f"invalid YAML: {e}", source) from None
-        if not isinstance(tree, dict):
-            raise ConfigError("", f"top level must be a mapping, got {type(tree).__name__}", source)
+        tree = read_yaml(path)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

@@ -57,11 +57,22 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
+_GGUF_KEYS: dict[tuple, str] = {}
+
+
 def _gguf_key(gguf: Path) -> str:
-    # Name + size + a hash of the first MiB identify the file without reading 100 MB on every call.
-    with open(gguf, "rb") as f:
-        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:12]
-    return f"{gguf.stem}-{gguf.stat().st_size}-{head}"
+    """Cache name of a GGUF file's conversion: name, size and a hash of the whole file. Two fine-tunes of one
+    base share the name, the size and the header, so a hash of the first MiB could give one the other's
+    weights. The hash (~0.5 s for SmolLM2's 270 MB) is kept per process, keyed by path, size and mtime."""
+    stat = gguf.stat()
+    memo = (str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _GGUF_KEYS:
+        digest = hashlib.sha256()
+        with open(gguf, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        _GGUF_KEYS[memo] = f"{gguf.stem}-{stat.st_size}-{digest.hexdigest()[:16]}"
+    return _GGUF_KEYS[memo]
 
 
 def _atomic_build(target: Path, build) -> Path:
@@ -146,6 +157,11 @@ def resolve_model(spec: str) -> str:
         return str(path)
     if path.exists() or spec.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model spec {spec!r}: not a checkpoint directory or .gguf file")
+    # A hub id is `name` or `org/name`; `runs/sft/final`, or `runs/x` with a local `runs/`, is a path that
+    # does not exist (a typo or a stage that has not run), not something to fetch from the hub.
+    parts = spec.split("/")
+    if len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir()):
+        raise FileNotFoundError(f"model spec {spec!r}: no such checkpoint directory (relative to {Path.cwd()})")
     return spec  # a hub id: from_pretrained will fetch it when online and say so clearly when not
 
 

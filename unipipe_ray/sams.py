@@ -85,10 +85,19 @@ class SamsSettings:
             raise ValueError(f"unknown selection {self.selection!r}; expected one of {SELECTIONS}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; expected one of {ENCODERS}")
-        if (self.depth * self.width) % self.explore_downsample:
-            raise ValueError("depth * width must be a multiple of explore_downsample")
         if not 0 <= self.gamma <= 1:
             raise ValueError("gamma must lie in [0, 1]")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if not (0 < self.lr < 1 and 0 <= self.weight_decay < 1 and self.explore_weight >= 0):
+            raise ValueError(f"need 0 < lr < 1, 0 <= weight_decay < 1, explore_weight >= 0; got lr={self.lr}, "
+                             f"weight_decay={self.weight_decay}, explore_weight={self.explore_weight}")
+        for key in ("connector_width", "context_size", "encoder_layers", "encoder_heads", "encoder_ff_width",
+                    "depth", "width", "explore_downsample", "train_steps", "replay_batches", "pool_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if (self.depth * self.width) % self.explore_downsample:
+            raise ValueError("depth * width must be a multiple of explore_downsample")
 
 
 def batch_likelihood(margins):

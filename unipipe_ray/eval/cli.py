@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from unipipe_ray.files import write_text_atomic
+
 COMMANDS = ("eval", "select")
 
 
@@ -115,9 +117,8 @@ def _eval(args) -> int:
     record["completions"] = completions
     markdown = _markdown(args, results, record.get("win_rate_A_over_B"), len(examples))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown)
+    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out.with_suffix(".md"), markdown)
     print(markdown + f"\nresult: {out} (+ {out.with_suffix('.md')})")
     return 0
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import yaml
-
-from unipipe_ray.config import STAGES, PipelineConfig, parse_override
+from unipipe_ray.config import STAGES, PipelineConfig, parse_override, read_yaml
 
 POLICY_STAGES = ("sft", "ppo", "dpo")  # stages whose output is the next policy
 
@@ -33,7 +31,7 @@ def given_keys(path: str | None, overrides: list[str] = ()) -> set[str]:
                 walk(v, dotted + ".")
 
     if path:
-        walk(yaml.safe_load(Path(path).read_text()) or {}, "")
+        walk(read_yaml(path), "")
     for text in overrides:
         key, value = parse_override(text)
         keys.add(key)

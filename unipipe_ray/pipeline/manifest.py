@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
+
+from unipipe_ray.files import write_json_atomic
 
 
 class Manifest:
@@ -47,10 +48,7 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.data, default=str)
 
 
 def _now() -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from unipipe_ray.config import PipelineConfig
+from unipipe_ray.files import write_text_atomic
 
 CURVE_WORDS = ("loss", "reward", "accuracy", "margin", "kl", "gold", "proxy")
 
@@ -77,8 +78,8 @@ def write_report(cfg: PipelineConfig, manifest, given: set[str]) -> Path:
         extra["rm_accuracy"] = preference_accuracy_of_rm(rm, pairs)
     plots = plot_curves(run_dir, list(done))
     text = _markdown(cfg, manifest, results, extra, plots, len(examples), len(pairs))
-    (run_dir / "report.md").write_text(text)
-    (run_dir / "report.json").write_text(json.dumps(
+    write_text_atomic(run_dir / "report.md", text)
+    write_text_atomic(run_dir / "report.json", json.dumps(
         {"models": models, "held_out_examples": len(examples), "held_out_pairs": len(pairs),
          "results": {k: without_scores(r) for k, r in results.items()},
          "rm": {k: without_scores({k: v})[k] for k, v in extra.items()}}, indent=2, default=float))

@@ -30,6 +30,7 @@ import re
 import shutil
 from pathlib import Path
 
+from unipipe_ray.files import write_text_atomic
 from unipipe_ray.models import cache_dir
 from unipipe_ray.pipeline.manifest import Manifest
 
@@ -151,7 +152,7 @@ class RunDir:
             target = self.local / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             if _holds_paths(rel):
-                target.write_text(self._read(rel))
+                write_text_atomic(target, self._read(rel))
             else:
                 pafs.copy_files(f"{self.root}/{rel}", str(target), source_filesystem=self.fs)
         return len(missing)

@@ -16,7 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-from unipipe_ray.config import DataConfig, TrainConfig, to_dict
+from unipipe_ray.config import ConfigError, DataConfig, TrainConfig, to_dict
+from unipipe_ray.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -139,23 +140,23 @@ def config_differences(old, new, prefix: str = "") -> list[tuple[str, object, ob
 
 
 def check_same_config(path: Path, config: dict) -> None:
-    """Resuming into ``output_dir`` is only safe with the config that started the run: refuse otherwise."""
+    """Resuming into ``output_dir`` is only safe with the config that started the run: refuse otherwise.
+    Called once the stage's model and data have loaded, so a typo that stopped a run is not recorded."""
     if path.exists():
-        diffs = [f"{key}: {a!r} -> {b!r}" for key, a, b in config_differences(json.loads(path.read_text()), config)]
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:  # not ours (our writes are atomic): say which file, do not guess
+            raise ConfigError("", f"{path} is not valid JSON ({e}); move it away to start this stage afresh") from None
+        diffs = [f"{key}: {a!r} -> {b!r}" for key, a, b in config_differences(old, config)]
         if diffs:
-            raise ValueError(f"{path.parent} holds a run started with a different config ({'; '.join(diffs)}); "
-                             f"resuming it would mix the two. Use another output_dir, or delete that one.")
+            raise ConfigError("", f"{path.parent} holds a run started with a different config ({'; '.join(diffs)}); "
+                                  f"resuming it would mix the two. Use another output_dir, or delete that one.")
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=2))
+        write_json_atomic(path, config)
 
 
 def write_result(output_dir: str | Path, result: dict) -> Path:
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "result.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
-    return path
+    return write_json_atomic(Path(output_dir) / "result.json", result, default=str)
 
 
 class _Progress:
@@ -254,10 +255,10 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
 
     started = time.time()
     output_dir = Path(cfg.output_dir).resolve()
-    check_same_config(output_dir / f"{stage}_config.json", to_dict(cfg))
     model_path = resolve_model(cfg.model)  # convert/download once here, before the workers race for it
     tokenizer = load_tokenizer(cfg.model)
     train_feats, eval_feats, _ = load_stage_data(cfg.data, kind, tokenizer)
+    check_same_config(output_dir / f"{stage}_config.json", to_dict(cfg))
     init_ray(address)
     scaling_config, threads = scaling(cfg.train)
     progress = ray.remote(num_cpus=0)(_Progress).remote()

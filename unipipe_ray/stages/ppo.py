@@ -11,7 +11,6 @@ or adaptive coefficient (Ziegler et al. 2019).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from unipipe_ray.config import PPOConfig, to_dict
+from unipipe_ray.files import recover_dir, replace_dir, write_json_atomic
 from unipipe_ray.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -243,6 +243,12 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
         **{f"time/{k}_s": v for k, v in seconds.items()}}, state
 
 
+def save_policy(groups: dict, directory: Path, tokenizer_dir: str) -> None:
+    """The policy's weights (Hugging Face format) swapped in whole: a kill mid-save keeps the previous copy."""
+    replace_dir(directory, lambda new: groups["policy"].call("save", str(new), tokenizer_dir),
+                complete="config.json")
+
+
 def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list, list, object]:
     """(train prompts, held-out prompts, task): PromptExamples paired with their prompt token ids."""
     from unipipe_ray.data import tokenize_prompt
@@ -270,7 +276,6 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
 
     started = time.time()
     out_dir = Path(cfg.output_dir).resolve()
-    check_same_config(out_dir / "ppo_config.json", to_dict(cfg))
     paths = {"policy": resolve_model(cfg.model), "reference": resolve_model(cfg.ref_model or cfg.model),
              "reward": resolve_model(cfg.reward_model) if cfg.reward_model else None}
     paths["critic"] = resolve_model(cfg.critic_model) if cfg.critic_model else (paths["reward"] or paths["policy"])
@@ -282,6 +287,8 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
             paths["critic"] = resume / "critic"
     tokenizer = load_tokenizer(cfg.model)
     train_prompts, _, task = load_prompts(cfg, tokenizer)
+    check_same_config(out_dir / "ppo_config.json", to_dict(cfg))
+    recover_dir(out_dir / "best_gold")  # a kill mid-swap left the previous best at best_gold.old
     init_ray(address)
     threads = max(1, (os.cpu_count() or 1) // max(1, cfg.train.num_workers))
     groups, placement = build_groups(cfg, paths, tokenizer.pad_token_id, threads)
@@ -313,10 +320,10 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
                                     metrics["ppo/gold_std"], len(batch) * cfg.samples_per_prompt)
             history.append(metrics | {"iteration": it + 1})
             reporter.line(it + 1, metrics)
-            (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+            write_json_atomic(out_dir / "history.json", history)
             if has_gold and metrics["ppo/gold_mean"] > best_gold:
                 best_gold = metrics["ppo/gold_mean"]
-                groups["policy"].call("save", str(out_dir / "best_gold"), tokenizer_dir)
+                save_policy(groups, out_dir / "best_gold", tokenizer_dir)
             stop = bool(metrics["watch/hacking"]) and cfg.stop_on_hacking
             if metrics["watch/hacking"]:
                 print(f"ppo: WARNING reward hacking suspected at iteration {it + 1}: the proxy reward rises while "
@@ -331,8 +338,8 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
                 raise RuntimeError(f"ppo: injected stop after iteration {it + 1} (test hook)")
             if stop:
                 break
-        groups["policy"].call("save", str(out_dir / "final"), tokenizer_dir)
-        (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+        save_policy(groups, out_dir / "final", tokenizer_dir)
+        write_json_atomic(out_dir / "history.json", history)
         result = {"stage": "ppo", "config": to_dict(cfg), "metrics": history[-1], "checkpoint": str(out_dir / "final"),
                   "best_gold_checkpoint": str(out_dir / "best_gold") if best_gold > float("-inf") else None,
                   "stopped_on_hacking": bool(history[-1]["watch/hacking"]) and cfg.stop_on_hacking,

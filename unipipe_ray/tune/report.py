@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from unipipe_ray.eval.stats import format_ci
+from unipipe_ray.files import write_text_atomic
 
 STATES = {"TERMINATED": "done", "ERROR": "error"}  # Tune's trial status -> ours; any other is unfinished
 UNFINISHED = "running/unfinished"
@@ -354,5 +355,5 @@ def write_sweep_report(exp_dir, metric: str = "accuracy", mode: str = "max", out
     notes = [f"- `{_label(r)}` ({r['status']}): {r['note']}" for r in records if r["note"]]
     lines += ["## Trials", "", *trial_table(records, metric, varied), *(["Problems:", "", *notes, ""] if notes else [])]
     path = out / "sweep_report.md"
-    path.write_text("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return path

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from unipipe_ray.config import TrainConfig, to_dict
+from unipipe_ray.files import write_json_atomic
 from unipipe_ray.stages.common import config_differences
 from unipipe_ray.tune.config import TuneConfig
 
@@ -114,8 +115,7 @@ def _check_same_sweep(path: Path, config: dict, compare: bool) -> None:
             raise ValueError(f"{path.parent} holds a sweep started with another config ({'; '.join(diffs[:8])}); "
                              "restoring it would ignore the change. Use another name, or move that directory.")
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=2))
+        write_json_atomic(path, config)
 
 
 def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, inject: dict | None = None) -> Path:
