@@ -20,6 +20,7 @@ import sys
 
 from unipipe_ray.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
 from unipipe_ray.data.records import DataError
+from unipipe_ray.stages.worker import NonFiniteLoss
 from unipipe_ray.eval import cli as eval_cli
 from unipipe_ray.tune import cli as tune_cli
 
@@ -70,6 +71,9 @@ def _run_pipeline(args) -> int:
     except USER_ERRORS as e:
         print(f"unipipe run: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"unipipe run: stopped: {e}", file=sys.stderr)
+        return 1
     print("\n== unipipe run: done ==")
     print(f"run directory: {out['run_dir']}  manifest: {out['manifest']}")
     if out.get("uri"):
@@ -118,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"unipipe {args.command}: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"unipipe {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
     print(f"\n== unipipe {args.command}: done ==")
     print(f"model: {cfg.model}  data: {cfg.data.task if not cfg.data.sources else 'user sources'} "
           f"({result['train_examples']} train / {result['eval_examples']} held out)")

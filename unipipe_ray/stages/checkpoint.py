@@ -38,16 +38,19 @@ def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
 
 
 def save_and_report(engine: dist.Engine, step: int, metrics: dict, tokenizer, lora: LoraConfig,
-                    extra_state: dict | None = None) -> None:
+                    extra_state: dict | None = None, staging_dir: str | None = None) -> None:
     """Report metrics with a checkpoint: a Hugging Face model dir (merged LoRA) + what resume needs.
 
     Every rank writes its own shard of optimizer state (DeepSpeed partitions it) and RNG state; Ray Train
-    gathers all ranks' files into one checkpoint directory.
+    gathers all ranks' files into one checkpoint directory. The files are written under ``staging_dir``
+    (beside the run's output, not in a worker's /tmp, which is often a small tmpfs) before Ray copies them.
     """
     import ray.train
 
     full = engine.full_state_dict()  # every rank takes part (ZeRO-3 gathers)
-    with tempfile.TemporaryDirectory() as tmp:
+    if staging_dir:
+        Path(staging_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=staging_dir) as tmp:
         out = Path(tmp)
         engine.save_state(out / "engine")
         torch.save({"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},

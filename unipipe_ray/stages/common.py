@@ -166,6 +166,13 @@ class _Progress:
     def __init__(self):
         self.state = (0, 0, {})
         self.evals: list[tuple[int, dict]] = []
+        self.stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        self.stop_reason = reason
+
+    def stopped(self) -> str | None:
+        return self.stop_reason
 
     def update(self, step: int, total: int, metrics: dict) -> None:
         self.state = (step, total, metrics)
@@ -239,13 +246,31 @@ def _capture(fn):
         return e
 
 
+def _stoppable(loop):
+    """The loop as Ray Train runs it: a NonFiniteLoss ends every worker's loop normally (a retry from the
+    last checkpoint would meet the same numbers) and leaves the reason with the driver, which raises it."""
+    def train_func(loop_config: dict) -> None:
+        from unipipe_ray import distributed as dist
+        from unipipe_ray.stages.worker import NonFiniteLoss
+
+        try:
+            loop(loop_config)
+        except NonFiniteLoss as e:
+            if dist.is_main():
+                import ray
+
+                ray.get(loop_config["progress"].stop.remote(str(e)))
+    return train_func
+
+
 def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extra: dict | None = None,
-              inject_failure_at: int | None = None) -> dict:
+              inject_failure_at: int | None = None, inject_nan_at: int | None = None) -> dict:
     """Load and check the stage's data on the driver, then run ``loop`` on Ray Train workers.
 
     The run is named after the stage under ``cfg.output_dir``: running the same command again resumes
     from its latest checkpoint, and a worker failure restarts the group from it (``train.max_failures``).
-    ``inject_failure_at`` (tests) kills the last worker once, in the step after that step's checkpoint.
+    ``inject_failure_at`` (tests) kills the last worker once, in the step after that step's checkpoint;
+    ``inject_nan_at`` (tests) makes a weight NaN before that step, which stops the stage (NonFiniteLoss).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -266,13 +291,20 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
                    "eval_ref": ray.put(eval_feats), "tokenizer": tokenizer, "threads": threads,
                    "tensorboard_dir": str(output_dir / "tensorboard"), "progress": progress,
                    "inject_failure": (inject_failure_at, str(output_dir / f".{stage}_failure_injected")),
+                   "inject_nan_at": inject_nan_at, "staging_dir": str(output_dir / ".staging"),
                    **(extra or {})}
     trainer = TorchTrainer(
-        loop, train_loop_config=loop_config, scaling_config=scaling_config,
+        _stoppable(loop), train_loop_config=loop_config, scaling_config=scaling_config,
         run_config=RunConfig(name=stage, storage_path=str(output_dir),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = _fit_with_progress(trainer, progress, stage)
+    reason = ray.get(progress.stopped.remote())
+    if reason:
+        from unipipe_ray.stages.worker import NonFiniteLoss
+
+        kept = result.checkpoint.path if result.checkpoint else "none (no checkpoint was saved before it)"
+        raise NonFiniteLoss(f"{reason}. Last good checkpoint: {kept}")
     out = {"stage": stage, "config": to_dict(cfg), "metrics": result.metrics,
            "checkpoint": result.checkpoint.path if result.checkpoint else None,
            "train_examples": len(train_feats), "eval_examples": len(eval_feats),

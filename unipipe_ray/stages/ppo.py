@@ -272,7 +272,7 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
     from unipipe_ray.models import load_tokenizer, resolve_model
     from unipipe_ray.stages import ppo_state
     from unipipe_ray.stages.common import check_same_config, init_ray, write_result
-    from unipipe_ray.stages.worker import Reporter
+    from unipipe_ray.stages.worker import Reporter, check_finite
 
     started = time.time()
     out_dir = Path(cfg.output_dir).resolve()
@@ -316,6 +316,7 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
             batch = random.Random(cfg.data.seed * 1_000_003 + it).sample(
                 train_prompts, min(cfg.prompts_per_iter, len(train_prompts)))
             metrics, state = ppo_iteration(cfg, groups, batch, task, tokenizer, kl_ctl, it, state, specs)
+            check_finite("ppo", it + 1, metrics)  # before anything is saved: the last checkpoint stays good
             metrics |= watch.update(metrics["ppo/proxy_mean"], metrics["ppo/gold_mean"], metrics["ppo/proxy_std"],
                                     metrics["ppo/gold_std"], len(batch) * cfg.samples_per_prompt)
             history.append(metrics | {"iteration": it + 1})

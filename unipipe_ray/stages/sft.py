@@ -101,6 +101,8 @@ def train_loop(loop_config: dict) -> None:
     worker.finish(run, metrics, evaluate_now)
 
 
-def run_sft(cfg: SFTConfig, address: str | None = None, inject_failure_at: int | None = None) -> dict:
+def run_sft(cfg: SFTConfig, address: str | None = None, inject_failure_at: int | None = None,
+            inject_nan_at: int | None = None) -> dict:
     """Train on a Ray cluster (local when no address); return metrics and the checkpoint path."""
-    return common.run_stage("sft", train_loop, cfg, "sft", address, inject_failure_at=inject_failure_at)
+    return common.run_stage("sft", train_loop, cfg, "sft", address, inject_failure_at=inject_failure_at,
+                            inject_nan_at=inject_nan_at)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import resource
@@ -20,6 +21,25 @@ import torch
 from unipipe_ray import distributed as dist
 from unipipe_ray.config import TrainConfig
 from unipipe_ray.stages.checkpoint import load_trainable, restore_state, save_and_report
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss or gradient norm became NaN or inf: the stage stops at that step and keeps its last checkpoint
+    (a retry from that checkpoint would meet the same numbers, so Ray Train is not asked to retry)."""
+
+
+def non_finite(metrics: dict) -> dict:
+    """The loss and gradient-norm entries of ``metrics`` that are NaN or inf."""
+    return {k: v for k, v in metrics.items()
+            if k.endswith(("loss", "grad_norm")) and isinstance(v, float) and not math.isfinite(v)}
+
+
+def check_finite(stage: str, step: int, metrics: dict) -> None:
+    bad = non_finite(metrics)
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise NonFiniteLoss(f"{stage}: non-finite {shown} at step {step}; stopped without saving this step "
+                            f"(lower train.lr, check the data, or use float32)")
 
 
 def quiet_ray_train_logs() -> None:
@@ -142,6 +162,8 @@ class Run:
     metrics: dict          # the last reported metrics (restored on resume)
     resumed_extra: dict    # what the loop's extra_state returned at the checkpoint resumed from (rank 0)
     inject_failure: tuple = (None, None)  # (step, marker file): tests only
+    inject_nan_at: int | None = None  # tests only: a parameter becomes NaN before this step's forward
+    staging_dir: str | None = None  # where checkpoint files are written before Ray Train copies them
     extra_state: object = dict  # () -> dict of loop state saved in checkpoints (rank 0), e.g. the scheduler
 
     @property
@@ -159,6 +181,9 @@ class Run:
 
     def micro_batches(self, step: int, collate) -> list[dict]:
         """This rank's micro-batches of optimizer step ``step``, collated and on the device."""
+        if self.inject_nan_at == step + 1:
+            with torch.no_grad():
+                next(p for p in self.engine.module.parameters() if p.requires_grad).fill_(math.nan)
         return [{k: v.to(self.device) for k, v in collate([self.train_feats[i] for i in idx], self.pad_id).items()}
                 for idx in self.batch_indices(step)]
 
@@ -186,7 +211,8 @@ def start_run(stage: str, loop_config: dict, kind: str = "causal", configure=Non
         start, metrics, extra = restore_state(engine, resume)
     reporter = Reporter(stage, steps, loop_config["tensorboard_dir"], loop_config["progress"])
     return Run(cfg, train, train_feats, eval_feats, loop_config["tokenizer"], device, world, dist.rank(), steps,
-               start, engine, reporter, metrics, extra, loop_config.get("inject_failure", (None, None)))
+               start, engine, reporter, metrics, extra, loop_config.get("inject_failure", (None, None)),
+               loop_config.get("inject_nan_at"), loop_config.get("staging_dir"))
 
 
 def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
@@ -195,6 +221,7 @@ def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
     import ray.train
 
     train = run.train
+    _stop_if_non_finite(run, done, metrics)
     _maybe_inject_failure(run, done)
     if done == run.steps:
         return
@@ -203,9 +230,20 @@ def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
     if done % train.log_every == 0:
         run.reporter.line(done, metrics)
     if train.checkpoint_every and done % train.checkpoint_every == 0:
-        save_and_report(run.engine, done, metrics, run.tokenizer, train.lora, run.extra_state())
+        save_and_report(run.engine, done, metrics, run.tokenizer, train.lora, run.extra_state(), run.staging_dir)
     elif done % train.log_every == 0:
         ray.train.report(metrics)
+
+
+def _stop_if_non_finite(run: Run, done: int, metrics: dict) -> None:
+    # The losses and the norm are all-reduced, so every rank stops at the same step (no rank is left
+    # waiting in a collective). The engine is closed here: the loop does not reach finish().
+    try:
+        check_finite(run.reporter.stage, done, metrics)
+    except NonFiniteLoss:
+        run.reporter.close()
+        run.engine.close()
+        raise
 
 
 def _maybe_inject_failure(run: Run, done: int) -> None:
@@ -222,10 +260,12 @@ def _maybe_inject_failure(run: Run, done: int) -> None:
 
 def finish(run: Run, metrics: dict, evaluate) -> None:
     """Final eval, last progress line, and the final checkpoint (a Hugging Face model dir)."""
+    _stop_if_non_finite(run, run.steps, metrics)
     if run.eval_feats:
         metrics.update(evaluate())
     metrics["resumed_at_step"] = run.start  # 0: a fresh run; k: this attempt continued from checkpoint k
     run.reporter.line(run.steps, metrics, final=True)
     run.reporter.close()
-    save_and_report(run.engine, run.steps, metrics, run.tokenizer, run.train.lora, run.extra_state())
+    save_and_report(run.engine, run.steps, metrics, run.tokenizer, run.train.lora, run.extra_state(),
+                    run.staging_dir)
     run.engine.close()  # DeepSpeed's engine would otherwise outlive the loop in reference cycles
