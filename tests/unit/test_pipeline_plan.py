@@ -43,3 +43,24 @@ def test_plan_skip_resume_run(tmp_path):
     assert action == "run" and "train.lr" in why
     (tmp_path / "ckpt").rmdir()
     assert plan(cfg, m, "sft", conf, False) == ("run", f"done earlier, but its checkpoint {tmp_path / 'ckpt'} is gone")
+
+
+def test_operational_keys_neither_rerun_a_done_stage_nor_block_a_resume(tmp_path):
+    from unipipe_ray.stages.common import check_same_config
+
+    cfg = load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}"])
+    m = Manifest(tmp_path)
+    conf = to_dict(stage_config(cfg, "sft", {}, set()))
+    m.start("sft", conf)
+    (tmp_path / "ckpt").mkdir()
+    m.finish("sft", {"checkpoint": str(tmp_path / "ckpt"), "metrics": {}, "seconds": 1})
+    check_same_config(tmp_path / "sft_config.json", conf)
+    ops = load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}", "sft.train.max_failures=5",
+                                                 "sft.train.log_every=7", "sft.train.eval_every=3",
+                                                 "sft.train.checkpoint_every=2"])
+    ops_conf = to_dict(stage_config(ops, "sft", {}, set()))
+    assert plan(ops, m, "sft", ops_conf, False)[0] == "skip"
+    check_same_config(tmp_path / "sft_config.json", ops_conf)  # a resume with them is fine too
+    lr = load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}", "sft.train.lr=2e-5"])
+    assert plan(lr, m, "sft", to_dict(stage_config(lr, "sft", {}, set())), False) == \
+        ("run", "config changed (train.lr)")

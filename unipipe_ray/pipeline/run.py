@@ -14,7 +14,7 @@ from unipipe_ray.config import PipelineConfig, to_dict
 from unipipe_ray.pipeline.chain import stage_config
 from unipipe_ray.pipeline.manifest import Manifest
 from unipipe_ray.pipeline.rundir import RunDir
-from unipipe_ray.stages.common import config_differences
+from unipipe_ray.stages.common import result_differences
 
 
 def _runner(stage: str):
@@ -33,7 +33,7 @@ def plan(cfg: PipelineConfig, manifest: Manifest, stage: str, config: dict, inpu
         return "run", "first run"
     if inputs_ran:
         return "run", "an earlier stage ran again, so its input changed"
-    changed = [key for key, _, _ in config_differences(entry["config"], config)]
+    changed = [key for key, _, _ in result_differences(entry["config"], config)]
     if changed:
         return "run", f"config changed ({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''})"
     if entry["status"] == "done":

@@ -139,6 +139,16 @@ def config_differences(old, new, prefix: str = "") -> list[tuple[str, object, ob
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
+# Keys that change how a run is operated, not what it computes (checkpoints resume bit for bit, evals and logs
+# do not touch the weights): changing them neither re-runs a finished stage nor blocks a resume.
+OPERATIONAL_KEYS = ("train.max_failures", "train.log_every", "train.eval_every", "train.checkpoint_every")
+
+
+def result_differences(old, new) -> list[tuple[str, object, object]]:
+    """config_differences without the operational keys: the changes that would change a stage's result."""
+    return [d for d in config_differences(old, new) if not d[0].endswith(OPERATIONAL_KEYS)]
+
+
 def check_same_config(path: Path, config: dict) -> None:
     """Resuming into ``output_dir`` is only safe with the config that started the run: refuse otherwise.
     Called once the stage's model and data have loaded, so a typo that stopped a run is not recorded."""
@@ -147,7 +157,7 @@ def check_same_config(path: Path, config: dict) -> None:
             old = json.loads(path.read_text())
         except json.JSONDecodeError as e:  # not ours (our writes are atomic): say which file, do not guess
             raise ConfigError("", f"{path} is not valid JSON ({e}); move it away to start this stage afresh") from None
-        diffs = [f"{key}: {a!r} -> {b!r}" for key, a, b in config_differences(old, config)]
+        diffs = [f"{key}: {a!r} -> {b!r}" for key, a, b in result_differences(old, config)]
         if diffs:
             raise ConfigError("", f"{path.parent} holds a run started with a different config ({'; '.join(diffs)}); "
                                   f"resuming it would mix the two. Use another output_dir, or delete that one.")
