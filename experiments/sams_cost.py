@@ -46,7 +46,8 @@ def worker(args) -> dict:
     path = resolve_model(spec)
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = DataConfig(task=task, task_path=str(HH_PATH) if task == "hh_harmless" else None, task_size=400,
-                      eval_size=0 if task == "arith" else 8, max_length=max_length)
+                      eval_size=0 if task == "arith" else 8, max_length=max_length,
+                      on_bad_record="skip")
     feats = load_stage_data(data, "preference", tokenizer)[0]
     cfg = dpo_config(args.arm, 0.5, 0.1, 1024)
     learner = DpoLearner(load_model(path), load_model(path), cfg, tokenizer.pad_token_id, lr=1e-6, seed=0)

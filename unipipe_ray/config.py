@@ -51,6 +51,7 @@ class DataConfig:
     max_length: int = 256                   # tokens per sequence (prompt + response)
     max_prompt_length: int | None = None    # prompt tokens kept (from the end); None: max_length // 2
     on_bad_record: str = "error"            # error: stop at the first bad record | skip: skip and report
+                                            # (user sources and the gsm8k / hh_harmless task files alike)
     seed: int = 0                           # shuffling and generation seed
 
     def __post_init__(self):

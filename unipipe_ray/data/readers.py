@@ -8,10 +8,14 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 from unipipe_ray.data.records import DataError
+
+# What a damaged gzip stream raises: a bad header, a cut-off stream, corrupt deflate data.
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
 
 SUPPORTED = ".jsonl, .jsonl.gz, .json (a list of objects), .json.gz, .parquet, a directory written by " \
             "datasets' save_to_disk, hf:<name>[:split]"
@@ -66,15 +70,21 @@ def _read_jsonl(p: Path, name: str):
                 except json.JSONDecodeError as e:
                     yield loc, DataError(f"malformed JSON: {e.msg} (column {e.colno})", "malformed_json", loc)
                     continue
+                except RecursionError:
+                    yield loc, DataError("JSON nested too deeply to read", "malformed_json", loc)
+                    continue
                 yield loc, _as_object(record, loc)
-    except (EOFError, gzip.BadGzipFile) as e:
+    except _GZIP_ERRORS as e:
         raise DataError(f"cannot read gzip stream: {e}", "unreadable_file", name) from e
 
 
 def _read_json(p: Path, name: str):
     opener = gzip.open if name.endswith(".gz") else open
-    with opener(p, "rb") as f:
-        data = f.read()
+    try:
+        with opener(p, "rb") as f:
+            data = f.read()
+    except _GZIP_ERRORS as e:
+        raise DataError(f"cannot read gzip stream: {e}", "unreadable_file", name) from e
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -85,6 +95,8 @@ def _read_json(p: Path, name: str):
     except json.JSONDecodeError as e:
         raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", "malformed_json",
                         f"{name}:{e.lineno}") from e
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read", "malformed_json", name) from None
     if not isinstance(records, list):
         raise DataError(f"expected a JSON list of objects, got {type(records).__name__}", "wrong_type", name)
     for i, record in enumerate(records):
@@ -105,7 +117,13 @@ def _read_parquet(p: Path, name: str):
 
 def _read_saved(p: Path, name: str):
     if (p / "dataset_dict.json").exists():
-        splits = json.loads((p / "dataset_dict.json").read_text())["splits"]
+        try:
+            splits = list(json.loads((p / "dataset_dict.json").read_text())["splits"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"dataset_dict.json is not a saved DatasetDict's index ({type(e).__name__}: {e})",
+                            "unreadable_file", name) from None
+        if not splits:
+            raise DataError("a saved DatasetDict with no splits", "no_records", name)
         if len(splits) != 1:
             raise DataError(f"a saved DatasetDict with splits {splits}; pass one split's directory, e.g. "
                             f"{name}/{splits[0]}", "ambiguous_split", name)

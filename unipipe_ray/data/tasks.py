@@ -19,24 +19,31 @@ from unipipe_ray.data.load import LoadReport, load_examples, read_records
 from unipipe_ray.data.records import DataError, PreferencePair, PromptExample, SFTExample
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
+# The "#### " line: an optional currency sign, the number (extract_answer's), and whatever follows ("." etc.).
+_FINAL = re.compile(r"(\$?\s*)(-?[\d,]*\.?\d+)(.*)", re.S)
 
 
-def corrupt_solution(solution: str, rng: random.Random) -> str:
+def corrupt_solution(solution: str, rng: random.Random, loc: str = "") -> str:
     """The same solution with one arithmetic slip in its final result: the last mention of n in the working
-    and the "#### n" line both become m != n (a shift of 1-9, kept non-negative when n is)."""
+    and the "#### n" line both become m != n (a shift of 1-9, kept non-negative when n is).
+    "#### $1,250." keeps its "$" and "." around the changed number."""
     body, _, final = solution.rpartition("####")
     final = final.strip()
-    value = Decimal(final.replace(",", ""))
+    match = _FINAL.match(final)
+    if match is None:
+        raise DataError(f"answer line '#### {final[:40]}' holds no number", "missing_answer", loc)
+    prefix, number, suffix = match.groups()
+    value = Decimal(number.replace(",", ""))
     delta = rng.randint(1, 9) * rng.choice((-1, 1))
     wrong = value + delta if value + delta >= 0 or value < 0 else value + abs(delta)
-    wrong_text = f"{wrong:,}" if "," in final else str(wrong)
-    for form in dict.fromkeys((final, final.replace(",", ""))):
+    wrong_number = f"{wrong:,}" if "," in number else str(wrong)
+    for form in dict.fromkeys((number, number.replace(",", ""))):
         mentions = list(re.finditer(rf"(?<![\d.,]){re.escape(form)}(?![\d]|[.,]\d)", body))
         if mentions:
             last = mentions[-1]
-            body = body[:last.start()] + wrong_text + body[last.end():]
+            body = body[:last.start()] + wrong_number + body[last.end():]
             break
-    return f"{body}#### {wrong_text}"
+    return f"{body}#### {prefix}{wrong_number}{suffix}"
 
 
 class Gsm8kTask:
@@ -58,8 +65,8 @@ class Gsm8kTask:
 
     def preference_pairs(self, seed: int = 0) -> list[PreferencePair]:
         rng = random.Random(seed)
-        return [PreferencePair(ex.prompt, ex.response, corrupt_solution(ex.response, rng), ex.source, ex.meta)
-                for ex in self.examples]
+        return [PreferencePair(ex.prompt, ex.response, corrupt_solution(ex.response, rng, ex.source), ex.source,
+                               ex.meta) for ex in self.examples]
 
     def prompts(self) -> list[PromptExample]:
         return [PromptExample(ex.prompt, ex.source, {**ex.meta, "solution": ex.response})
@@ -80,7 +87,7 @@ def _parse_gsm8k(raw, loc: str) -> SFTExample:
         if not raw[key].strip():
             raise DataError(f"field '{key}' is empty", "empty_field", loc)
     answer = extract_answer(raw["answer"])
-    if answer is None:
+    if answer is None or _FINAL.match(raw["answer"].rpartition("####")[2].strip()) is None:
         raise DataError("field 'answer' does not end in '#### <number>'", "missing_answer", loc)
     solution = _CALCULATOR.sub("", raw["answer"]).strip()
     meta = {"answer": answer, **{k: v for k, v in raw.items() if k not in ("question", "answer")}}

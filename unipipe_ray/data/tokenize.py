@@ -19,6 +19,7 @@ Generation prompts keep their last max_prompt_length tokens.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from unipipe_ray.data.load import POLICIES, LoadReport
 from unipipe_ray.data.records import DataError, PreferencePair, PromptExample, SFTExample
@@ -26,6 +27,7 @@ from unipipe_ray.data.records import DataError, PreferencePair, PromptExample, S
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+_warned_no_template: set[str] = set()
 
 
 def prompt_ids(messages, tokenizer) -> list[int]:
@@ -34,6 +36,11 @@ def prompt_ids(messages, tokenizer) -> list[int]:
         text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         # The template writes its special tokens as text; letting encode() add BOS would double it.
         return tokenizer.encode(text, add_special_tokens=False)
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if name not in _warned_no_template:  # once per tokenizer: the prompt format differs from a chat model's
+        _warned_no_template.add(name)
+        log.warning("tokenizer %s has no chat template: prompts are rendered as 'role: content' lines ending "
+                    "in 'assistant: '", name)
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
     ids = tokenizer.encode(text, add_special_tokens=False)
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -50,21 +57,22 @@ def response_ids(text: str, tokenizer) -> list[int]:
     return ids if ids and ids[-1] == eos else ids + [eos]
 
 
-def tokenize_sft(ex: SFTExample, tokenizer, max_length: int, max_prompt_length: int | None = None) -> dict:
-    """-> {"input_ids": [T], "labels": [T]} with T <= max_length."""
+def tokenize_sft(ex: SFTExample, tokenizer, max_length: int, max_prompt_length: int | None = None,
+                 cuts: Counter | None = None) -> dict:
+    """-> {"input_ids": [T], "labels": [T]} with T <= max_length. ``cuts`` counts truncations (see _fit)."""
     limit = _prompt_limit(max_length, max_prompt_length)
     prompt, (response,) = _fit(prompt_ids(ex.prompt, tokenizer), [response_ids(ex.response, tokenizer)],
-                               max_length, limit, ex.source)
+                               max_length, limit, ex.source, cuts)
     return {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}
 
 
 def tokenize_preference(pair: PreferencePair, tokenizer, max_length: int,
-                        max_prompt_length: int | None = None) -> dict:
+                        max_prompt_length: int | None = None, cuts: Counter | None = None) -> dict:
     """-> chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels; both rows share the prompt."""
     limit = _prompt_limit(max_length, max_prompt_length)
     responses = [response_ids(pair.chosen, tokenizer), response_ids(pair.rejected, tokenizer)]
     prompt, (chosen, rejected) = _fit(prompt_ids(pair.prompt, tokenizer), responses, max_length, limit,
-                                      pair.source)
+                                      pair.source, cuts)
     if chosen == rejected:  # identical after cutting: the pair carries no preference signal
         raise DataError(f"chosen and rejected are identical after truncation to {max_length} tokens",
                         "identical_after_truncation", pair.source)
@@ -73,11 +81,14 @@ def tokenize_preference(pair: PreferencePair, tokenizer, max_length: int,
             "rejected_input_ids": prompt + rejected, "rejected_labels": masked + rejected}
 
 
-def tokenize_prompt(ex: PromptExample, tokenizer, max_prompt_length: int) -> dict:
+def tokenize_prompt(ex: PromptExample, tokenizer, max_prompt_length: int, cuts: Counter | None = None) -> dict:
     """-> {"input_ids": [T]}, the last max_prompt_length tokens of the generation prompt."""
     if max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
-    return {"input_ids": prompt_ids(ex.prompt, tokenizer)[-max_prompt_length:]}
+    ids = prompt_ids(ex.prompt, tokenizer)
+    if cuts is not None and len(ids) > max_prompt_length:
+        cuts["prompt"] += 1
+    return {"input_ids": ids[-max_prompt_length:]}
 
 
 def tokenize_all(examples, kind: str, tokenizer, max_length: int, on_bad_record: str = "error",
@@ -90,9 +101,10 @@ def tokenize_all(examples, kind: str, tokenizer, max_length: int, on_bad_record:
     if on_bad_record not in POLICIES:
         raise ValueError(f"unknown on_bad_record {on_bad_record!r}; expected one of: {', '.join(POLICIES)}")
     limit = _prompt_limit(max_length, max_prompt_length)
-    one = {"sft": lambda ex: tokenize_sft(ex, tokenizer, max_length, limit),
-           "preference": lambda ex: tokenize_preference(ex, tokenizer, max_length, limit),
-           "prompt": lambda ex: tokenize_prompt(ex, tokenizer, limit)}
+    cuts: Counter = Counter()
+    one = {"sft": lambda ex: tokenize_sft(ex, tokenizer, max_length, limit, cuts),
+           "preference": lambda ex: tokenize_preference(ex, tokenizer, max_length, limit, cuts),
+           "prompt": lambda ex: tokenize_prompt(ex, tokenizer, limit, cuts)}
     if kind not in one:
         raise ValueError(f"unknown kind {kind!r}; expected one of: {', '.join(one)}")
     report = report if report is not None else LoadReport(total=len(examples))
@@ -106,6 +118,10 @@ def tokenize_all(examples, kind: str, tokenizer, max_length: int, on_bad_record:
             report.skip(e)
     if report.skipped > skipped_before:
         log.warning("tokenize_all(%s): %s", kind, report.summary())
+    if cuts:  # inputs changed on the way in: say how many, so a user can raise max_length if it matters
+        log.warning("tokenize_all(%s): of %d examples, %d prompts lost their earliest tokens (a system turn or "
+                    "early dialogue may be gone; prompt limit %d tokens) and %d responses were cut at their end "
+                    "(max_length %d)", kind, len(examples), cuts["prompt"], limit, cuts["response"], max_length)
     if examples and not features:
         raise DataError(f"no example left after tokenization ({report.summary()})", "no_records")
     return features
@@ -119,14 +135,21 @@ def _prompt_limit(max_length: int, max_prompt_length: int | None) -> int:
     return limit
 
 
-def _fit(prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int, source: str):
-    """Apply the module's truncation policy; returns (prompt, responses)."""
+def _fit(prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int, source: str,
+         cuts: Counter | None = None):
+    """Apply the module's truncation policy; returns (prompt, responses). ``cuts["prompt"]`` and
+    ``cuts["response"]`` count the examples whose prompt start or response end was cut."""
     excess = len(prompt) + max(map(len, responses)) - max_length
+    cut_prompt = False
     if excess > 0:
         keep = max(len(prompt) - excess, min(len(prompt), max_prompt_length))
+        cut_prompt = keep < len(prompt)
         prompt = prompt[len(prompt) - keep:]
     room = max_length - len(prompt)
     if room < 1:
         raise DataError(f"no response token fits: the prompt keeps {len(prompt)} of max_length {max_length} "
                         f"tokens (max_prompt_length={max_prompt_length})", "empty_after_truncation", source)
+    if cuts is not None:
+        cuts["prompt"] += cut_prompt
+        cuts["response"] += any(len(r) > room for r in responses)
     return prompt, [r[:room] for r in responses]

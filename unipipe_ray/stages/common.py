@@ -33,7 +33,10 @@ def make_task(data: DataConfig):
         return get_task("arith", n=data.task_size, seed=data.seed)
     if data.task_path is None:
         raise ValueError(f"data.task={data.task!r} reads a file: set data.task_path")
-    return get_task(data.task, path=data.task_path)
+    task = get_task(data.task, path=data.task_path, on_bad_record=data.on_bad_record)
+    if task.report.skipped:
+        log.warning("task %s (%s): %s", data.task, data.task_path, task.report.summary())
+    return task
 
 
 def stage_examples(data: DataConfig, kind: str) -> tuple[list, list]:
@@ -59,6 +62,9 @@ def stage_examples(data: DataConfig, kind: str) -> tuple[list, list]:
         raise ValueError(f"data.eval_size={data.eval_size} leaves no training data ({len(examples)} examples)")
     train_examples = [examples[i] for i in order[data.eval_size:]]
     if data.size is not None:
+        if data.size > len(train_examples):
+            log.warning("data.size=%d, but only %d training examples remain after the %d held out: using %d",
+                        data.size, len(train_examples), data.eval_size, len(train_examples))
         train_examples = train_examples[:data.size]
     if data.budget is not None:
         train_examples = budget_part(train_examples, data, kind)
