@@ -20,8 +20,8 @@ import sys
 
 from unipipe_ray.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
 from unipipe_ray.data.records import DataError
-from unipipe_ray.stages.worker import NonFiniteLoss
 from unipipe_ray.eval import cli as eval_cli
+from unipipe_ray.stages.worker import NonFiniteLoss
 from unipipe_ray.tune import cli as tune_cli
 
 STAGES = {"sft": (SFTConfig, "supervised fine-tuning", "unipipe_ray.stages.sft:run_sft"),

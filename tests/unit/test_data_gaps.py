@@ -48,7 +48,8 @@ def test_a_saved_dataset_dict_with_no_splits(tmp_path):
         list(read_raw(tmp_path))
 
 
-GSM = [{"question": "Ann has 1,240 dollars and earns 10. How much?", "answer": "1240+10=<<1240+10=1250>>1,250\n#### $1,250"},
+GSM = [{"question": "Ann has 1,240 dollars and earns 10. How much?",
+        "answer": "1240+10=<<1240+10=1250>>1,250\n#### $1,250"},
        {"question": "Two plus two?", "answer": "2+2=4\n#### 4."},
        {"question": "Broken", "answer": "no final line"}]
 
