@@ -2,6 +2,7 @@
 learnable rule reward with each rollout engine; the reward model serves from its own actor group; a
 killed rollout actor is restarted, gets the current weights and the run goes on."""
 
+import dataclasses
 import json
 
 import pytest
@@ -55,6 +56,15 @@ def test_reward_model_group_critic_and_a_killed_rollout_actor(ray_cluster, tmp_p
     assert all(h["ppo/reward_std"] > 0 for h in rows)  # real, varying reward-model scores
     assert all(h["ppo/value_loss"] >= 0 for h in rows)
     assert rows[1]["ppo/engine_trainer_logp_max_diff"] < LOGP_ATOL  # the restarted engine got the current weights
+    # The iteration right after the restart equals an uninterrupted run's (same config, stopped after it):
+    # a restart path that skipped the re-sync would sample from the initial weights and differ here.
+    reference = tmp_path / "uninterrupted"
+    with pytest.raises(RuntimeError, match="injected stop"):
+        run_ppo(dataclasses.replace(cfg, output_dir=str(reference)), inject_stop_at=2)
+    expected = history(reference)
+    for key in ("ppo/proxy_mean", "ppo/reward_std", "ppo/response_length", "ppo/policy_loss", "ppo/value_loss",
+                "ppo/kl"):
+        assert rows[1][key] == pytest.approx(expected[1][key], rel=1e-5, abs=1e-7), key
 
 
 LEARNABLE = ["estimator=grpo", "ppo_epochs=4", "train.lr=3e-2", "kl_coef=0", "rule_reward=tests.ray.rules:low_id_share"]

@@ -4,7 +4,7 @@ and the per-response-token views of model outputs."""
 import pytest
 import torch
 
-from unipipe_ray.config import PPOConfig, load_config
+from unipipe_ray.config import ConfigError, PPOConfig, load_config
 from unipipe_ray.logps import sequence_logps, token_logps
 from unipipe_ray.stages.ppo import advantages_and_returns, load_rule, pad_rows, scalar_rewards
 from unipipe_ray.workers.group import split
@@ -67,6 +67,13 @@ def test_rule_reward_spec():
     assert load_rule("tests.ray.rules:low_id_share")(None, "", [1, 60000]) == 0.5
     with pytest.raises(ValueError, match="module:function"):
         load_rule("tests.ray.rules")
+    # a typo or a non-function is a config error naming the key, raised before any actor starts
+    with pytest.raises(ConfigError, match="gold_rule: cannot load 'tests.ray.rules:nope': AttributeError"):
+        load_rule("tests.ray.rules:nope", "gold_rule")
+    with pytest.raises(ConfigError, match="rule_reward: cannot load 'no_such_module:f': ModuleNotFoundError"):
+        load_rule("no_such_module:f")
+    with pytest.raises(ConfigError, match="is not callable"):
+        load_rule("tests.floors:LOGP_ATOL")
 
 
 def test_response_logps_equal_the_stage_logps():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from unipipe_ray.config import PPOConfig, to_dict
+from unipipe_ray.config import ConfigError, PPOConfig, to_dict
 from unipipe_ray.files import recover_dir, replace_dir, write_json_atomic
 from unipipe_ray.rl import (
     AdaptiveKLController,
@@ -51,22 +51,31 @@ def scalar_rewards(cfg: PPOConfig, proxy: list[float], gold: list[float], rule: 
     return r - cfg.missing_eos_penalty * (1.0 - as_tensor([float(f) for f in finished]))
 
 
-def load_rule(spec: str | None):
-    """Import a rule reward "module:function" (called as f(example, text, response_ids) -> float)."""
+def load_rule(spec: str | None, key: str = "rule_reward"):
+    """Import a rule reward "module:function" (called as f(example, text, response_ids) -> float).
+
+    The config names code that runs in this process: configs are trusted input (docs/reliability.md).
+    run_ppo resolves both rules before any actor starts, so a typo stops the stage with the key's name."""
     if spec is None:
         return None
     import importlib
 
     module, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"rule_reward {spec!r} must look like module:function")
-    return getattr(importlib.import_module(module), name)
+    if not module or not name:
+        raise ConfigError(key, f"{spec!r} must look like module:function")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(key, f"cannot load {spec!r}: {type(e).__name__}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(key, f"{spec!r} is not callable")
+    return fn
 
 
 def gold_scorer(cfg: PPOConfig, task):
     """The gold reward f(example, text, response_ids): cfg.gold_rule, else the task's checker, else None."""
     if cfg.gold_rule:
-        return load_rule(cfg.gold_rule)
+        return load_rule(cfg.gold_rule, "gold_rule")
     if task is not None and task.has_gold_reward:
         return lambda example, text, response_ids: task.gold_reward(example, text)
     return None
@@ -287,6 +296,7 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
             paths["critic"] = resume / "critic"
     tokenizer = load_tokenizer(cfg.model)
     train_prompts, _, task = load_prompts(cfg, tokenizer)
+    gold_scorer(cfg, task), load_rule(cfg.rule_reward)  # refuse a bad module:function before actors start
     check_same_config(out_dir / "ppo_config.json", to_dict(cfg))
     recover_dir(out_dir / "best_gold")  # a kill mid-swap left the previous best at best_gold.old
     init_ray(address)

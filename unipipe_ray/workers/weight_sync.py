@@ -11,14 +11,36 @@ from the trainer's GPU to the engines' GPUs, and the workers reload them in plac
     specs = weight_specs(state_dict)                         # names, dtypes, shapes: fixed for a run
     sender.send(state_dict) || engine.receive_weights(specs)  # concurrently; then the engine has the new weights
 
-Transport: NCCL when CUDA is available. Without CUDA the same protocol runs over the group's TCP store
-(``broadcast_obj``, pickled tensors: slow, for testing the protocol with the CPU build of vLLM; on CPU the
-object-store path, ``weight_sync: object_store``, is the one to use).
+Transport: NCCL when CUDA is available. Without CUDA the same protocol runs over a gloo group built on the
+group's store, and each tensor travels as its raw bytes, checked against the spec's size: nothing received
+is unpickled (the store's own ``broadcast_obj`` pickles, and an engine must not run whatever arrives). On CPU
+the object-store path, ``weight_sync: object_store``, is the faster one; this path tests the protocol.
 """
 
 from __future__ import annotations
 
+import datetime
+
 import torch
+
+GLOO_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def to_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's memory as a flat uint8 tensor (any dtype, bf16 included: gloo need not support it)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def from_bytes(raw: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``to_bytes`` for a tensor of ``dtype`` and ``shape``; refuses a buffer of the wrong size."""
+    tp = getattr(torch, dtype, None)
+    if not isinstance(tp, torch.dtype):
+        raise ValueError(f"weight sync: unknown dtype {dtype!r}")
+    expected = torch.Size(shape).numel() * tp.itemsize
+    if raw.dtype != torch.uint8 or raw.numel() != expected:
+        raise ValueError(f"weight sync: got {raw.numel()} bytes for a {dtype} tensor of shape {tuple(shape)} "
+                         f"({expected} expected)")
+    return raw.view(tp).reshape(shape)
 
 
 def weight_specs(state_dict: dict) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -32,18 +54,31 @@ class _Channel:
 
         self.group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
         self.device = torch.device(device)
-        self.nccl = None
+        self.nccl = self.gloo = None
         if self.device.type == "cuda":
             from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
 
             self.nccl = PyNcclCommunicator(self.group, device=self.device)
+        else:
+            from torch.distributed import PrefixStore, ProcessGroupGloo
+
+            # Its own prefix: the group's store also carries vLLM's keys.
+            self.gloo = ProcessGroupGloo(PrefixStore("unipipe-weights", self.group.store), rank, world_size,
+                                         GLOO_TIMEOUT)
+
+    def _gloo_broadcast(self, buffer: torch.Tensor) -> None:
+        from torch.distributed import BroadcastOptions
+
+        opts = BroadcastOptions()
+        opts.rootRank = 0
+        self.gloo.broadcast([buffer], opts).wait()
 
     def send(self, tensors) -> None:
         for t in tensors:
             if self.nccl is not None:
                 self.nccl.broadcast(t.to(self.device).contiguous(), src=0, stream=torch.cuda.current_stream())
             else:
-                self.group.broadcast_obj(t.detach().cpu(), src=0)
+                self._gloo_broadcast(to_bytes(t))
         if self.nccl is not None:
             torch.cuda.current_stream().synchronize()
 
@@ -54,7 +89,10 @@ class _Channel:
                 buffer = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
                 self.nccl.broadcast(buffer, src=0, stream=torch.cuda.current_stream())
             else:
-                buffer = self.group.broadcast_obj(None, src=0)
+                size = torch.Size(shape).numel() * getattr(torch, dtype).itemsize
+                raw = torch.empty(size, dtype=torch.uint8)
+                self._gloo_broadcast(raw)
+                buffer = from_bytes(raw, dtype, shape)
             out.append((name, buffer))
         if self.nccl is not None:
             torch.cuda.current_stream().synchronize()
