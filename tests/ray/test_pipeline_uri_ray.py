@@ -7,6 +7,7 @@ import shutil
 
 import pyarrow.fs as pafs
 import pytest
+from ray.train import TrainingFailedError
 
 from unipipe_ray.config import PipelineConfig, load_config
 from unipipe_ray.pipeline import rundir
@@ -66,7 +67,7 @@ def test_a_uri_run_continues_on_a_fresh_machine_from_what_reached_the_uri(ray_cl
     bare = uri.split("?")[0]
 
     monkeypatch.setattr(rundir, "cache_dir", lambda: tmp_path / "machine-a")
-    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the killed worker in its own error types
+    with pytest.raises(TrainingFailedError):  # the killed DPO worker, with no restart left
         run_pipeline(cfg, given, inject={"dpo": {"inject_failure_at": 1}})
     stages = remote_json(uri, "manifest.json")["stages"]
     assert stages["sft"]["status"] == "done" and stages["dpo"]["status"] == "failed"

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from ray.train import TrainingFailedError
 from safetensors.torch import load_file
 
 from tests.floors import assert_identical, assert_same_update
@@ -154,17 +155,21 @@ def test_deepspeed_zero2_stage_matches_plain_data_parallel(uninterrupted, tmp_pa
 def test_dpo_with_a_pair_scheduler_survives_a_worker_failure(ray_cluster, tmp_path, scheduler, keep_ratio, batch):
     """2 workers; rank 1 dies in step 3, after step 2's checkpoint, so the resumed run reloads the scheduler (SamS nets,
     pool, pending round; the random generator) from the checkpoint. Random keeps 1 of 4 pairs: one rank
-    always has none, and must still take part in the step (zero-weighted pass, same metric all-reduces)."""
-    cfg = load_config(DPOConfig, overrides=DATA + [
-        f"output_dir={tmp_path}", "train.num_workers=2", f"train.batch_size={batch}", "train.max_steps=4",
-        "train.lr=1e-3", "train.checkpoint_every=2", f"scheduler={scheduler}", f"keep_ratio={keep_ratio}",
-        "sams.depth=2", "sams.width=64"])
+    always has none, and must still take part in the step (zero-weighted pass, same metric all-reduces).
+    The resumed run ends on the uninterrupted run's weights, bit for bit (same layout)."""
+    overrides = DATA + ["train.num_workers=2", f"train.batch_size={batch}", "train.max_steps=4", "train.lr=1e-3",
+                        "train.checkpoint_every=2", f"scheduler={scheduler}", f"keep_ratio={keep_ratio}",
+                        "sams.depth=2", "sams.width=64"]
+    cfg = load_config(DPOConfig, overrides=overrides + [f"output_dir={tmp_path / 'killed'}"])
     result = run_dpo(cfg, inject_failure_at=2)
-    assert (tmp_path / ".dpo_failure_injected").exists()
+    assert (tmp_path / "killed" / ".dpo_failure_injected").exists()
     m = result["metrics"]
     assert m["step"] == 4 and math.isfinite(m["dpo/loss"]) and m["resumed_at_step"] == 2
     if scheduler == "sams":
         assert m["sams/pool_batches"] == 3  # rounds 1-3 finished and pooled, across the restart
+    reference = run_dpo(load_config(DPOConfig, overrides=overrides + [f"output_dir={tmp_path / 'whole'}"]))
+    assert reference["metrics"]["resumed_at_step"] == 0
+    assert_identical(weights(result["checkpoint"]), weights(reference["checkpoint"]))
 
 
 def test_a_restarted_job_resumes_to_the_same_weights(uninterrupted, tmp_path):
@@ -174,7 +179,7 @@ def test_a_restarted_job_resumes_to_the_same_weights(uninterrupted, tmp_path):
     overrides = DATA + [f"output_dir={tmp_path}", "train.batch_size=8", "train.max_steps=3", "train.lr=3e-3",
                         "train.warmup_ratio=0", "train.checkpoint_every=1", "train.max_failures=0"]
     cfg = load_config(SFTConfig, overrides=overrides)
-    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death in its own error types
+    with pytest.raises(TrainingFailedError, match="max_failures=0|[Ff]ail"):  # the dead worker, no restart left
         run_sft(cfg, inject_failure_at=2)
     assert (tmp_path / ".sft_failure_injected").exists()
     result = run_sft(load_config(SFTConfig, overrides=overrides))

@@ -136,7 +136,7 @@ def build_groups(cfg: PPOConfig, paths: dict, pad_id: int, threads: int) -> dict
                    **trainer},
         "reference": {"model_path": paths["reference"], "pad_id": pad_id, "temperature": cfg.temperature,
                       "threads": threads},
-        "reward": {"model_path": paths.get("reward"), "pad_id": pad_id, "threads": threads},
+        "reward": {"model_path": paths.get("reward"), "pad_id": pad_id, "threads": threads, "seed": cfg.train.seed},
         "critic": {"model_path": paths["critic"], "lr": cfg.critic_lr, "clip_eps": cfg.value_clip_eps, **trainer},
     }
     groups = {name: ActorGroup(cls, n, kwargs[name], num_cpus=cpu, num_gpus=gpu, placement=pg,

@@ -11,6 +11,8 @@ data-parallel through ``distributed.Engine`` (DDP or DeepSpeed ZeRO, like the ot
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from unipipe_ray import distributed as dist
@@ -199,13 +201,22 @@ class ReferenceModel:
 
 
 class RewardScorer:
-    def __init__(self, model_path: str, pad_id: int, threads: int | None = None, batch_size: int = 32):
+    def __init__(self, model_path: str, pad_id: int, threads: int | None = None, batch_size: int = 32,
+                 seed: int = 0):
         from transformers import AutoModelForSequenceClassification
 
         if threads:
             torch.set_num_threads(threads)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=1, dtype=torch.float32, use_safetensors=True).eval()
+        # Seeded: a checkpoint without a trained score head gets a random one, and every reward actor (and a
+        # restarted one) must draw the same head, or they would score the same text differently.
+        torch.manual_seed(seed)
+        self.model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=1, dtype=torch.float32, use_safetensors=True, output_loading_info=True)
+        self.model.eval()
+        if info["missing_keys"]:
+            logging.getLogger(__name__).warning(
+                "reward model %s has no trained weights for %s: randomly initialised (seed %d); train one with "
+                "the rm stage", model_path, ", ".join(info["missing_keys"]), seed)
         self.pad_id, self.batch_size = pad_id, batch_size
 
     @torch.no_grad()
