@@ -4,6 +4,11 @@ killed rollout actor is restarted, gets the current weights and the run goes on.
 
 import dataclasses
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +117,35 @@ def test_stopped_run_resumes_from_its_checkpoint_and_an_agreeing_gold_keeps_the_
     assert rows[-1]["ppo/rule_mean"] > rows[0]["ppo/rule_mean"]
     assert rows[2]["ppo/engine_trainer_logp_max_diff"] < LOGP_ATOL  # engines started from the checkpoint too
     assert not (tmp_path / "checkpoint.new").exists() and (tmp_path / "checkpoint" / "controller.json").is_file()
+
+
+def test_driver_killed_inside_a_checkpoint_save_resumes_from_the_last_complete_one(ray_cluster, tmp_path):
+    """The PPO driver runs in a child process on this cluster and is SIGKILLed while it writes a checkpoint
+    (checkpoint/ complete, checkpoint.new half written). The rerun resumes from the complete one and repeats
+    the next iteration exactly as the killed run had computed it before the save."""
+    overrides = BASE + LEARNABLE + [f"model={tiny_model_dir(tie_word_embeddings=False)}", f"output_dir={tmp_path}",
+                                    "iterations=4", "train.checkpoint_every=1"]
+    address = ray_cluster.get_runtime_context().gcs_address
+    script = (f"import ray\nfrom unipipe_ray.config import PPOConfig, load_config\n"
+              f"from unipipe_ray.stages.ppo import run_ppo\nray.init(address={address!r})\n"
+              f"run_ppo(load_config(PPOConfig, overrides={overrides!r}))\n")
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
+    complete, partial = tmp_path / "checkpoint" / "controller.json", tmp_path / "checkpoint.new"
+    deadline = time.time() + 300
+    while not (complete.is_file() and partial.is_dir()):  # a later save is under way
+        assert child.poll() is None and time.time() < deadline, "the child ended before a second save"
+        time.sleep(0.002)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert partial.is_dir() and not (partial / "controller.json").exists()  # killed inside the save
+    before = history(tmp_path)
+    done = json.loads(complete.read_text())["iteration"]
+    assert len(before) == done + 1  # the killed run had finished the iteration it was saving
+    while ray_cluster.available_resources().get("CPU", 0) < 4:  # the dead driver's actors are released
+        time.sleep(0.5)
+    result = run_ppo(load_config(PPOConfig, overrides=overrides))
+    rows = history(tmp_path)
+    assert result["resumed_at_iteration"] == done and [h["iteration"] for h in rows] == [1, 2, 3, 4]
+    for key in ("ppo/rule_mean", "ppo/response_length", "ppo/policy_loss", "ppo/approx_kl", "ppo/grad_norm"):
+        assert rows[done][key] == before[done][key], key
+    assert not partial.exists()

@@ -89,8 +89,8 @@ def test_recover_dir_puts_the_old_copy_back_after_a_kill_between_the_renames(tmp
     assert recover_dir(tmp_path / "nothing") is None
 
 
-def test_write_text_atomic_on_a_full_tmpfs(tmp_path):
-    """A real full disk where one is at hand (a 64 KiB tmpfs needs root): the old copy stays."""
+def test_a_full_tmpfs_keeps_the_previous_file_and_checkpoint(tmp_path):
+    """A real full disk (a 64 KiB tmpfs; mounting needs root, which the dev machine and CI have)."""
     mount = tmp_path / "small"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
@@ -102,5 +102,20 @@ def test_write_text_atomic_on_a_full_tmpfs(tmp_path):
             write_text_atomic(path, "x" * 200_000)
         assert e.value.errno == errno.ENOSPC
         assert path.read_text() == "old" and [p.name for p in mount.iterdir()] == ["report.md"]
+        # a checkpoint directory that no longer fits: the previous one stays whole, the half-built copy goes
+
+        def checkpoint(size):
+            def build(d):
+                d.mkdir()
+                (d / "model.safetensors").write_bytes(b"w" * size)
+                (d / "config.json").write_text("{}")
+            return build
+
+        ckpt = replace_dir(mount / "checkpoint", checkpoint(20_000), complete="config.json")
+        with pytest.raises(OSError) as e:
+            replace_dir(ckpt, checkpoint(60_000), complete="config.json")
+        assert e.value.errno == errno.ENOSPC
+        assert recover_dir(ckpt, "config.json") == ckpt and (ckpt / "model.safetensors").stat().st_size == 20_000
+        assert sorted(p.name for p in mount.iterdir()) == ["checkpoint", "report.md"]
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
