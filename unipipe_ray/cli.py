@@ -21,6 +21,7 @@ import sys
 from unipipe_ray.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
 from unipipe_ray.data.records import DataError
 from unipipe_ray.eval import cli as eval_cli
+from unipipe_ray.files import RunLocked
 from unipipe_ray.stages.worker import NonFiniteLoss
 from unipipe_ray.tune import cli as tune_cli
 
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Errors in what the user gave (data records, a model path, a resume that would mix configs), raised by a
 # stage after Ray started: a message and exit 2 like a bad config, not a traceback and exit 1.
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, RunLocked)
 
 
 def _run_pipeline(args) -> int:

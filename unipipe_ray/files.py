@@ -8,6 +8,7 @@ Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -83,3 +84,41 @@ def recover_dir(directory: str | Path, complete: str | None = None) -> Path | No
         shutil.rmtree(old, ignore_errors=True)
         return directory
     return None
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the run directory (a second ``unipipe run`` or ``ray job submit``)."""
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | Path, what: str = "run"):
+    """Hold ``<directory>/.lock`` for the duration: a second holder is refused with the first one's name.
+
+    An ``flock`` on an open file: the kernel releases it when the holder dies, however it dies, so a
+    killed run never leaves a stale lock. The file records who holds it (host, pid, start time, Ray job).
+    """
+    import fcntl
+    import socket
+    import time
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / ".lock"
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunLocked(f"{directory} is in use by {holder}; wait for that {what} to end or use another "
+                            f"directory") from None
+        f.seek(0)
+        f.truncate()
+        job = os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                + (f" (Ray job {job})" if job else ""))
+        f.flush()
+        yield path
+    finally:
+        f.close()  # releases the flock

@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from unipipe_ray.config import PipelineConfig, to_dict
+from unipipe_ray.files import run_lock
 from unipipe_ray.pipeline.chain import stage_config
 from unipipe_ray.pipeline.manifest import Manifest
 from unipipe_ray.pipeline.rundir import RunDir
@@ -49,8 +50,14 @@ def run_pipeline(cfg: PipelineConfig, given: set[str], address: str | None = Non
     (chain.given_keys). ``inject`` (tests): {stage: kwargs for its run function}, e.g. a stop in PPO.
 
     A URI run_dir (s3://...) is checked here, before any training, and the run works in its local staging
-    copy, pulled first and pushed as stages end (rundir.py)."""
+    copy, pulled first and pushed as stages end (rundir.py). The run holds ``<run_dir>/.lock`` throughout: a
+    second driver on the same run_dir stops with RunLocked, naming the first, and touches nothing."""
     run_dir = RunDir(cfg.run_dir)
+    with run_lock(run_dir.local, "pipeline run"):
+        return _run_chain(cfg, run_dir, given, address, inject)
+
+
+def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: str | None, inject) -> dict:
     if run_dir.uri:
         print(f"pipeline: run_dir {run_dir.uri}: working in the staging copy {run_dir.local}", flush=True)
     run_dir.pull(cfg.stages)

@@ -147,12 +147,11 @@ def build_groups(cfg: PPOConfig, paths: dict, pad_id: int, threads: int) -> dict
 
 
 def join_weight_group(groups: dict) -> list:
-    """Trainer rank 0 and every engine join one weight group (collective sync); returns the weight specs."""
+    """Trainer rank 0 and every engine join one weight group (collective sync); returns the weight specs.
+    Rank 0 hosts the group, so it meets at rank 0's node (not the driver's, another node on a cluster)."""
     import ray
 
-    from unipipe_ray.distributed import free_port
-
-    host, port = ray.util.get_node_ip_address(), free_port()
+    host, port = ray.get(groups["policy"].actors[0].meeting_point.remote())
     world = 1 + len(groups["engines"])
     ray.get([groups["policy"].actors[0].join_weight_group.remote(host, port, world)]
             + [e.join_weight_group.remote(host, port, 1 + i, world) for i, e in enumerate(groups["engines"].actors)])

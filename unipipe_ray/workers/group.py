@@ -4,8 +4,10 @@
     group.call("logps", samples)            same arguments to every actor -> list of results
     group.call_split("score", samples)      items split evenly across actors -> concatenated results
 
-``distributed=True`` gives each actor ``rank``, ``world`` and a shared ``master`` (address, port) so the
-group forms its own torch process group. Actors restart after a crash (``max_restarts``); ``call`` retries
+``distributed=True`` gives each actor ``rank``, ``world`` and a shared ``master`` (a Meeting) so the group
+forms its own torch process group, hosted by rank 0 on its own node: rank 0 picks its node's IP and a port
+free there, the others wait for it (the driver's address would be wrong on a cluster, where rank 0 runs on
+another node). Actors restart after a crash (``max_restarts``); ``call`` retries
 once on a restarted actor after ``on_restart(actor)`` (e.g. to push current weights).
 """
 
@@ -15,6 +17,37 @@ import logging
 import time
 
 log = logging.getLogger(__name__)
+
+
+class Meeting:
+    """Where a group's rank 0 listens: rank 0 sets it, the other ranks wait for it (a 0-CPU actor)."""
+
+    def __init__(self):
+        self.address: tuple[str, int] | None = None
+
+    def set(self, address: tuple[str, int]) -> None:
+        self.address = address
+
+    def get(self) -> tuple[str, int] | None:
+        return self.address
+
+
+def meet(meeting, rank: int, timeout_s: float = 600.0) -> tuple[str, int]:
+    """Rank 0: publish (this node's IP, a port free on it) and return it; other ranks: wait for rank 0's."""
+    import ray
+
+    from unipipe_ray.distributed import free_port
+
+    if rank == 0:
+        address = (ray.util.get_node_ip_address(), free_port())
+        ray.get(meeting.set.remote(address))
+        return address
+    deadline = time.monotonic() + timeout_s
+    while (address := ray.get(meeting.get.remote())) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: rank 0 did not publish its address within {timeout_s:.0f} s")
+        time.sleep(0.1)
+    return tuple(address)
 
 
 def placement_bundles(groups: dict[str, int], cpus_per_actor: float, gpus_per_actor: float, colocate: bool):
@@ -39,10 +72,9 @@ class ActorGroup:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from unipipe_ray.distributed import free_port
-
         remote = ray.remote(cls)
-        master = (ray.util.get_node_ip_address(), free_port()) if distributed and n > 1 else None
+        self.meeting = ray.remote(num_cpus=0)(Meeting).remote() if distributed and n > 1 else None
+        master = self.meeting
         self.actors, self.name = [], cls.__name__
         for rank in range(n):
             options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": max_restarts,
@@ -100,7 +132,7 @@ class ActorGroup:
     def kill(self) -> None:
         import ray
 
-        for a in self.actors:
+        for a in self.actors + ([self.meeting] if self.meeting is not None else []):
             ray.kill(a, no_restart=True)
 
 

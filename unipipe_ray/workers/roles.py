@@ -28,12 +28,19 @@ from unipipe_ray.workers.sequences import (
 )
 
 
-def _setup(threads: int | None, seed: int, rank: int, world: int, master: tuple | None) -> None:
+def _setup(threads: int | None, seed: int, rank: int, world: int, master) -> tuple | None:
+    """Threads, seed, and (``master``: the group's meeting point, workers.group.Meeting) the process group,
+    hosted by rank 0 on its own node. Returns the (address, port) the group met at."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed + rank)
-    if master is not None:
-        dist.init_group(rank, world, *master)
+    if master is None:
+        return None
+    from unipipe_ray.workers.group import meet
+
+    address = meet(master, rank)
+    dist.init_group(rank, world, *address)
+    return address
 
 
 def _minibatches(n: int, size: int, epoch: int, seed: int) -> list[list[int]]:
@@ -51,7 +58,7 @@ class PolicyTrainer:
                  seed: int = 0, threads: int | None = None, rank: int = 0, world: int = 1, master=None):
         from transformers import AutoModelForCausalLM
 
-        _setup(threads, seed, rank, world, master)
+        self.group_address = _setup(threads, seed, rank, world, master)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
         model.config.use_cache = False
         self.engine = dist.Engine(model, lr, 0.0, max_grad_norm, total_updates, warmup_steps=0, backend=backend,
@@ -103,6 +110,12 @@ class PolicyTrainer:
 
         return weight_specs(self.engine.module.state_dict())
 
+    def meeting_point(self) -> tuple[str, int]:
+        """(this node's IP, a port free on it): where this rank can host a group the engines join."""
+        import ray
+
+        return ray.util.get_node_ip_address(), dist.free_port()
+
     def join_weight_group(self, host: str, port: int, world_size: int) -> None:
         """Rank 0 becomes rank 0 of the engines' weight group (workers.weight_sync)."""
         if dist.is_main():
@@ -147,7 +160,7 @@ class CriticTrainer:
                  world: int = 1, master=None):
         from transformers import AutoModelForSequenceClassification
 
-        _setup(threads, seed, rank, world, master)
+        self.group_address = _setup(threads, seed, rank, world, master)
         model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32,
                                                                    use_safetensors=True)
         model.config.pad_token_id = pad_id
