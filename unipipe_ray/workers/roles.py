@@ -110,6 +110,12 @@ class PolicyTrainer:
 
         return weight_specs(self.engine.module.state_dict())
 
+    def placement(self) -> tuple[str, tuple | None]:
+        """(this actor's node IP, the address its process group met at): where a group really formed."""
+        import ray
+
+        return ray.util.get_node_ip_address(), self.group_address
+
     def meeting_point(self) -> tuple[str, int]:
         """(this node's IP, a port free on it): where this rank can host a group the engines join."""
         import ray
