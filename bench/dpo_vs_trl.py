@@ -75,7 +75,7 @@ def load_features(args, tokenizer, n_pairs: int) -> list[dict]:
 
 def load_models(args):
     """(policy in train mode, frozen reference), same weights, on the device."""
-    from unipipe_ray.models import load_causal_lm
+    from unipipe_ray.core.models import load_causal_lm
 
     policy = load_causal_lm(args.model, dtype=getattr(torch, args.dtype)).to(args.device).train()
     ref = load_causal_lm(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval().requires_grad_(False)
@@ -94,7 +94,7 @@ class OurSide:
     """Our DPO step: forward.py policy forward, no_grad reference, dpo_loss, Engine backward + AdamW step."""
 
     def __init__(self, args, features, pad_id, chunk_size, total_steps):
-        from unipipe_ray.distributed import Engine
+        from unipipe_ray.runtime.distributed import Engine
 
         policy, self.ref = load_models(args)
         # Engine: the stage's AdamW + clipping + warmup/cosine schedule, a plain module on one process
@@ -115,13 +115,13 @@ class OurSide:
 
     @torch.no_grad()
     def _ref_logps(self, batch):
-        from unipipe_ray.stages.forward import sequence_pair_logps
+        from unipipe_ray.core.forward import sequence_pair_logps
 
         return sequence_pair_logps(self.ref, self.ref, batch, self.chunk_size)
 
     def step(self, k: int) -> dict:
-        from unipipe_ray.losses import dpo_loss
-        from unipipe_ray.stages.forward import sequence_pair_logps
+        from unipipe_ray.core.forward import sequence_pair_logps
+        from unipipe_ray.core.losses import dpo_loss
 
         start = clock(self.args.device)
         batch = self._batch(k)
@@ -343,8 +343,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from unipipe_ray.core.models import load_tokenizer
     from unipipe_ray.data import collate_preference
-    from unipipe_ray.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     total = (args.memory_steps if args.probe else args.warmup + args.steps)

@@ -66,14 +66,14 @@ def measure(args) -> dict:
     """One side, in this process: load, warm up, time one batched generation."""
     import torch
 
-    from unipipe_ray.models import load_tokenizer, resolve_model
+    from unipipe_ray.core.models import load_tokenizer, resolve_model
 
     path = str(resolve_model(args.model))
     prompts = prompt_ids(args, load_tokenizer(args.model))
     threads = args.threads
     start = time.perf_counter()
     if args.side in ("ours-vllm", "ours-hf"):
-        from unipipe_ray.workers.rollout import make_engine
+        from unipipe_ray.ppo.rollout import make_engine
 
         engine = make_engine(args.side.removeprefix("ours-"), path, dtype=args.dtype, threads=threads)
         run = lambda ps, t: [len(s.response_ids) for s in engine.generate(ps, 1, t, 1.0)]  # noqa: E731

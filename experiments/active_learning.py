@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unipipe_ray.core.losses import bradley_terry_loss
+from unipipe_ray.core.models import cache_dir, load_tokenizer, resolve_model
 from unipipe_ray.data import collate_preference, load_examples, tokenize_all
 from unipipe_ray.eval.select import ensemble_disagreement, margin_uncertainty, top_k
 from unipipe_ray.eval.summary import compare_scores, entry
-from unipipe_ray.losses import bradley_terry_loss
-from unipipe_ray.models import cache_dir, load_tokenizer, resolve_model
 
 ARMS = ("random", "ensemble", "margin")
 

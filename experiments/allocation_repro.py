@@ -45,7 +45,7 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
 def default_base() -> str:
-    from unipipe_ray.models import cache_dir
+    from unipipe_ray.core.models import cache_dir
 
     return str(cache_dir() / "allocation_base")
 

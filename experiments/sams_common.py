@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from unipipe_ray.config import DPOConfig, TrainConfig
+from unipipe_ray.core.sams import SamsSettings
 from unipipe_ray.data import collate_preference
-from unipipe_ray.sams import SamsSettings
 from unipipe_ray.stages.dpo import PairSelector, RefScorer, no_grad_chunk, pair_logps, pair_losses
 
 HH_PATH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless/test.jsonl.gz"

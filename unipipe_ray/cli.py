@@ -21,14 +21,14 @@ import sys
 from unipipe_ray.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
 from unipipe_ray.data.records import DataError
 from unipipe_ray.eval import cli as eval_cli
-from unipipe_ray.files import RunLocked
-from unipipe_ray.stages.worker import NonFiniteLoss
+from unipipe_ray.runtime.files import RunLocked
+from unipipe_ray.runtime.loop import NonFiniteLoss
 from unipipe_ray.tune import cli as tune_cli
 
 STAGES = {"sft": (SFTConfig, "supervised fine-tuning", "unipipe_ray.stages.sft:run_sft"),
           "rm": (RMConfig, "reward model (Bradley-Terry)", "unipipe_ray.stages.reward:run_rm"),
           "dpo": (DPOConfig, "direct preference optimization", "unipipe_ray.stages.dpo:run_dpo"),
-          "ppo": (PPOConfig, "RLHF with PPO / GRPO / RLOO", "unipipe_ray.stages.ppo:run_ppo")}
+          "ppo": (PPOConfig, "RLHF with PPO / GRPO / RLOO", "unipipe_ray.ppo.controller:run_ppo")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,9 +87,9 @@ def _run_pipeline(args) -> int:
 
 
 def _answer_eval(cfg: SFTConfig, checkpoint: str | None, n: int) -> dict:
+    from unipipe_ray.core.models import load_tokenizer
     from unipipe_ray.eval.generation import answer_accuracy
-    from unipipe_ray.models import load_tokenizer
-    from unipipe_ray.stages.common import load_stage_data, make_task
+    from unipipe_ray.runtime.launch import load_stage_data, make_task
 
     task = make_task(cfg.data)
     if not task.has_gold_reward:

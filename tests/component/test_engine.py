@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tests.floors import GRAD_NORM_RTOL, LOSS_ATOL, assert_same_update
-from unipipe_ray import distributed as ud
+from unipipe_ray.runtime import distributed as ud
 
 VOCAB, SEQ, GLOBAL_BATCH, STEPS, TOTAL_STEPS, WARMUP = 128, 12, 8, 4, 6, 2
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-2, 0.1, 0.5

@@ -92,7 +92,7 @@ def test_to_dict_round_trips(tmp_path):
 
 
 def test_resuming_with_a_changed_config_is_refused(tmp_path):
-    from unipipe_ray.stages.common import check_same_config
+    from unipipe_ray.runtime.launch import check_same_config
 
     cfg = to_dict(load_config(SFTConfig, overrides=["train.lr=1e-4"]))
     check_same_config(tmp_path / "sft_config.json", cfg)

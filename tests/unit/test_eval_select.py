@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from unipipe_ray.cli import main
+from unipipe_ray.core.models import load_tokenizer, tiny_model_dir
 from unipipe_ray.data import DataError
 from unipipe_ray.eval.scoring import load_policy, load_reward_model, response_logps, reward_scores
 from unipipe_ray.eval.select import (
@@ -18,7 +19,6 @@ from unipipe_ray.eval.select import (
     read_candidates,
     top_k,
 )
-from unipipe_ray.models import load_tokenizer, tiny_model_dir
 
 PROMPT = [{"role": "user", "content": "How do I stay safe online?"}]
 PAIRS = [

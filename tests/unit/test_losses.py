@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from unipipe_ray.losses import (
+from unipipe_ray.core.losses import (
     bradley_terry_loss,
     dpo_loss,
     masked_mean,

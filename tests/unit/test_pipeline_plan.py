@@ -46,7 +46,7 @@ def test_plan_skip_resume_run(tmp_path):
 
 
 def test_operational_keys_neither_rerun_a_done_stage_nor_block_a_resume(tmp_path):
-    from unipipe_ray.stages.common import check_same_config
+    from unipipe_ray.runtime.launch import check_same_config
 
     cfg = load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}"])
     m = Manifest(tmp_path)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from unipipe_ray.sams import (
+from unipipe_ray.core.sams import (
     SamsScheduler,
     SamsSettings,
     batch_reward,
@@ -14,7 +14,7 @@ from unipipe_ray.sams import (
     pair_rewards,
     sample_reward,
 )
-from unipipe_ray.sams_nets import downsample
+from unipipe_ray.core.sams_nets import downsample
 
 torch.set_num_threads(1)
 
@@ -243,7 +243,7 @@ def test_bad_settings_rejected():
 
 def test_import_pulls_no_heavy_framework():
     code = (
-        "import sys, unipipe_ray.sams; "
+        "import sys, unipipe_ray.core.sams; "
         "print([m for m in ('ray', 'deepspeed', 'vllm', 'transformers') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)

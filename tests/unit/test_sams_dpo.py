@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unipipe_ray.config import DPOConfig, TrainConfig
-from unipipe_ray.sams import SamsSettings
+from unipipe_ray.core.sams import SamsSettings
 from unipipe_ray.stages.dpo import PairSelector, RefScorer, no_grad_chunk, pair_logps
 
 torch.set_num_threads(1)

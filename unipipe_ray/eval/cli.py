@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from unipipe_ray.files import write_text_atomic
+from unipipe_ray.runtime.files import write_text_atomic
 
 COMMANDS = ("eval", "select")
 
@@ -71,7 +71,7 @@ def _held_out(args) -> tuple:
     """(task, held-out SFT examples, held-out pairs or None) with the stages' own split."""
     from unipipe_ray.config import DataConfig
     from unipipe_ray.data import load_examples
-    from unipipe_ray.stages.common import make_task, stage_examples
+    from unipipe_ray.runtime.launch import make_task, stage_examples
 
     if args.task != "arith" and not args.task_path:
         raise ValueError(f"--task {args.task} reads a data file: pass --task-path")

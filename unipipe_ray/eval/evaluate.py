@@ -24,13 +24,13 @@ from unipipe_ray.eval.summary import corpus_bleu_entry, entry
 
 def generate_completions(model_path: str, examples: Sequence, max_new_tokens: int = 128, batch_size: int = 64,
                          max_prompt_length: int = 256, engine: str = "hf", progress: bool = True) -> list[str]:
-    """Greedy completions of the examples' prompts through the rollout engine (workers/rollout.py): "hf"
+    """Greedy completions of the examples' prompts through the rollout engine (ppo/rollout.py): "hf"
     (our decode loop, runs anywhere) or "vllm" (needs vLLM installed)."""
     from tqdm import tqdm
 
+    from unipipe_ray.core.models import load_tokenizer, resolve_model
     from unipipe_ray.data import tokenize_prompt
-    from unipipe_ray.models import load_tokenizer, resolve_model
-    from unipipe_ray.workers.rollout import make_engine
+    from unipipe_ray.ppo.rollout import make_engine
 
     if engine not in ("hf", "vllm"):
         raise ValueError(f"unknown engine {engine!r}; expected hf or vllm")

@@ -22,7 +22,7 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32):
     output). A causal-LM checkpoint loads too, with a fresh random head (useful only in tests)."""
     from transformers import AutoModelForSequenceClassification
 
-    from unipipe_ray.models import load_tokenizer, resolve_model
+    from unipipe_ray.core.models import load_tokenizer, resolve_model
 
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model(path), num_labels=1, dtype=dtype,
                                                                use_safetensors=True)
@@ -34,7 +34,7 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32):
 
 def load_policy(path: str, dtype: torch.dtype = torch.float32):
     """(causal LM in eval mode, tokenizer) for a model spec or checkpoint directory."""
-    from unipipe_ray.models import load_causal_lm, load_tokenizer
+    from unipipe_ray.core.models import load_causal_lm, load_tokenizer
 
     return load_causal_lm(path, dtype=dtype).eval(), load_tokenizer(path)
 
@@ -73,8 +73,8 @@ def response_logps(model, tokenizer, prompts: Sequence, responses: Sequence[str]
                    batch_size: int = 8, chunk_size: int | None = 1024, progress: bool = True) -> np.ndarray:
     """(N,) sum of log p(response token | prompt, earlier tokens), EOS included, prompt excluded.
     ``chunk_size`` scores through stages.forward's chunked LM head (no (B, T, V) logits); None: full logits."""
-    from unipipe_ray.logps import sequence_logps
-    from unipipe_ray.stages.forward import token_logps_of
+    from unipipe_ray.core.forward import token_logps_of
+    from unipipe_ray.core.logps import sequence_logps
 
     feats = _features(prompts, responses, tokenizer, max_length)
     return _batched(lambda b: sequence_logps(*token_logps_of(model, model, b, chunk_size)), feats,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from unipipe_ray.config import PipelineConfig
-from unipipe_ray.files import write_text_atomic
+from unipipe_ray.runtime.files import write_text_atomic
 
 CURVE_WORDS = ("loss", "reward", "accuracy", "margin", "kl", "gold", "proxy")
 
@@ -26,9 +26,9 @@ CURVE_WORDS = ("loss", "reward", "accuracy", "margin", "kl", "gold", "proxy")
 @torch.no_grad()
 def kl_to_reference(policy: str, reference: str, prompts: list[list[int]], max_new_tokens: int, seed: int = 0):
     """Per-prompt sequence KL(policy || reference) estimates: one sampled response per prompt."""
-    from unipipe_ray.models import load_tokenizer
-    from unipipe_ray.workers.roles import ReferenceModel
-    from unipipe_ray.workers.rollout import HFEngine
+    from unipipe_ray.core.models import load_tokenizer
+    from unipipe_ray.ppo.roles import ReferenceModel
+    from unipipe_ray.ppo.rollout import HFEngine
 
     samples = HFEngine(policy, seed=seed).generate(prompts, 1, max_new_tokens, temperature=1.0, seed=seed)
     ref = ReferenceModel(reference, load_tokenizer(reference).pad_token_id, temperature=1.0).logps(samples)
@@ -38,7 +38,7 @@ def kl_to_reference(policy: str, reference: str, prompts: list[list[int]], max_n
 def held_out(cfg: PipelineConfig, tokenizer):
     """(task, held-out examples, held-out pairs): the data splits of cfg.held_out_sections(), as the stages
     make them (PipelineConfig checks that eval_size fits in them): never trained on."""
-    from unipipe_ray.stages.common import make_task, stage_examples
+    from unipipe_ray.runtime.launch import make_task, stage_examples
 
     examples_from, pairs_from = cfg.held_out_sections()
     data = getattr(cfg, examples_from).data
@@ -49,10 +49,10 @@ def held_out(cfg: PipelineConfig, tokenizer):
 
 
 def write_report(cfg: PipelineConfig, manifest, given: set[str]) -> Path:
+    from unipipe_ray.core.models import load_tokenizer, resolve_model
     from unipipe_ray.data import tokenize_prompt
     from unipipe_ray.eval.evaluate import evaluate_model, preference_accuracy_of_rm
     from unipipe_ray.eval.summary import entry, without_scores
-    from unipipe_ray.models import load_tokenizer, resolve_model
 
     run_dir = Path(cfg.run_dir).resolve()
     stages = manifest.data["stages"]

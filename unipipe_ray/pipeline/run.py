@@ -11,16 +11,16 @@ import dataclasses
 from pathlib import Path
 
 from unipipe_ray.config import PipelineConfig, to_dict
-from unipipe_ray.files import run_lock
 from unipipe_ray.pipeline.chain import stage_config
 from unipipe_ray.pipeline.manifest import Manifest
 from unipipe_ray.pipeline.rundir import RunDir
-from unipipe_ray.stages.common import result_differences
+from unipipe_ray.runtime.files import run_lock
+from unipipe_ray.runtime.launch import result_differences
 
 
 def _runner(stage: str):
+    from unipipe_ray.ppo.controller import run_ppo
     from unipipe_ray.stages.dpo import run_dpo
-    from unipipe_ray.stages.ppo import run_ppo
     from unipipe_ray.stages.reward import run_rm
     from unipipe_ray.stages.sft import run_sft
 

@@ -30,9 +30,9 @@ import re
 import shutil
 from pathlib import Path
 
-from unipipe_ray.files import write_text_atomic
-from unipipe_ray.models import cache_dir
+from unipipe_ray.core.models import cache_dir
 from unipipe_ray.pipeline.manifest import Manifest
+from unipipe_ray.runtime.files import write_text_atomic
 
 
 def is_uri(run_dir: str) -> bool:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from unipipe_ray import distributed as dist
 from unipipe_ray.config import DPOConfig, chunk_size
-from unipipe_ray.logps import sequence_logps
-from unipipe_ray.losses import dpo_loss, simpo_loss
-from unipipe_ray.sams_nets import arm_forward
-from unipipe_ray.stages import checkpoint, common, worker
-from unipipe_ray.stages.forward import sequence_pair_logps
+from unipipe_ray.core.forward import sequence_pair_logps
+from unipipe_ray.core.logps import sequence_logps
+from unipipe_ray.core.losses import dpo_loss, simpo_loss
+from unipipe_ray.core.sams_nets import arm_forward
+from unipipe_ray.runtime import checkpoint, launch, loop
+from unipipe_ray.runtime import distributed as dist
 
 
 def pair_logps(model, batch: dict, average: bool = False, module=None, chunk_size: int | None = None):
@@ -94,7 +94,7 @@ class PairSelector:
     kept global indices, so every rank trains on its own kept pairs and the data-parallel step stays exact."""
 
     def __init__(self, cfg: DPOConfig, model, seed: int, resumed: dict, pretrained: dict | None = None):
-        from unipipe_ray.sams import SamsScheduler
+        from unipipe_ray.core.sams import SamsScheduler
 
         self.kind, self.ratio, self.beta, self.chunk = cfg.scheduler, cfg.keep_ratio, cfg.beta, chunk_size(cfg.train)
         self.generator = torch.Generator().manual_seed(seed)
@@ -178,7 +178,7 @@ def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     from unipipe_ray.data import collate_preference
 
-    run = worker.start_run("dpo", loop_config)
+    run = loop.start_run("dpo", loop_config)
     cfg, train, engine, device, pad_id = run.cfg, run.train, run.engine, run.device, run.pad_id
     chunk = chunk_size(train)
     ref = RefScorer(None if cfg.loss_type == "simpo" else  # SimPO has no reference
@@ -191,7 +191,7 @@ def train_loop(loop_config: dict) -> None:
         ref.precompute({"train": run.train_feats, "eval": run.eval_feats}, keys, train.batch_size, pad_id, device)
     pretrained = None
     if cfg.scheduler == "sams" and dist.is_main():
-        from unipipe_ray.sams_pretrain import pretrained_nets
+        from unipipe_ray.core.sams_pretrain import pretrained_nets
 
         pretrained = pretrained_nets(loop_config["model_path"])
         dist.print0(f"dpo: SamS nets {'pretrained during SFT' if pretrained is not None else 'fresh'}")
@@ -233,14 +233,14 @@ def train_loop(loop_config: dict) -> None:
         info = engine.step()
         metrics = {**reduce_metrics(sums, kept_per_step), **scheduler_metrics,
                    **run.reporter.step_metrics(info, device, step + 1)}
-        worker.end_of_step(run, step + 1, metrics, evaluate_now)
-    worker.finish(run, metrics, evaluate_now)
+        loop.end_of_step(run, step + 1, metrics, evaluate_now)
+    loop.finish(run, metrics, evaluate_now)
 
 
 def run_dpo(cfg: DPOConfig, address: str | None = None, inject_failure_at: int | None = None) -> dict:
     """DPO on a Ray cluster (local when no address); return metrics and the checkpoint path."""
-    from unipipe_ray.models import resolve_model
+    from unipipe_ray.core.models import resolve_model
 
     ref_path = resolve_model(cfg.ref_model or cfg.model)
-    return common.run_stage("dpo", train_loop, cfg, "preference", address, extra={"ref_path": ref_path},
+    return launch.run_stage("dpo", train_loop, cfg, "preference", address, extra={"ref_path": ref_path},
                             inject_failure_at=inject_failure_at)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from unipipe_ray import distributed as dist
 from unipipe_ray.config import RMConfig
-from unipipe_ray.losses import bradley_terry_loss
-from unipipe_ray.stages import common, worker
+from unipipe_ray.core.losses import bradley_terry_loss
+from unipipe_ray.runtime import distributed as dist
+from unipipe_ray.runtime import launch, loop
 
 
 def score_head(module):
@@ -63,7 +63,7 @@ def train_loop(loop_config: dict) -> None:
     from unipipe_ray.data import collate_preference
 
     pad_id = loop_config["tokenizer"].pad_token_id
-    run = worker.start_run("rm", loop_config, kind="reward",
+    run = loop.start_run("rm", loop_config, kind="reward",
                            configure=lambda model: setattr(model.config, "pad_token_id", pad_id))
     cfg, train, engine, device = run.cfg, run.train, run.engine, run.device
     evaluate_now = lambda: evaluate(engine.module, run.eval_feats, train.batch_size, pad_id, cfg.margin, device)
@@ -87,10 +87,10 @@ def train_loop(loop_config: dict) -> None:
         loss, accuracy, margin = (dist.all_reduce_sum(sums) / run.per_step).tolist()
         metrics = {"rm/loss": loss, "rm/accuracy": accuracy, "rm/reward_margin": margin,
                    **run.reporter.step_metrics(info, device, step + 1)}
-        worker.end_of_step(run, step + 1, metrics, evaluate_now)
-    worker.finish(run, metrics, evaluate_now)
+        loop.end_of_step(run, step + 1, metrics, evaluate_now)
+    loop.finish(run, metrics, evaluate_now)
 
 
 def run_rm(cfg: RMConfig, address: str | None = None, inject_failure_at: int | None = None) -> dict:
     """Reward-model training on a Ray cluster (local when no address); return metrics and the checkpoint."""
-    return common.run_stage("rm", train_loop, cfg, "preference", address, inject_failure_at=inject_failure_at)
+    return launch.run_stage("rm", train_loop, cfg, "preference", address, inject_failure_at=inject_failure_at)

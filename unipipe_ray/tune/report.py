@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from unipipe_ray.eval.stats import format_ci
-from unipipe_ray.files import write_text_atomic
+from unipipe_ray.runtime.files import write_text_atomic
 
 STATES = {"TERMINATED": "done", "ERROR": "error"}  # Tune's trial status -> ours; any other is unfinished
 UNFINISHED = "running/unfinished"

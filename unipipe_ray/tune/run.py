@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 
 from unipipe_ray.config import TrainConfig, to_dict
-from unipipe_ray.files import write_json_atomic
-from unipipe_ray.stages.common import config_differences
+from unipipe_ray.runtime.files import write_json_atomic
+from unipipe_ray.runtime.launch import config_differences
 from unipipe_ray.tune.config import TuneConfig
 
 TRIAL_CPU = 0.01  # the trial actor: it only waits on Ray Train and generates the held-out answers
@@ -31,7 +31,7 @@ def trial_demand(cfg: TuneConfig) -> tuple[float, int]:
     """(CPU tokens, GPUs) one trial's largest stage holds at once: the trial actor plus its workers."""
     stages: list[TrainConfig] = [getattr(cfg.base, s).train for s in cfg.base.stages]
     gpus = max((t.num_workers for t in stages if t.use_gpu), default=0)
-    # a GPU worker takes Ray Train's default of 1 CPU (stages.common.scaling ignores cpus_per_worker there)
+    # a GPU worker takes Ray Train's default of 1 CPU (runtime.launch.scaling ignores cpus_per_worker there)
     cpus = max(t.num_workers * (1.0 if t.use_gpu else t.cpus_per_worker or cfg.cpus_per_worker) for t in stages)
     return TRIAL_CPU + cpus, gpus
 
@@ -125,7 +125,7 @@ def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, injec
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from unipipe_ray.stages.common import init_ray
+    from unipipe_ray.runtime.launch import init_ray
     from unipipe_ray.tune.trainable import tune_trial
 
     exp_dir = experiment_dir(cfg)

@@ -93,7 +93,7 @@ def fit_batch(section, n: int, stage: str):
 def held_out(cfg: PipelineConfig):
     """(task, held-out examples, held-out pairs) from the held-out split of the trial's first stage's data
     (a DPO-only search reads its own data, not the unused sft section): never trained on."""
-    from unipipe_ray.stages.common import make_task, stage_examples
+    from unipipe_ray.runtime.launch import make_task, stage_examples
 
     section = cfg.sft if "sft" in cfg.stages else cfg.dpo
     data = dataclasses.replace(section.data, budget=None, size=None)  # eval_size fits: PipelineConfig checks it
@@ -140,7 +140,7 @@ def run_trial(cfg: PipelineConfig, given: set[str], engine: str = "hf", fail_bef
     holds 0.01 CPU and no GPU); None: in this process. ``fail_before`` (tests) raises before that stage."""
     import ray
 
-    from unipipe_ray.models import resolve_model
+    from unipipe_ray.core.models import resolve_model
     from unipipe_ray.pipeline.manifest import Manifest
     from unipipe_ray.pipeline.run import run_pipeline
 
@@ -183,7 +183,7 @@ def tune_trial(params: dict, base: dict, given: list[str], stages_root: str, met
     ``inject`` (tests): {"params": {...}, "before": stage} fails the matching trial, before that stage."""
     from ray import tune
 
-    from unipipe_ray.stages.common import eval_listener
+    from unipipe_ray.runtime.launch import eval_listener
 
     # Tune's trial id (kept on restore) tells repeats of the same parameters apart (num_samples > 1).
     run_dir = Path(stages_root) / f"{trial_key(params)}_{tune.get_context().get_trial_id()}"

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipipe_ray.sams_encoder import build_encoder
-from unipipe_ray.sams_nets import ResidualMLP, connector, downsample, layer_features, private_rng
+from unipipe_ray.core.sams_encoder import build_encoder
+from unipipe_ray.core.sams_nets import ResidualMLP, connector, downsample, layer_features, private_rng
 
 __all__ = [
     "SamsSettings",

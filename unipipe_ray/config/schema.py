@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from unipipe_ray.config_io import (  # noqa: F401  (re-exported: callers load configs from here)
+from unipipe_ray.config.reader import (  # noqa: F401  (re-exported: callers load configs from here)
     ConfigError,
     _build,
     _check,
@@ -21,8 +21,8 @@ from unipipe_ray.config_io import (  # noqa: F401  (re-exported: callers load co
     read_yaml,
     to_dict,
 )
-from unipipe_ray.models import DEFAULT_MODEL
-from unipipe_ray.sams import SamsSettings
+from unipipe_ray.core.models import DEFAULT_MODEL
+from unipipe_ray.core.sams import SamsSettings
 
 
 @dataclass(frozen=True)

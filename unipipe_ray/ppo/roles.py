@@ -15,9 +15,8 @@ import logging
 
 import torch
 
-from unipipe_ray import distributed as dist
-from unipipe_ray.losses import masked_sum, ppo_policy_loss, value_loss
-from unipipe_ray.workers.sequences import (
+from unipipe_ray.core.losses import masked_sum, ppo_policy_loss, value_loss
+from unipipe_ray.core.sequences import (
     gather_response,
     logits_to_keep,
     model_inputs,
@@ -26,6 +25,7 @@ from unipipe_ray.workers.sequences import (
     response_mask,
     to_batch,
 )
+from unipipe_ray.runtime import distributed as dist
 
 
 def _setup(threads: int | None, seed: int, rank: int, world: int, master) -> tuple | None:
@@ -36,7 +36,7 @@ def _setup(threads: int | None, seed: int, rank: int, world: int, master) -> tup
     torch.manual_seed(seed + rank)
     if master is None:
         return None
-    from unipipe_ray.workers.group import meet
+    from unipipe_ray.runtime.actors import meet
 
     address = meet(master, rank)
     dist.init_group(rank, world, *address)
@@ -106,7 +106,7 @@ class PolicyTrainer:
         return self.engine.full_state_dict()
 
     def weight_specs(self) -> list:
-        from unipipe_ray.workers.weight_sync import weight_specs
+        from unipipe_ray.ppo.weight_sync import weight_specs
 
         return weight_specs(self.engine.module.state_dict())
 
@@ -125,7 +125,7 @@ class PolicyTrainer:
     def join_weight_group(self, host: str, port: int, world_size: int) -> None:
         """Rank 0 becomes rank 0 of the engines' weight group (workers.weight_sync)."""
         if dist.is_main():
-            from unipipe_ray.workers.weight_sync import WeightSender
+            from unipipe_ray.ppo.weight_sync import WeightSender
 
             device = next(self.engine.module.parameters()).device
             self.sender = WeightSender(host, port, world_size, device)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from unipipe_ray import distributed as dist
 from unipipe_ray.config import LoraConfig, TrainConfig
+from unipipe_ray.runtime import distributed as dist
 
 STATE_FILE = "trainer_state.pt"
 LORA_DIR = "lora_adapter"

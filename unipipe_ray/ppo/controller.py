@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from unipipe_ray.config import ConfigError, PPOConfig, to_dict
-from unipipe_ray.files import recover_dir, replace_dir, write_json_atomic
-from unipipe_ray.rl import (
+from unipipe_ray.core.rl import (
     AdaptiveKLController,
     FixedKLController,
     gae,
@@ -29,7 +28,8 @@ from unipipe_ray.rl import (
     masked_whiten,
     rloo_advantages,
 )
-from unipipe_ray.watch import HackingWatch
+from unipipe_ray.core.watch import HackingWatch
+from unipipe_ray.runtime.files import recover_dir, replace_dir, write_json_atomic
 
 
 def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -105,9 +105,9 @@ def build_groups(cfg: PPOConfig, paths: dict, pad_id: int, threads: int) -> dict
     counts are fractional scheduling tokens: the phases run one after another on the same cores."""
     import ray
 
-    from unipipe_ray.workers.group import ActorGroup, placement_bundles
-    from unipipe_ray.workers.roles import CriticTrainer, PolicyTrainer, ReferenceModel, RewardScorer
-    from unipipe_ray.workers.rollout import RolloutWorker
+    from unipipe_ray.ppo.roles import CriticTrainer, PolicyTrainer, ReferenceModel, RewardScorer
+    from unipipe_ray.ppo.rollout import RolloutWorker
+    from unipipe_ray.runtime.actors import ActorGroup, placement_bundles
 
     workers = cfg.train.num_workers
     roles = {"engines": (RolloutWorker, cfg.num_engines), "policy": (PolicyTrainer, workers),
@@ -178,7 +178,7 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
     """One PPO iteration over ``prompts`` (PromptExamples with their token ids); returns its metrics."""
     import ray
 
-    from unipipe_ray.workers.group import split
+    from unipipe_ray.runtime.actors import split
 
     t = {"start": time.perf_counter()}
     def restart(actor):  # a restarted engine has its initial weights: give it the current ones
@@ -260,7 +260,7 @@ def save_policy(groups: dict, directory: Path, tokenizer_dir: str) -> None:
 def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list, list, object]:
     """(train prompts, held-out prompts, task): PromptExamples paired with their prompt token ids."""
     from unipipe_ray.data import tokenize_prompt
-    from unipipe_ray.stages.common import make_task, stage_examples
+    from unipipe_ray.runtime.launch import make_task, stage_examples
 
     task = make_task(cfg.data) if not cfg.data.sources else None
     max_prompt = cfg.data.max_prompt_length or cfg.data.max_length // 2
@@ -277,10 +277,10 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
     ``inject_stop_at`` raises after that many iterations, as a stopped job would end."""
     import ray
 
-    from unipipe_ray.models import load_tokenizer, resolve_model
-    from unipipe_ray.stages import ppo_state
-    from unipipe_ray.stages.common import check_same_config, init_ray, write_result
-    from unipipe_ray.stages.worker import Reporter, check_finite
+    from unipipe_ray.core.models import load_tokenizer, resolve_model
+    from unipipe_ray.ppo import state as ppo_state
+    from unipipe_ray.runtime.launch import check_same_config, init_ray, write_result
+    from unipipe_ray.runtime.loop import Reporter, check_finite
 
     started = time.time()
     out_dir = Path(cfg.output_dir).resolve()

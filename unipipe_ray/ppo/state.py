@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from unipipe_ray.files import recover_dir, replace_dir, write_json_atomic
+from unipipe_ray.runtime.files import recover_dir, replace_dir, write_json_atomic
 
 CONTROLLER = "controller.json"  # written last: its presence marks a complete checkpoint
 

@@ -6,7 +6,7 @@ Imports only torch: the math modules never pull in ray, deepspeed, vllm or trans
 
 import torch
 
-from unipipe_ray.losses import masked_mean, masked_sum
+from unipipe_ray.core.losses import masked_mean, masked_sum
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from unipipe_ray import distributed as dist
 from unipipe_ray.config import TrainConfig
-from unipipe_ray.stages.checkpoint import load_trainable, restore_state, save_and_report
+from unipipe_ray.runtime import distributed as dist
+from unipipe_ray.runtime.checkpoint import load_trainable, restore_state, save_and_report
 
 
 class NonFiniteLoss(RuntimeError):

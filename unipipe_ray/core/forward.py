@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-from unipipe_ray.logps import chunked_token_logps, sequence_logps, token_logps
+from unipipe_ray.core.logps import chunked_token_logps, sequence_logps, token_logps
 
 
 @contextmanager

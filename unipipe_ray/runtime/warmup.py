@@ -1,6 +1,6 @@
 """Build once what the first real use would otherwise build inside a timed test or job.
 
-    python -m unipipe_ray.warmup
+    python -m unipipe_ray.runtime.warmup
 
 - converts the packaged SmolLM2 (GGUF -> safetensors) and writes the tiny test model, in the cache dir;
 - JIT-compiles DeepSpeed's C++ ops for CPU (the shared-memory comm op and CPU Adam, ~75 s on 2 cores the
@@ -16,8 +16,8 @@ import time
 def main() -> None:
     import torch
 
-    from unipipe_ray.distributed import Engine
-    from unipipe_ray.models import resolve_model, tiny_model_dir
+    from unipipe_ray.core.models import resolve_model, tiny_model_dir
+    from unipipe_ray.runtime.distributed import Engine
 
     started = time.time()
     print("warmup: model cache ...", flush=True)

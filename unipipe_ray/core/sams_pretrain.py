@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from unipipe_ray.logps import sequence_logps
-from unipipe_ray.sams import _min_max, batch_reward, pair_rewards
-from unipipe_ray.sams_nets import arm_forward
+from unipipe_ray.core.logps import sequence_logps
+from unipipe_ray.core.sams import _min_max, batch_reward, pair_rewards
+from unipipe_ray.core.sams_nets import arm_forward
 
 STATE_KEY = "sams_pretrain"
 

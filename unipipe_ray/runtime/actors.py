@@ -36,7 +36,7 @@ def meet(meeting, rank: int, timeout_s: float = 600.0) -> tuple[str, int]:
     """Rank 0: publish (this node's IP, a port free on it) and return it; other ranks: wait for rank 0's."""
     import ray
 
-    from unipipe_ray.distributed import free_port
+    from unipipe_ray.runtime.distributed import free_port
 
     if rank == 0:
         address = (ray.util.get_node_ip_address(), free_port())

@@ -64,7 +64,7 @@ class HFEngine:
 
     def _generate_batch(self, prompts, max_new_tokens, temperature, top_p) -> list[Sample]:
 
-        from unipipe_ray.sampling import sample_tokens
+        from unipipe_ray.core.sampling import sample_tokens
 
         logits, cache, mask, positions = self._prefill(prompts, max_new_tokens)
         width = mask.shape[1] - max_new_tokens
@@ -143,7 +143,7 @@ class HFEngine:
 
     @torch.no_grad()
     def score(self, samples: list[Sample], temperature: float = 1.0) -> list[list[float]]:
-        from unipipe_ray.workers.sequences import logits_to_keep, model_inputs, response_logps, to_batch
+        from unipipe_ray.core.sequences import logits_to_keep, model_inputs, response_logps, to_batch
 
         batch = to_batch(samples, self.pad_id)
         logits = self.model(**model_inputs(batch, self.device), logits_to_keep=logits_to_keep(batch)).logits
@@ -169,7 +169,7 @@ class VLLMEngine:
         fraction = memory_fraction or (0.9 if torch.cuda.is_available() else 0.15)
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
                        max_model_len=max_model_len, gpu_memory_utilization=fraction,
-                       worker_extension_cls="unipipe_ray.workers.weight_sync.WeightReceiver")
+                       worker_extension_cls="unipipe_ray.ppo.weight_sync.WeightReceiver")
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_id = self.tokenizer.eos_token_id
 

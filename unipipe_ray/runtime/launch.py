@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from unipipe_ray.config import ConfigError, DataConfig, TrainConfig, to_dict
-from unipipe_ray.files import write_json_atomic
+from unipipe_ray.runtime.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +266,8 @@ def _stoppable(loop):
     """The loop as Ray Train runs it: a NonFiniteLoss ends every worker's loop normally (a retry from the
     last checkpoint would meet the same numbers) and leaves the reason with the driver, which raises it."""
     def train_func(loop_config: dict) -> None:
-        from unipipe_ray import distributed as dist
-        from unipipe_ray.stages.worker import NonFiniteLoss
+        from unipipe_ray.runtime import distributed as dist
+        from unipipe_ray.runtime.loop import NonFiniteLoss
 
         try:
             loop(loop_config)
@@ -292,7 +292,7 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from unipipe_ray.models import load_tokenizer, resolve_model
+    from unipipe_ray.core.models import load_tokenizer, resolve_model
 
     started = time.time()
     output_dir = Path(cfg.output_dir).resolve()
@@ -317,7 +317,7 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
     result = _fit_with_progress(trainer, progress, stage)
     reason = ray.get(progress.stopped.remote())
     if reason:
-        from unipipe_ray.stages.worker import NonFiniteLoss
+        from unipipe_ray.runtime.loop import NonFiniteLoss
 
         kept = result.checkpoint.path if result.checkpoint else "none (no checkpoint was saved before it)"
         raise NonFiniteLoss(f"{reason}. Last good checkpoint: {kept}")

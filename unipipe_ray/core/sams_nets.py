@@ -1,5 +1,5 @@
 """Pieces of the SamS scheduler (Huang et al. 2025, arXiv 2506.17252): pooled layer features, connector, layer
-encoder, residual MLP, and a private RNG scope. `unipipe_ray.sams` wires them together. Imports only torch.
+encoder, residual MLP, and a private RNG scope. `unipipe_ray.core.sams` wires them together. Imports only torch.
 """
 
 from contextlib import contextmanager
@@ -138,8 +138,8 @@ def arm_forward(model, batch, chunk_size=None):
     features pooled over real tokens (N, L, d) and token log-probs (N, T-1) with their mask. The LM head runs
     chunked as in training (no full (N, T, V) logits), the blocks' outputs are pooled on the fly (LayerPooler);
     a model without `.layers` / `.norm` falls back to output_hidden_states."""
-    from unipipe_ray.logps import token_logps
-    from unipipe_ray.stages.forward import token_logps_of
+    from unipipe_ray.core.forward import token_logps_of
+    from unipipe_ray.core.logps import token_logps
 
     mask = batch["attention_mask"].bool()
     if LayerPooler.supports(model):

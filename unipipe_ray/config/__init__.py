@@ -1,0 +1,26 @@
+"""Configuration: frozen dataclasses per stage (schema.py) read from YAML and dotted overrides (reader.py)."""
+
+from unipipe_ray.config.reader import (  # noqa: F401
+    ConfigError,
+    _build,
+    _check,
+    _one_of,
+    _set_dotted,
+    load_config,
+    parse_override,
+    read_yaml,
+    to_dict,
+)
+from unipipe_ray.config.schema import (  # noqa: F401
+    STAGES,
+    DataConfig,
+    DataSource,
+    DPOConfig,
+    LoraConfig,
+    PipelineConfig,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+    TrainConfig,
+    chunk_size,
+)
