@@ -6,12 +6,16 @@ from unipipe_ray.config.reader import (  # noqa: F401
     _check,
     _one_of,
     _set_dotted,
+    config_differences,
     load_config,
     parse_override,
     read_yaml,
+    result_differences,
     to_dict,
 )
+from unipipe_ray.config.sams import SamsSettings  # noqa: F401
 from unipipe_ray.config.schema import (  # noqa: F401
+    DEFAULT_MODEL,
     STAGES,
     DataConfig,
     DataSource,

@@ -195,6 +195,24 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         raise ConfigError(e.key, e.message, source) from None
 
 
+def config_differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for every leaf where two config dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new))
+                for d in config_differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+# Keys that change how a run is operated, not what it computes (checkpoints resume bit for bit, evals and logs
+# do not touch the weights): changing them neither re-runs a finished stage nor blocks a resume.
+OPERATIONAL_KEYS = ("train.max_failures", "train.log_every", "train.eval_every", "train.checkpoint_every")
+
+
+def result_differences(old, new) -> list[tuple[str, object, object]]:
+    """config_differences without the operational keys: the changes that would change a stage's result."""
+    return [d for d in config_differences(old, new) if not d[0].endswith(OPERATIONAL_KEYS)]
+
+
 def to_dict(config: Any) -> dict:
     """Plain dict (tuples as lists) for YAML/JSON dumps and manifests."""
     def plain(v):

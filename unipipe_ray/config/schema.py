@@ -21,8 +21,9 @@ from unipipe_ray.config.reader import (  # noqa: F401  (re-exported: callers loa
     read_yaml,
     to_dict,
 )
-from unipipe_ray.core.models import DEFAULT_MODEL
-from unipipe_ray.core.sams import SamsSettings
+from unipipe_ray.config.sams import SamsSettings
+
+DEFAULT_MODEL = "smollm2-135m"  # the packaged SmolLM2-135M-Instruct (core/models.py resolves specs)
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
+from unipipe_ray.config import DEFAULT_MODEL
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny"
 # head_dim 64: vLLM's CPU attention kernels support only the usual head sizes (16 fails).
 TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,

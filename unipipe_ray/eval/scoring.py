@@ -61,8 +61,8 @@ def _batched(score: Callable[[dict], torch.Tensor], features: list[dict], pad_id
 
 def reward_scores(model, tokenizer, prompts: Sequence, responses: Sequence[str], max_length: int = 512,
                   batch_size: int = 16, progress: bool = True) -> np.ndarray:
-    """(N,) reward-model scores: the head at each sequence's last real token (stages.reward.rewards)."""
-    from unipipe_ray.stages.reward import rewards
+    """(N,) reward-model scores: the head at each sequence's last real token (core.reward_head.rewards)."""
+    from unipipe_ray.core.reward_head import rewards
 
     feats = _features(prompts, responses, tokenizer, max_length)
     return _batched(lambda b: rewards(model, model, b), feats, tokenizer.pad_token_id, batch_size,

@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from unipipe_ray.config import PipelineConfig, to_dict
+from unipipe_ray.config import PipelineConfig, result_differences, to_dict
 from unipipe_ray.pipeline.chain import stage_config
 from unipipe_ray.pipeline.manifest import Manifest
 from unipipe_ray.pipeline.rundir import RunDir
 from unipipe_ray.runtime.files import run_lock
-from unipipe_ray.runtime.launch import result_differences
 
 
 def _runner(stage: str):

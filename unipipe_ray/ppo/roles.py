@@ -240,7 +240,7 @@ class RewardScorer:
 
     @torch.no_grad()
     def score(self, samples) -> list[float]:
-        from unipipe_ray.stages.reward import rewards
+        from unipipe_ray.core.reward_head import rewards
 
         out = []
         for i in range(0, len(samples), self.batch_size):

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from unipipe_ray.config import ConfigError, DataConfig, TrainConfig, to_dict
+from unipipe_ray.config import ConfigError, DataConfig, TrainConfig, result_differences, to_dict
 from unipipe_ray.runtime.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -135,24 +135,6 @@ def scaling(train: TrainConfig):
     per_worker = max(0.9, math.floor(cpus / train.num_workers * 10) / 10 - 0.1)
     return ScalingConfig(num_workers=train.num_workers, resources_per_worker={"CPU": per_worker}), \
         max(1, int(per_worker + 0.1))
-
-
-def config_differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, old value, new value) for every leaf where two config dicts differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new))
-                for d in config_differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [(prefix.rstrip("."), old, new)]
-
-
-# Keys that change how a run is operated, not what it computes (checkpoints resume bit for bit, evals and logs
-# do not touch the weights): changing them neither re-runs a finished stage nor blocks a resume.
-OPERATIONAL_KEYS = ("train.max_failures", "train.log_every", "train.eval_every", "train.checkpoint_every")
-
-
-def result_differences(old, new) -> list[tuple[str, object, object]]:
-    """config_differences without the operational keys: the changes that would change a stage's result."""
-    return [d for d in config_differences(old, new) if not d[0].endswith(OPERATIONAL_KEYS)]
 
 
 def check_same_config(path: Path, config: dict) -> None:

@@ -1,8 +1,5 @@
-"""Reward-model stage: a scalar head on the last real token, Bradley-Terry loss, run by Ray Train.
-
-The model is a Hugging Face sequence classifier with one output (``AutoModelForSequenceClassification``
-loads the checkpoint). We pool the final hidden state at the last attention-mask position ourselves: with
-pad == eos (SmolLM2), Hugging Face's own pooling would skip the closing EOS token.
+"""Reward-model stage: a scalar head on the last real token (core/reward_head.py), Bradley-Terry loss, run by
+Ray Train on N workers.
 """
 
 from __future__ import annotations
@@ -11,33 +8,9 @@ import torch
 
 from unipipe_ray.config import RMConfig
 from unipipe_ray.core.losses import bradley_terry_loss
+from unipipe_ray.core.reward_head import pair_rewards
 from unipipe_ray.runtime import distributed as dist
 from unipipe_ray.runtime import launch, loop
-
-
-def score_head(module):
-    """The linear reward head of a (possibly PEFT-wrapped) sequence classifier."""
-    return module.score
-
-
-def rewards(model, module, batch: dict) -> torch.Tensor:
-    """Scalar rewards (N,) of a padded batch (N, T): the head applied at each row's last real token.
-
-    ``model`` is what runs the forward (the DDP/DeepSpeed wrapper while training), ``module`` the plain model.
-    """
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    out = model(**inputs, output_hidden_states=True)
-    hidden = out.hidden_states[-1]
-    # The last 1 of the attention mask: the last real token under right or left padding.
-    width = batch["attention_mask"].shape[1]
-    last = width - 1 - batch["attention_mask"].flip(1).argmax(dim=1)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return score_head(module)(pooled).squeeze(-1).float()
-
-
-def pair_rewards(model, module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen (B,), rejected (B,)) rewards of a (2B, T) preference batch."""
-    return rewards(model, module, batch).chunk(2)
 
 
 @torch.no_grad()

@@ -15,9 +15,8 @@ import json
 import math
 from pathlib import Path
 
-from unipipe_ray.config import TrainConfig, to_dict
+from unipipe_ray.config import TrainConfig, config_differences, to_dict
 from unipipe_ray.runtime.files import write_json_atomic
-from unipipe_ray.runtime.launch import config_differences
 from unipipe_ray.tune.config import TuneConfig
 
 TRIAL_CPU = 0.01  # the trial actor: it only waits on Ray Train and generates the held-out answers
