@@ -258,7 +258,7 @@ def sft_check(model_dir: str, n: int, args) -> tuple[str, dict]:
 def held_out(args) -> list:
     """The first --check-size held-out questions of the sweep's pool (the sft section's eval split)."""
     from unipipe_ray.config import DataConfig
-    from unipipe_ray.runtime.launch import stage_examples
+    from unipipe_ray.data.stage_data import stage_examples
 
     data = DataConfig(task="arith", task_size=args.pool_size, eval_size=args.eval_size, max_length=args.max_length)
     return stage_examples(data, "sft")[1][:args.check_size]

@@ -38,7 +38,7 @@ def worker(args) -> dict:
 
     from unipipe_ray.config import DataConfig
     from unipipe_ray.core.models import resolve_model
-    from unipipe_ray.runtime.launch import load_stage_data
+    from unipipe_ray.data.stage_data import load_stage_data
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -53,7 +53,7 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 def load_data(args, tokenizer):
     from unipipe_ray.config import DataConfig
-    from unipipe_ray.runtime.launch import load_stage_data
+    from unipipe_ray.data.stage_data import load_stage_data
 
     hh = args.task == "hh_harmless"
     data = DataConfig(task=args.task, task_path=str(HH_PATH) if hh else None,

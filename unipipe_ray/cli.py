@@ -88,8 +88,8 @@ def _run_pipeline(args) -> int:
 
 def _answer_eval(cfg: SFTConfig, checkpoint: str | None, n: int) -> dict:
     from unipipe_ray.core.models import load_tokenizer
+    from unipipe_ray.data.stage_data import load_stage_data, make_task
     from unipipe_ray.eval.generation import answer_accuracy
-    from unipipe_ray.runtime.launch import load_stage_data, make_task
 
     task = make_task(cfg.data)
     if not task.has_gold_reward:

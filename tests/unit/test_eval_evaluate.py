@@ -125,8 +125,8 @@ def test_unipipe_eval_held_out_split_matches_the_stages():
     from argparse import Namespace
 
     from unipipe_ray.config import DataConfig
+    from unipipe_ray.data.stage_data import stage_examples
     from unipipe_ray.eval.cli import _held_out
-    from unipipe_ray.runtime.launch import stage_examples
 
     args = Namespace(task="arith", task_path=None, n=16, seed=0, reward_model=None, ref_model=None, pairs=None)
     _, examples, pairs = _held_out(args)

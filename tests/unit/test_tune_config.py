@@ -4,7 +4,7 @@ how many trials fit side by side."""
 import pytest
 
 from unipipe_ray.config import ConfigError, DataConfig, load_config
-from unipipe_ray.runtime.launch import stage_examples
+from unipipe_ray.data.stage_data import stage_examples
 from unipipe_ray.tune.config import TuneConfig
 from unipipe_ray.tune.run import base_tree, concurrency, param_space, trial_demand
 from unipipe_ray.tune.trainable import split_counts, trial_config, trial_key

@@ -71,7 +71,7 @@ def _held_out(args) -> tuple:
     """(task, held-out SFT examples, held-out pairs or None) with the stages' own split."""
     from unipipe_ray.config import DataConfig
     from unipipe_ray.data import load_examples
-    from unipipe_ray.runtime.launch import make_task, stage_examples
+    from unipipe_ray.data.stage_data import make_task, stage_examples
 
     if args.task != "arith" and not args.task_path:
         raise ValueError(f"--task {args.task} reads a data file: pass --task-path")

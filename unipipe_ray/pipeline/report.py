@@ -38,7 +38,7 @@ def kl_to_reference(policy: str, reference: str, prompts: list[list[int]], max_n
 def held_out(cfg: PipelineConfig, tokenizer):
     """(task, held-out examples, held-out pairs): the data splits of cfg.held_out_sections(), as the stages
     make them (PipelineConfig checks that eval_size fits in them): never trained on."""
-    from unipipe_ray.runtime.launch import make_task, stage_examples
+    from unipipe_ray.data.stage_data import make_task, stage_examples
 
     examples_from, pairs_from = cfg.held_out_sections()
     data = getattr(cfg, examples_from).data

@@ -260,7 +260,7 @@ def save_policy(groups: dict, directory: Path, tokenizer_dir: str) -> None:
 def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list, list, object]:
     """(train prompts, held-out prompts, task): PromptExamples paired with their prompt token ids."""
     from unipipe_ray.data import tokenize_prompt
-    from unipipe_ray.runtime.launch import make_task, stage_examples
+    from unipipe_ray.data.stage_data import make_task, stage_examples
 
     task = make_task(cfg.data) if not cfg.data.sources else None
     max_prompt = cfg.data.max_prompt_length or cfg.data.max_length // 2
@@ -279,7 +279,8 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
 
     from unipipe_ray.core.models import load_tokenizer, resolve_model
     from unipipe_ray.ppo import state as ppo_state
-    from unipipe_ray.runtime.launch import check_same_config, init_ray, write_result
+    from unipipe_ray.runtime.cluster import init_ray
+    from unipipe_ray.runtime.launch import check_same_config, write_result
     from unipipe_ray.runtime.loop import Reporter, check_finite
 
     started = time.time()

@@ -1,140 +1,23 @@
-"""Driver side of every stage: data loading and checks, Ray setup, the TorchTrainer run, progress, results.
+"""The stage launcher (driver side): load and check the data once, start Ray Train's TorchTrainer on the
+workers, draw progress from their reports, write the result.
 
-Plain functions, not a base class: a stage module is its worker loop plus a call to ``run_stage``.
+Plain functions, not a base class: a stage module is its worker loop plus a call to ``run_stage``. The data
+comes from data/stage_data.py, Ray and the workers' resources from cluster.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
-import math
-import os
-import random
 import sys
 import threading
 import time
 from pathlib import Path
 
-from unipipe_ray.config import ConfigError, DataConfig, TrainConfig, result_differences, to_dict
+from unipipe_ray.config import ConfigError, result_differences, to_dict
+from unipipe_ray.data.stage_data import load_stage_data
+from unipipe_ray.runtime.cluster import init_ray, scaling
 from unipipe_ray.runtime.files import write_json_atomic
-
-log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------ driver side
-
-
-def make_task(data: DataConfig):
-    """The config's task: the generated one takes a size and seed, the file-backed ones a path."""
-    from unipipe_ray.data import get_task
-
-    if data.task == "arith":
-        return get_task("arith", n=data.task_size, seed=data.seed)
-    if data.task_path is None:
-        raise ValueError(f"data.task={data.task!r} reads a file: set data.task_path")
-    task = get_task(data.task, path=data.task_path, on_bad_record=data.on_bad_record)
-    if task.report.skipped:
-        log.warning("task %s (%s): %s", data.task, data.task_path, task.report.summary())
-    return task
-
-
-def stage_examples(data: DataConfig, kind: str) -> tuple[list, list]:
-    """Examples of ``kind`` (sft | preference | prompt) -> (train, held-out eval), before tokenization.
-
-    User sources win over the built-in task. The eval split is taken before ``size`` so that it does not
-    change when the training size does. Bad records follow ``on_bad_record``; skips are logged with counts.
-    """
-    from unipipe_ray.data import load_examples
-
-    if data.sources:
-        examples, report = load_examples(kind, [(s.path, s.weight) for s in data.sources],
-                                         on_bad_record=data.on_bad_record, seed=data.seed)
-    else:
-        task = make_task(data)
-        examples, report = {"sft": task.sft_examples, "prompt": task.prompts,
-                            "preference": lambda: task.preference_pairs(seed=data.seed)}[kind](), None
-    if report is not None and (report.skipped or report.notes):  # skips, and what a mixture repeated
-        log.warning("%s", report.summary())
-    order = list(range(len(examples)))
-    random.Random(data.seed).shuffle(order)
-    if data.eval_size >= len(examples):
-        raise ValueError(f"data.eval_size={data.eval_size} leaves no training data ({len(examples)} examples)")
-    train_examples = [examples[i] for i in order[data.eval_size:]]
-    if data.size is not None:
-        if data.size > len(train_examples):
-            log.warning("data.size=%d, but only %d training examples remain after the %d held out: using %d",
-                        data.size, len(train_examples), data.eval_size, len(train_examples))
-        train_examples = train_examples[:data.size]
-    if data.budget is not None:
-        train_examples = budget_part(train_examples, data, kind)
-    return train_examples, [examples[i] for i in order[:data.eval_size]]
-
-
-def budget_part(pool: list, data: DataConfig, kind: str) -> list:
-    """This stage's share of ``data.budget`` questions of the training pool: the SFT indices of budget_split
-    for kind sft, the preference ones for kind preference. Both stages see the same pool in the same order
-    (same task, same seed), so the two shares are disjoint questions."""
-    from unipipe_ray.data import budget_split
-
-    if kind not in ("sft", "preference"):
-        raise ValueError(f"data.budget splits SFT and preference data; a {kind} stage cannot use it")
-    if data.budget > len(pool):
-        raise ValueError(f"data.budget={data.budget} exceeds the {len(pool)} training questions of task "
-                         f"{data.task!r} (raise data.task_size or lower the budget)")
-    sft, pref = budget_split(len(pool), data.budget, data.sft_ratio, data.budget_seed)
-    picked = sft if kind == "sft" else pref
-    if not picked:
-        raise ValueError(f"data.budget={data.budget} at sft_ratio={data.sft_ratio} leaves no {kind} data: "
-                         f"skip this stage")
-    return [pool[i] for i in picked]
-
-
-def load_stage_data(data: DataConfig, kind: str, tokenizer) -> tuple[list, list, list]:
-    """(train features, eval features, eval examples): ``stage_examples`` tokenized (chat template, masks)."""
-    from unipipe_ray.data import tokenize_all
-
-    train_examples, eval_examples = stage_examples(data, kind)
-    features = [tokenize_all(part, kind, tokenizer, data.max_length, data.on_bad_record,
-                             max_prompt_length=data.max_prompt_length) for part in (train_examples, eval_examples)]
-    return features[0], features[1], eval_examples
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS), else start a local cluster on this machine."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Ray Train blocks ~2 s in every report() at the default health-check interval; 0.1 s keeps it cheap.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    # Workers must not pick a GPU accelerator that is not there (DeepSpeed probes at import).
-    # Inside a Ray job the job's runtime env already reaches every worker, and Ray refuses to merge a key it
-    # sets with ours ("Failed to merge the Job's runtime env"): pass only what the job leaves unset.
-    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}) or {}
-    taken = set(job_env.get("env_vars") or {})
-    runtime_env = {"env_vars": {k: os.environ[k] for k in ("UNIPIPE_CACHE", "UNIPIPE_SMOLLM2_GGUF",
-                                                          "UNIPIPE_SHARED_DATA", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-                                if k in os.environ and k not in taken}}
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env,
-             num_cpus=num_cpus, log_to_driver=True)
-
-
-def scaling(train: TrainConfig):
-    """ScalingConfig for a stage: workers share the local CPUs (Ray's CPU counts are scheduling tokens)."""
-    import ray
-    from ray.train import ScalingConfig
-
-    if train.use_gpu:
-        return ScalingConfig(num_workers=train.num_workers, use_gpu=True), 1
-    if train.cpus_per_worker is not None:
-        return ScalingConfig(num_workers=train.num_workers, resources_per_worker={"CPU": train.cpus_per_worker}), \
-            max(1, round(train.cpus_per_worker))
-    cpus = ray.cluster_resources().get("CPU", 1)
-    # 0.9 leaves room for Ray Train's controller so 2 workers fit on a 2-core machine.
-    per_worker = max(0.9, math.floor(cpus / train.num_workers * 10) / 10 - 0.1)
-    return ScalingConfig(num_workers=train.num_workers, resources_per_worker={"CPU": per_worker}), \
-        max(1, int(per_worker + 0.1))
 
 
 def check_same_config(path: Path, config: dict) -> None:

@@ -30,7 +30,7 @@ def trial_demand(cfg: TuneConfig) -> tuple[float, int]:
     """(CPU tokens, GPUs) one trial's largest stage holds at once: the trial actor plus its workers."""
     stages: list[TrainConfig] = [getattr(cfg.base, s).train for s in cfg.base.stages]
     gpus = max((t.num_workers for t in stages if t.use_gpu), default=0)
-    # a GPU worker takes Ray Train's default of 1 CPU (runtime.launch.scaling ignores cpus_per_worker there)
+    # a GPU worker takes Ray Train's default of 1 CPU (runtime.cluster.scaling ignores cpus_per_worker there)
     cpus = max(t.num_workers * (1.0 if t.use_gpu else t.cpus_per_worker or cfg.cpus_per_worker) for t in stages)
     return TRIAL_CPU + cpus, gpus
 
@@ -124,7 +124,7 @@ def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, injec
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from unipipe_ray.runtime.launch import init_ray
+    from unipipe_ray.runtime.cluster import init_ray
     from unipipe_ray.tune.trainable import tune_trial
 
     exp_dir = experiment_dir(cfg)

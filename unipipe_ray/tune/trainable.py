@@ -93,7 +93,7 @@ def fit_batch(section, n: int, stage: str):
 def held_out(cfg: PipelineConfig):
     """(task, held-out examples, held-out pairs) from the held-out split of the trial's first stage's data
     (a DPO-only search reads its own data, not the unused sft section): never trained on."""
-    from unipipe_ray.runtime.launch import make_task, stage_examples
+    from unipipe_ray.data.stage_data import make_task, stage_examples
 
     section = cfg.sft if "sft" in cfg.stages else cfg.dpo
     data = dataclasses.replace(section.data, budget=None, size=None)  # eval_size fits: PipelineConfig checks it
