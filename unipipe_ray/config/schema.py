@@ -263,7 +263,7 @@ class PipelineConfig:
     """The chained run. Each stage section is that stage's config; the pipeline fills in what chains them
     (unless the section sets it): the RM starts from the SFT model, PPO's policy from the previous policy
     with the RM as reward model and critic, DPO from the previous policy; every ``output_dir`` is
-    ``<run_dir>/<stage>``. The report's held-out set comes from the ``sft`` section's data (task)."""
+    ``<run_dir>/<stage>``. The report's held-out set: ``held_out_sections``."""
 
     run_dir: str = "runs/pipeline"          # manifest, checkpoints and report of the chained run
     model: str = DEFAULT_MODEL              # the first stage's input model
@@ -293,8 +293,9 @@ class PipelineConfig:
                    f"{section}.data holds out of training (raise {section}.data.eval_size)")
 
     def held_out_sections(self) -> tuple[str, str | None]:
-        """(section whose held-out examples the report answers, section whose held-out pairs it scores):
-        the sft data when SFT runs, else the first stage's; pairs from dpo (else rm) when one of them runs."""
+        """(section whose held-out examples the report and a Tune trial answer, section whose held-out pairs
+        they score): the sft data when SFT runs, else the first stage's; pairs from dpo (else rm) when one of
+        them runs. data/held_out.py reads the sets."""
         examples = "sft" if "sft" in self.stages else self.stages[0]
         pairs = "dpo" if "dpo" in self.stages else "rm" if "rm" in self.stages else None
         return examples, pairs

@@ -35,22 +35,10 @@ def kl_to_reference(policy: str, reference: str, prompts: list[list[int]], max_n
     return [sum(s.logps) - float(ref[i, :len(s.response_ids)].sum()) for i, s in enumerate(samples)]
 
 
-def held_out(cfg: PipelineConfig, tokenizer):
-    """(task, held-out examples, held-out pairs): the data splits of cfg.held_out_sections(), as the stages
-    make them (PipelineConfig checks that eval_size fits in them): never trained on."""
-    from unipipe_ray.data.stage_data import make_task, stage_examples
-
-    examples_from, pairs_from = cfg.held_out_sections()
-    data = getattr(cfg, examples_from).data
-    task = make_task(data) if not data.sources else None
-    examples = stage_examples(data, "sft")[1][:cfg.eval_size]
-    pairs = stage_examples(getattr(cfg, pairs_from).data, "preference")[1][:cfg.eval_size] if pairs_from else []
-    return task, examples, pairs
-
-
 def write_report(cfg: PipelineConfig, manifest, given: set[str]) -> Path:
     from unipipe_ray.core.models import load_tokenizer, resolve_model
     from unipipe_ray.data import tokenize_prompt
+    from unipipe_ray.data.held_out import pipeline_held_out
     from unipipe_ray.eval.evaluate import evaluate_model, preference_accuracy_of_rm
     from unipipe_ray.eval.summary import entry, without_scores
 
@@ -58,7 +46,7 @@ def write_report(cfg: PipelineConfig, manifest, given: set[str]) -> Path:
     stages = manifest.data["stages"]
     done = {s: stages[s] for s in cfg.stages if stages.get(s, {}).get("status") == "done"}
     tokenizer = load_tokenizer(cfg.model)
-    task, examples, pairs = held_out(cfg, tokenizer)
+    task, examples, pairs = pipeline_held_out(cfg)
     rm = done.get("rm", {}).get("checkpoint")
     models = {"base": str(resolve_model(cfg.model))} | {s: done[s]["checkpoint"] for s in ("sft", "ppo", "dpo")
                                                          if s in done}

@@ -90,25 +90,14 @@ def fit_batch(section, n: int, stage: str):
     return dataclasses.replace(section, train=dataclasses.replace(train, batch_size=batch, grad_accum=accum))
 
 
-def held_out(cfg: PipelineConfig):
-    """(task, held-out examples, held-out pairs) from the held-out split of the trial's first stage's data
-    (a DPO-only search reads its own data, not the unused sft section): never trained on."""
-    from unipipe_ray.data.stage_data import make_task, stage_examples
-
-    section = cfg.sft if "sft" in cfg.stages else cfg.dpo
-    data = dataclasses.replace(section.data, budget=None, size=None)  # eval_size fits: PipelineConfig checks it
-    examples = stage_examples(data, "sft")[1][:cfg.eval_size]
-    pairs = stage_examples(data, "preference")[1][:cfg.eval_size]
-    return (make_task(data) if not data.sources else None), examples, pairs
-
-
 def evaluate_policy(cfg: PipelineConfig, model: str, ref: str | None, engine: str = "hf") -> dict:
     """Held-out figures of one policy: answer accuracy (task checker) with its 95% interval, the share of
     answers missing the "#### n" line, and with a reference the DPO implicit-reward accuracy on pairs."""
     from unipipe_ray.data.answers import extract_answer
+    from unipipe_ray.data.held_out import pipeline_held_out
     from unipipe_ray.eval.evaluate import evaluate_generations, generate_completions, implicit_reward_accuracy
 
-    task, examples, pairs = held_out(cfg)
+    task, examples, pairs = pipeline_held_out(cfg)
     completions = generate_completions(model, examples, cfg.eval_max_new_tokens, engine=engine, progress=False)
     misses = sum(extract_answer(c) is None for c in completions)
     out = {"n_eval": len(examples), "format_miss": misses / len(examples), "format_miss_count": misses}
