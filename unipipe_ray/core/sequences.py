@@ -6,11 +6,17 @@ is response token j of sample i (R = longest response, ``mask`` marks real token
 Rows are LEFT-padded so that every row ends at the last column: then the states that emit response tokens
 all lie in the last R + 1 positions, and the LM head only runs there (``logits_to_keep``), not over the
 prompt. Position ids come from the attention mask, so padding does not shift the positions the model sees.
+
+Log-probs and entropies go through the same ``logps.token_logps`` / ``token_entropy`` as the right-padded
+training batches (one shift, one gather, one logsumexp): the kept positions get labels that mask all but the
+response tokens, and ``on_response_grid`` moves the result from row positions onto the (N, R) grid.
 """
 
 from __future__ import annotations
 
 import torch
+
+from unipipe_ray.core.logps import IGNORE_INDEX, token_entropy, token_logps
 
 
 def to_batch(samples, pad_id: int) -> dict:
@@ -61,26 +67,31 @@ def gather_response(per_position: torch.Tensor, batch: dict) -> torch.Tensor:
     return per_position.gather(1, index)
 
 
-def response_tokens(batch: dict) -> torch.Tensor:
-    """(N, R) the response token ids (0 where masked)."""
+def response_labels(batch: dict, kept: int) -> torch.Tensor:
+    """(N, kept) labels of the last ``kept`` positions, aligned with them as ``logps.token_logps`` wants:
+    the response token ids, IGNORE_INDEX on the prompt and the padding."""
     width, lens = batch["input_ids"].shape[1], batch["response_lens"]
-    j = torch.arange(max(1, int(lens.max()))).unsqueeze(0)
-    columns = (width - lens.unsqueeze(1) + j).clamp(max=width - 1)
-    return batch["input_ids"].gather(1, columns).masked_fill(~response_mask(batch), 0)
+    is_response = torch.arange(kept).unsqueeze(0) >= kept - lens.unsqueeze(1)
+    return batch["input_ids"][:, width - kept:].masked_fill(~is_response, IGNORE_INDEX)
+
+
+def on_response_grid(per_step: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(N, K-1) values of ``token_logps``' shifted layout (column c: the token at position c + 1 of the last K)
+    -> (N, R) on the response grid, 0 where masked."""
+    kept = per_step.shape[1] + 1
+    index = _emitting_index(batch, kept).to(per_step.device)
+    return per_step.gather(1, index).masked_fill(~response_mask(batch).to(per_step.device), 0.0)
 
 
 def response_logps(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Log-probs (N, R) of the response tokens from logits of the last K positions (N, K, V), fp32, 0 where
-    masked. Only the response positions are normalised, so no (N, K, V) fp32 copy is built."""
-    mask = response_mask(batch).to(logits.device)
-    rows = gather_response(logits, batch).float()
-    tokens = response_tokens(batch).to(rows.device)
-    logps = rows.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(rows, dim=-1)
-    return logps.masked_fill(~mask, 0.0)
+    """Log-probs (N, R) of the response tokens from logits of the last K positions (N, K, V), at least fp32,
+    0 where masked: the same ``token_logps`` as right-padded training batches, then put on the grid."""
+    logps, _ = token_logps(logits, response_labels(batch, logits.shape[1]).to(logits.device))
+    return on_response_grid(logps, batch)
 
 
 def response_entropy(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Entropy (N, R) of the next-token distribution at each response position (fp32, 0 where masked)."""
-    mask = response_mask(batch).to(logits.device)
-    logp = torch.log_softmax(gather_response(logits, batch).float(), dim=-1)
-    return (-(logp.exp() * logp).sum(-1)).masked_fill(~mask, 0.0)
+    """Entropy (N, R) of the next-token distribution at each response position (at least fp32, 0 where
+    masked), through ``token_entropy`` like the log-probs."""
+    labels = response_labels(batch, logits.shape[1]).to(logits.device)
+    return on_response_grid(token_entropy(logits, labels[:, 1:] != IGNORE_INDEX), batch)
