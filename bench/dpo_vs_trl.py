@@ -91,14 +91,14 @@ def clock(device: str) -> float:
 # ---------------------------------------------------------------- our side
 
 class OurSide:
-    """Our DPO step: forward.py policy forward, no_grad reference, dpo_loss, Engine backward + AdamW step."""
+    """Our DPO step: forward.py policy forward, no_grad reference, dpo_loss, TrainingEngine backward + AdamW step."""
 
     def __init__(self, args, features, pad_id, chunk_size, total_steps):
-        from unipipe_ray.runtime.distributed import Engine
+        from unipipe_ray.runtime.engine import TrainingEngine
 
         policy, self.ref = load_models(args)
-        # Engine: the stage's AdamW + clipping + warmup/cosine schedule, a plain module on one process
-        self.engine = Engine(policy, args.lr, weight_decay=0.0, max_grad_norm=1.0, total_steps=total_steps,
+        # TrainingEngine: the stage's AdamW + clipping + warmup/cosine schedule, a plain module on one process
+        self.engine = TrainingEngine(policy, args.lr, weight_decay=0.0, max_grad_norm=1.0, total_steps=total_steps,
                              warmup_steps=0)
         self.args, self.features, self.pad_id, self.chunk_size = args, features, pad_id, chunk_size
         self.ref_table = None
@@ -162,7 +162,7 @@ def make_trl(args, features, total_steps, tokenizer, callbacks=()):
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=args.pairs_per_step,
         max_steps=total_steps, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0,
-        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,  # = distributed.Engine
+        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,  # = runtime.engine.TrainingEngine
         beta=args.beta, loss_type=["sigmoid"], max_length=args.max_length,
         precompute_ref_log_probs=args.precompute_ref,
         # TRL defaults to gradient checkpointing and bf16 autocast; ours does neither: same work on both sides

@@ -73,9 +73,9 @@ def measure(args) -> dict:
     threads = args.threads
     start = time.perf_counter()
     if args.side in ("ours-vllm", "ours-hf"):
-        from unipipe_ray.ppo.rollout import make_engine
+        from unipipe_ray.ppo.rollout import make_rollout_engine
 
-        engine = make_engine(args.side.removeprefix("ours-"), path, dtype=args.dtype, threads=threads)
+        engine = make_rollout_engine(args.side.removeprefix("ours-"), path, dtype=args.dtype, threads=threads)
         run = lambda ps, t: [len(s.response_ids) for s in engine.generate(ps, 1, t, 1.0)]  # noqa: E731
     elif args.side == "bare-vllm":
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

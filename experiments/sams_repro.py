@@ -42,10 +42,10 @@ from sams_common import (  # noqa: E402
 )
 from sams_cost import cpu_name  # noqa: E402
 
+from unipipe_ray.core.forward import token_logps_of  # noqa: E402
 from unipipe_ray.core.losses import sft_loss  # noqa: E402
 from unipipe_ray.data import collate_preference, collate_sft  # noqa: E402
 from unipipe_ray.stages.dpo import pair_logps  # noqa: E402
-from unipipe_ray.stages.sft import response_logps  # noqa: E402
 
 ARMS = ("none", "random", "sams", "sams_noexplore")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -102,7 +102,7 @@ def sft(model, train, args, pad_id, settings_for_pretrain):
         for i in range(0, len(order) - args.batch + 1, args.batch):
             batch = collate_sft([rows[j] for j in order[i:i + args.batch]], pad_id)
             pretrainer.step(*sft_arm_inputs(model, batch, chunk))
-            loss = sft_loss(*response_logps(model, batch, chunk_size=chunk))
+            loss = sft_loss(*token_logps_of(model, model, batch, chunk))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

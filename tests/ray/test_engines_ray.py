@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.floors import LOGP_ATOL
 from unipipe_ray.core.models import tiny_model_dir
-from unipipe_ray.core.sequences import response_logps, to_batch
+from unipipe_ray.core.sequences import response_grid_logps, to_batch
 from unipipe_ray.ppo.rollout import RolloutWorker
 from unipipe_ray.runtime.actors import ActorGroup
 
@@ -21,7 +21,7 @@ def trainer_logps(model, samples):
     batch = to_batch(samples, pad_id=2)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return response_logps(logits, batch)
+    return response_grid_logps(logits, batch)
 
 
 def max_diff(rows, reference):

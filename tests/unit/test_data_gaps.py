@@ -12,8 +12,8 @@ from unipipe_ray.cli import main
 from unipipe_ray.config import DataConfig
 from unipipe_ray.data import DataError, read_raw, tokenize_all
 from unipipe_ray.data.records import SFTExample
+from unipipe_ray.data.stage_data import make_task, stage_examples
 from unipipe_ray.data.tasks import Gsm8kTask, HHHarmlessTask, corrupt_solution
-from unipipe_ray.runtime.launch import make_task, stage_examples
 
 
 def corrupt_gzip(data: bytes) -> bytes:

@@ -7,7 +7,7 @@ of 16 rows x 512 tokens is 1.6 GB of fp32 logits, and on a CPU the head's matmul
 is bypassed for the forward, which then returns the final hidden states (B, T, H), and
 ``logps.chunked_token_logps`` scores only the real target tokens, chunk_size rows at a time.
 
-``model`` is what runs the forward: the plain model, or its DDP / DeepSpeed wrapper (``distributed.Engine``),
+``model`` is what runs the forward: the plain model, or its DDP / DeepSpeed wrapper (``runtime.engine.TrainingEngine``),
 called as usual so data-parallel hooks keep working. ``module`` is the plain Hugging Face model under it,
 whose output embedding is swapped for an identity while the forward runs.
 """

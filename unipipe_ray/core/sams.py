@@ -42,7 +42,7 @@ __all__ = [
     "batch_likelihood",
     "batch_reward",
     "sample_reward",
-    "pair_rewards",
+    "arm_labels",
 ]
 
 def batch_likelihood(margins):
@@ -77,7 +77,7 @@ def sample_reward(margins, chosen_logps):
     return 0.5 * _min_max(margins) + 0.5 * (1 - _min_max(chosen_logps))
 
 
-def pair_rewards(batch_reward_value, sample_rewards, gamma=0.5):
+def arm_labels(batch_reward_value, sample_rewards, gamma=0.5):
     """Scheduler labels r(a) = gamma * sigma_B + (1 - gamma) * r_S(a). sample_rewards (n,) -> (n,)."""
     return gamma * batch_reward_value + (1 - gamma) * sample_rewards
 
@@ -191,7 +191,7 @@ class SamsScheduler:
         past_mean = self.past_reward_sum / self.past_reward_count if self.past_reward_count else None
         reward_b, raw = batch_reward(p["likelihood"], batch_likelihood(margins), past_mean)
         self.past_reward_sum, self.past_reward_count = self.past_reward_sum + raw, self.past_reward_count + 1
-        labels = pair_rewards(reward_b, sample_reward(p["margins"], p["chosen_logps"]), s.gamma)
+        labels = arm_labels(reward_b, sample_reward(p["margins"], p["chosen_logps"]), s.gamma)
         rows = slice(None) if s.label_all_pairs else p["keep"]
         features = p["features"][rows] if p["features"] is not None else None
         contexts, metrics = self._train(p["contexts"][rows], labels[rows], features)
@@ -259,7 +259,7 @@ class SamsScheduler:
         """SFT-time pretraining (paper: the encoder is pretrained with rewards built from the SFT loss): one Adam
         step of MSE(f_S(contexts(features)), labels) through f_S, connector and encoder (each parameter that
         requires grad). features (n, L, d) from layer_features (rejected_hidden=None for single sequences),
-        labels (n,), e.g. pair_rewards(batch_reward(M_prev, M), sample rewards) with M the mean SFT loss and a
+        labels (n,), e.g. arm_labels(batch_reward(M_prev, M), sample rewards) with M the mean SFT loss and a
         sample reward that is the min-max normalised negative per-sample loss. Returns the loss."""
         with private_rng(int(torch.randint(2**62, (1,), generator=self.generator)), self.device):
             self.nets["exploit"].train()

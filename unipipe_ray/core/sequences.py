@@ -83,14 +83,14 @@ def on_response_grid(per_step: torch.Tensor, batch: dict) -> torch.Tensor:
     return per_step.gather(1, index).masked_fill(~response_mask(batch).to(per_step.device), 0.0)
 
 
-def response_logps(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+def response_grid_logps(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Log-probs (N, R) of the response tokens from logits of the last K positions (N, K, V), at least fp32,
     0 where masked: the same ``token_logps`` as right-padded training batches, then put on the grid."""
     logps, _ = token_logps(logits, response_labels(batch, logits.shape[1]).to(logits.device))
     return on_response_grid(logps, batch)
 
 
-def response_entropy(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+def response_grid_entropy(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Entropy (N, R) of the next-token distribution at each response position (at least fp32, 0 where
     masked), through ``token_entropy`` like the log-probs."""
     labels = response_labels(batch, logits.shape[1]).to(logits.device)

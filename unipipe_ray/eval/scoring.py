@@ -69,7 +69,7 @@ def reward_scores(model, tokenizer, prompts: Sequence, responses: Sequence[str],
                     "reward scores", progress)
 
 
-def response_logps(model, tokenizer, prompts: Sequence, responses: Sequence[str], max_length: int = 512,
+def text_response_logps(model, tokenizer, prompts: Sequence, responses: Sequence[str], max_length: int = 512,
                    batch_size: int = 8, chunk_size: int | None = 1024, progress: bool = True) -> np.ndarray:
     """(N,) sum of log p(response token | prompt, earlier tokens), EOS included, prompt excluded.
     ``chunk_size`` scores through stages.forward's chunked LM head (no (B, T, V) logits); None: full logits."""
@@ -85,6 +85,6 @@ def implicit_rewards(policy, ref, tokenizer, prompts: Sequence, responses: Seque
                      max_length: int = 512, batch_size: int = 8, progress: bool = True) -> np.ndarray:
     """(N,) DPO implicit rewards beta * (log pi(y|x) - log pi_ref(y|x)) (Rafailov et al. 2023, eq. 5; the
     log Z(x) term is the same for both responses of a prompt, so it cancels in every comparison)."""
-    pol = response_logps(policy, tokenizer, prompts, responses, max_length, batch_size, progress=progress)
-    ref_lp = response_logps(ref, tokenizer, prompts, responses, max_length, batch_size, progress=progress)
+    pol = text_response_logps(policy, tokenizer, prompts, responses, max_length, batch_size, progress=progress)
+    ref_lp = text_response_logps(ref, tokenizer, prompts, responses, max_length, batch_size, progress=progress)
     return beta * (pol - ref_lp)

@@ -6,7 +6,7 @@
     RewardScorer    the reward model: one scalar per sequence (head at the last real token)
 
 Trainers of one group form a process group (rank/world given at construction), so their updates are
-data-parallel through ``distributed.Engine`` (DDP or DeepSpeed ZeRO, like the other stages).
+data-parallel through ``runtime.engine.TrainingEngine`` (DDP or DeepSpeed ZeRO, like the other stages).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from unipipe_ray.core.sequences import (
     gather_response,
     logits_to_keep,
     model_inputs,
-    response_entropy,
-    response_logps,
+    response_grid_entropy,
+    response_grid_logps,
     response_mask,
     to_batch,
 )
 from unipipe_ray.runtime import distributed as dist
+from unipipe_ray.runtime.engine import TrainingEngine
 
 
 def _setup(threads: int | None, seed: int, rank: int, world: int, master) -> tuple | None:
@@ -61,7 +62,7 @@ class PolicyTrainer:
         self.group_address = _setup(threads, seed, rank, world, master)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
         model.config.use_cache = False
-        self.engine = dist.Engine(model, lr, 0.0, max_grad_norm, total_updates, warmup_steps=0, backend=backend,
+        self.engine = TrainingEngine(model, lr, 0.0, max_grad_norm, total_updates, warmup_steps=0, backend=backend,
                                   zero_stage=zero_stage)
         self.pad_id, self.temperature, self.clip_eps, self.seed = pad_id, temperature, clip_eps, seed
 
@@ -73,7 +74,7 @@ class PolicyTrainer:
     def logps(self, samples) -> torch.Tensor:
         """(N, R) log-probs of the responses under the current policy (PPO's old log-probs)."""
         batch = to_batch(samples, self.pad_id)
-        return response_logps(self._forward(self.engine.module, batch), batch)
+        return response_grid_logps(self._forward(self.engine.module, batch), batch)
 
     def update(self, samples, old_logps, advantages, epochs: int, minibatch_size: int, iteration: int) -> dict:
         """PPO epochs over minibatches of this worker's samples; returns means over all workers."""
@@ -86,13 +87,13 @@ class PolicyTrainer:
                 old, adv = old_logps[idx, :mask.shape[1]], advantages[idx, :mask.shape[1]]
                 n_tokens = float(dist.all_reduce_sum(float(mask.sum())))
                 logits = self._forward(self.engine, batch)
-                logps = response_logps(logits, batch)
+                logps = response_grid_logps(logits, batch)
                 losses, clipped = ppo_policy_loss(logps, old, adv, self.clip_eps)
                 # Token sum / (global tokens / world): the gradient mean over workers is the global token mean.
                 self.engine.backward(masked_sum(losses, mask) / (n_tokens / dist.world_size()))
                 info = self.engine.step()
                 with torch.no_grad():
-                    entropy = response_entropy(logits.detach(), batch)
+                    entropy = response_grid_entropy(logits.detach(), batch)
                     sums += torch.stack([masked_sum(losses, mask), masked_sum(clipped, mask),
                                          masked_sum(entropy, mask), masked_sum(old - logps, mask)]).double()
                 tokens += float(mask.sum())
@@ -170,7 +171,7 @@ class CriticTrainer:
         model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32,
                                                                    use_safetensors=True)
         model.config.pad_token_id = pad_id
-        self.engine = dist.Engine(model, lr, 0.0, max_grad_norm, total_updates, warmup_steps=0)
+        self.engine = TrainingEngine(model, lr, 0.0, max_grad_norm, total_updates, warmup_steps=0)
         self.pad_id, self.clip_eps, self.seed = pad_id, clip_eps, seed
 
     def _values(self, model, batch) -> torch.Tensor:
@@ -216,7 +217,7 @@ class ReferenceModel:
     def logps(self, samples) -> torch.Tensor:
         batch = to_batch(samples, self.pad_id)
         logits = self.model(**model_inputs(batch), logits_to_keep=logits_to_keep(batch)).logits
-        return response_logps(logits / self.temperature, batch)
+        return response_grid_logps(logits / self.temperature, batch)
 
 
 class RewardScorer:

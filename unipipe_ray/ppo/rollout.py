@@ -143,11 +143,11 @@ class HFEngine:
 
     @torch.no_grad()
     def score(self, samples: list[Sample], temperature: float = 1.0) -> list[list[float]]:
-        from unipipe_ray.core.sequences import logits_to_keep, model_inputs, response_logps, to_batch
+        from unipipe_ray.core.sequences import logits_to_keep, model_inputs, response_grid_logps, to_batch
 
         batch = to_batch(samples, self.pad_id)
         logits = self.model(**model_inputs(batch, self.device), logits_to_keep=logits_to_keep(batch)).logits
-        logps = response_logps(logits.float().cpu() / temperature, batch)
+        logps = response_grid_logps(logits.float().cpu() / temperature, batch)
         return [row[:len(s.response_ids)].tolist() for row, s in zip(logps, samples, strict=True)]
 
 
@@ -219,7 +219,7 @@ class VLLMEngine:
         return result
 
 
-def make_engine(kind: str, model_path: str, **kwargs):
+def make_rollout_engine(kind: str, model_path: str, **kwargs):
     if kind == "hf":
         return HFEngine(model_path, **kwargs)
     if kind == "vllm":
@@ -231,7 +231,7 @@ class RolloutWorker:
     """The actor-facing shell around an engine (an actor group needs one class for both kinds)."""
 
     def __init__(self, kind: str, model_path: str, **kwargs):
-        self.engine = make_engine(kind, model_path, **kwargs)
+        self.engine = make_rollout_engine(kind, model_path, **kwargs)
 
     def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, seed=None):
         return self.engine.generate(prompts, n, max_new_tokens, temperature, top_p, seed)

@@ -18,6 +18,7 @@ import torch
 
 from unipipe_ray.config import LoraConfig, TrainConfig
 from unipipe_ray.runtime import distributed as dist
+from unipipe_ray.runtime.engine import TrainingEngine
 
 STATE_FILE = "trainer_state.pt"
 LORA_DIR = "lora_adapter"
@@ -37,7 +38,7 @@ def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
     return get_peft_model(model, peft_cfg)
 
 
-def save_and_report(engine: dist.Engine, step: int, metrics: dict, tokenizer, lora: LoraConfig,
+def save_and_report(engine: TrainingEngine, step: int, metrics: dict, tokenizer, lora: LoraConfig,
                     extra_state: dict | None = None, staging_dir: str | None = None) -> None:
     """Report metrics with a checkpoint: a Hugging Face model dir (merged LoRA) + what resume needs.
 
@@ -108,7 +109,7 @@ def load_frozen(model_path: str, train: TrainConfig):
     return model.eval().requires_grad_(False)
 
 
-def restore_state(engine: dist.Engine, resume: Path | None) -> tuple[int, dict, dict]:
+def restore_state(engine: TrainingEngine, resume: Path | None) -> tuple[int, dict, dict]:
     """Optimizer, schedule and RNG state from a resume checkpoint: (step to start from, its metrics, the
     loop's extra state, e.g. the SamS scheduler; rank 0 only)."""
     if resume is None:

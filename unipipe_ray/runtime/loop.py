@@ -21,6 +21,7 @@ import torch
 from unipipe_ray.config import TrainConfig
 from unipipe_ray.runtime import distributed as dist
 from unipipe_ray.runtime.checkpoint import load_trainable, restore_state, save_and_report
+from unipipe_ray.runtime.engine import TrainingEngine
 
 
 class NonFiniteLoss(RuntimeError):
@@ -60,8 +61,8 @@ def device_for(train: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def make_engine(model, train: TrainConfig, steps: int) -> dist.Engine:
-    return dist.Engine(model, train.lr, train.weight_decay, train.max_grad_norm, steps,
+def make_training_engine(model, train: TrainConfig, steps: int) -> TrainingEngine:
+    return TrainingEngine(model, train.lr, train.weight_decay, train.max_grad_norm, steps,
                        warmup_steps=int(train.warmup_ratio * steps), grad_accum=train.grad_accum,
                        backend=train.backend, zero_stage=train.zero_stage,
                        offload_optimizer=train.offload_optimizer, bf16=train.dtype == "bfloat16")
@@ -157,7 +158,7 @@ class Run:
     rank: int
     steps: int
     start: int
-    engine: dist.Engine
+    engine: TrainingEngine
     reporter: Reporter
     metrics: dict          # the last reported metrics (restored on resume)
     resumed_extra: dict    # what the loop's extra_state returned at the checkpoint resumed from (rank 0)
@@ -207,7 +208,7 @@ def start_run(stage: str, loop_config: dict, kind: str = "causal", configure=Non
         model = load_trainable(loop_config["model_path"], resume, train, kind).to(device)
         if configure:
             configure(model)
-        engine = make_engine(model, train, steps)
+        engine = make_training_engine(model, train, steps)
         start, metrics, extra = restore_state(engine, resume)
     reporter = Reporter(stage, steps, loop_config["tensorboard_dir"], loop_config["progress"])
     return Run(cfg, train, train_feats, eval_feats, loop_config["tokenizer"], device, world, dist.rank(), steps,

@@ -17,7 +17,7 @@ def main() -> None:
     import torch
 
     from unipipe_ray.core.models import resolve_model, tiny_model_dir
-    from unipipe_ray.runtime.distributed import Engine
+    from unipipe_ray.runtime.engine import TrainingEngine
 
     started = time.time()
     print("warmup: model cache ...", flush=True)
@@ -26,7 +26,7 @@ def main() -> None:
     tiny_model_dir(tie_word_embeddings=False)
     print("warmup: DeepSpeed CPU ops (first time ~75 s) ...", flush=True)
     model = torch.nn.Linear(4, 1)
-    engine = Engine(model, lr=1e-3, weight_decay=0.0, max_grad_norm=1.0, total_steps=1, warmup_steps=0,
+    engine = TrainingEngine(model, lr=1e-3, weight_decay=0.0, max_grad_norm=1.0, total_steps=1, warmup_steps=0,
                     backend="deepspeed", zero_stage=1, offload_optimizer=True)
     engine.backward(engine(torch.ones(2, 4)).sum())
     engine.step()

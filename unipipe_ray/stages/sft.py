@@ -16,11 +16,6 @@ from unipipe_ray.runtime import distributed as dist
 from unipipe_ray.runtime import launch, loop
 
 
-def response_logps(model, batch: dict, module=None, chunk_size: int | None = None):
-    """Per-token log-probs (B, T-1) of the response tokens of one micro-batch, and their mask."""
-    return token_logps_of(model, module if module is not None else model, batch, chunk_size)
-
-
 @torch.no_grad()
 def evaluate(model, features: list[dict], batch_size: int, pad_id: int, device, chunk: int | None = None) -> dict:
     """Token-mean NLL over the held-out set (each rank takes every world-th example), reduced over ranks."""
@@ -31,7 +26,7 @@ def evaluate(model, features: list[dict], batch_size: int, pad_id: int, device, 
     mine = features[dist.rank()::dist.world_size()]
     for i in range(0, len(mine), batch_size):
         batch = {k: v.to(device) for k, v in collate_sft(mine[i:i + batch_size], pad_id).items()}
-        logps, mask = response_logps(model, batch, chunk_size=chunk)
+        logps, mask = token_logps_of(model, model, batch, chunk)
         total, count = total - masked_sum(logps, mask).double().cpu(), count + mask.sum().cpu()
     model.train()
     total, count = dist.all_reduce_sum(total), dist.all_reduce_sum(count)
@@ -91,7 +86,7 @@ def train_loop(loop_config: dict) -> None:
         for batch in batches:
             if pretrain:
                 sams_metrics = sams_pretrain_round(pretrainer, engine.module, batch, chunk)
-            loss = sft_loss(*response_logps(engine, batch, engine.module, chunk), mode="token", normalizer=normalizer)
+            loss = sft_loss(*token_logps_of(engine, engine.module, batch, chunk), mode="token", normalizer=normalizer)
             engine.backward(loss)
             step_loss += float(loss.detach())
         info = engine.step()
