@@ -28,15 +28,21 @@ def masked_mean(values, mask, dim=None):
     return masked_sum(values, mask, dim) / count.clamp(min=1)
 
 
-def reduce_loss(per_token, mask, mode="token", normalizer=None):
-    """The one place a per-token loss (B, T) becomes a scalar.
+def reduce_loss(per_token, mask=None, mode="token", normalizer=None):
+    """The one place a loss becomes the scalar a backward pass starts from (every stage's and PPO's).
 
-    mode "token": sum over real tokens / normalizer (default: this shard's real-token count).
-    mode "sequence": sum over sequences of each sequence's token mean / normalizer (default: B).
-    Data-parallel contract: if each of W shards passes normalizer = global_count / W (tokens or
-    sequences), the mean of the W reduced losses (what DDP's gradient averaging computes) equals the
+    mode "token": per-token losses (B, T), sum over real tokens / normalizer (default: this shard's
+    real-token count).
+    mode "sequence": per-token losses (B, T), sum over sequences of each sequence's token mean / normalizer
+    (default: B).
+    mode "example": one loss per example (B,) (a preference pair's, a sequence's), their sum / normalizer
+    (default: B); no mask.
+    Data-parallel contract: if each of W shards passes normalizer = global_count / W (tokens, sequences or
+    examples), the mean of the W reduced losses (what DDP's gradient averaging computes) equals the
     reduction over the global batch.
     """
+    if mode == "example":
+        return per_token.sum() / (per_token.shape[0] if normalizer is None else normalizer)
     if mode == "token":
         total = masked_sum(per_token, mask)
         default = mask.sum().clamp(min=1)
@@ -44,7 +50,7 @@ def reduce_loss(per_token, mask, mode="token", normalizer=None):
         total = masked_mean(per_token, mask, dim=-1).sum()
         default = per_token.shape[0]
     else:
-        raise ValueError(f"unknown reduction mode {mode!r}; expected 'token' or 'sequence'")
+        raise ValueError(f"unknown reduction mode {mode!r}; expected 'token', 'sequence' or 'example'")
     return total / (default if normalizer is None else normalizer)
 
 

@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from unipipe_ray.core.losses import masked_sum, ppo_policy_loss, value_loss
+from unipipe_ray.core.losses import masked_sum, ppo_policy_loss, reduce_loss, value_loss
 from unipipe_ray.core.sequences import (
     gather_response,
     logits_to_keep,
@@ -90,7 +90,7 @@ class PolicyTrainer:
                 logps = response_grid_logps(logits, batch)
                 losses, clipped = ppo_policy_loss(logps, old, adv, self.clip_eps)
                 # Token sum / (global tokens / world): the gradient mean over workers is the global token mean.
-                self.engine.backward(masked_sum(losses, mask) / (n_tokens / dist.world_size()))
+                self.engine.backward(reduce_loss(losses, mask, mode="token", normalizer=n_tokens / dist.world_size()))
                 info = self.engine.step()
                 with torch.no_grad():
                     entropy = response_grid_entropy(logits.detach(), batch)
@@ -194,7 +194,7 @@ class CriticTrainer:
                 n_tokens = float(dist.all_reduce_sum(float(mask.sum())))
                 losses = value_loss(self._values(self.engine, batch), old_values[idx, :r], returns[idx, :r],
                                     self.clip_eps)
-                self.engine.backward(masked_sum(losses, mask) / (n_tokens / dist.world_size()))
+                self.engine.backward(reduce_loss(losses, mask, mode="token", normalizer=n_tokens / dist.world_size()))
                 self.engine.step()
                 total += masked_sum(losses.detach(), mask).double()
                 tokens += float(mask.sum())

@@ -12,7 +12,7 @@ import torch
 from unipipe_ray.config import DPOConfig, chunk_size
 from unipipe_ray.core.forward import sequence_pair_logps
 from unipipe_ray.core.logps import sequence_logps
-from unipipe_ray.core.losses import dpo_loss, simpo_loss
+from unipipe_ray.core.losses import dpo_loss, reduce_loss, simpo_loss
 from unipipe_ray.core.sams_nets import arm_forward
 from unipipe_ray.runtime import checkpoint, launch, loop
 from unipipe_ray.runtime import distributed as dist
@@ -225,7 +225,7 @@ def train_loop(loop_config: dict) -> None:
             refs = None if cfg.loss_type == "simpo" else ref(batch, keys)
             losses, chosen_rewards, rejected_rewards = pair_losses(cfg, policy, refs)
             # Sum / (global kept pairs / world): DDP's gradient mean is then the mean over the step's kept pairs.
-            engine.backward(weight * losses.sum() / (kept_per_step / run.world))
+            engine.backward(weight * reduce_loss(losses, mode="example", normalizer=kept_per_step / run.world))
             # Weighted, not skipped: every rank must all-reduce the same metric keys.
             for k, v in pair_metrics("dpo/", losses, chosen_rewards, rejected_rewards, *policy).items():
                 sums[k] = sums.get(k, 0) + weight * v

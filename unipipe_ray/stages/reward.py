@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from unipipe_ray.config import RMConfig
-from unipipe_ray.core.losses import bradley_terry_loss
+from unipipe_ray.core.losses import bradley_terry_loss, reduce_loss
 from unipipe_ray.core.reward_head import pair_rewards
 from unipipe_ray.runtime import distributed as dist
 from unipipe_ray.runtime import launch, loop
@@ -54,7 +54,7 @@ def train_loop(loop_config: dict) -> None:
             chosen, rejected = pair_rewards(engine, engine.module, batch)
             losses, accuracies = bradley_terry_loss(chosen, rejected, margin=cfg.margin or None)
             # Sum / (global pairs / world): DDP's gradient mean is then the mean over the whole step's pairs.
-            engine.backward(losses.sum() / (run.per_step / run.world))
+            engine.backward(reduce_loss(losses, mode="example", normalizer=run.per_step / run.world))
             sums += torch.stack([losses.sum(), accuracies.sum(), (chosen - rejected).sum()]).detach().double().cpu()
         info = engine.step()
         loss, accuracy, margin = (dist.all_reduce_sum(sums) / run.per_step).tolist()
