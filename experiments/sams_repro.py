@@ -45,7 +45,7 @@ from sams_cost import cpu_name  # noqa: E402
 from unipipe_ray.core.forward import token_logps_of  # noqa: E402
 from unipipe_ray.core.losses import sft_loss  # noqa: E402
 from unipipe_ray.data import collate_preference, collate_sft  # noqa: E402
-from unipipe_ray.stages.dpo import pair_logps  # noqa: E402
+from unipipe_ray.stages.dpo_pairs import pair_logps  # noqa: E402
 
 ARMS = ("none", "random", "sams", "sams_noexplore")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
