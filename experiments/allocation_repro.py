@@ -65,16 +65,16 @@ def sweep_overrides(args) -> list[str]:
 
 
 def run_sweep(args) -> Path:
-    from unipipe_ray.config import load_config
+    from unipipe_ray.config import load_config_with_keys
     from unipipe_ray.tune.cli import base_keys
     from unipipe_ray.tune.config import TuneConfig
     from unipipe_ray.tune.run import experiment_dir, run_tune
 
     overrides = sweep_overrides(args)
-    cfg = load_config(TuneConfig, args.config, overrides)
+    cfg, given = load_config_with_keys(TuneConfig, args.config, overrides)
     if args.report_only:
         return experiment_dir(cfg)
-    return run_tune(cfg, base_keys(str(args.config), overrides), args.address)
+    return run_tune(cfg, base_keys(given), args.address)
 
 
 # ---------------------------------------------------------------- analysis

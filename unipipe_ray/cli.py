@@ -58,17 +58,16 @@ USER_ERRORS = (ConfigError, DataError, FileNotFoundError, RunLocked)
 
 
 def _run_pipeline(args) -> int:
-    from unipipe_ray.config import PipelineConfig
-    from unipipe_ray.pipeline.chain import given_keys
+    from unipipe_ray.config import PipelineConfig, load_config_with_keys
     from unipipe_ray.pipeline.run import run_pipeline
 
     try:
-        cfg = load_config(PipelineConfig, args.config, args.overrides)
+        cfg, given = load_config_with_keys(PipelineConfig, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"unipipe: {e}", file=sys.stderr)
         return 2
     try:
-        out = run_pipeline(cfg, given_keys(args.config, args.overrides), args.address)
+        out = run_pipeline(cfg, given, args.address)
     except USER_ERRORS as e:
         print(f"unipipe run: {e}", file=sys.stderr)
         return 2

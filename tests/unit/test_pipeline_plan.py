@@ -1,7 +1,7 @@
 """The pipeline's per-stage decision and the chain's defaults, without running anything."""
 
-from unipipe_ray.config import PipelineConfig, load_config, to_dict
-from unipipe_ray.pipeline.chain import given_keys, stage_config
+from unipipe_ray.config import PipelineConfig, given_keys, load_config, to_dict
+from unipipe_ray.pipeline.chain import stage_config
 from unipipe_ray.pipeline.manifest import Manifest
 from unipipe_ray.pipeline.run import plan
 

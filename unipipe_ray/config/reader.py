@@ -1,5 +1,18 @@
 """Reading configs: YAML files and dotted overrides into frozen dataclasses, with errors that name the file
-and the dotted key. ``config.py`` holds the dataclasses; this module knows nothing about them.
+and the dotted key. schema.py holds the dataclasses; this module knows nothing about them.
+
+The public API (re-exported by ``unipipe_ray.config``):
+
+    load_config(cls, path, overrides)            -> the frozen config
+    load_config_with_keys(cls, path, overrides)  -> (the config, the dotted keys the user set), one read
+    given_keys(path, overrides)                  -> the dotted keys the user set
+    build_config(cls, tree)                      -> a config from a plain tree (``to_dict``'s shape)
+    set_dotted(tree, "train.lr", 1e-5)           -> set a dotted key in such a tree
+    check(ok, key, message) / one_of(value, key, choices)   validators for a config's ``__post_init__``
+    config_differences(old, new), to_dict(config), parse_override(text), read_yaml(path)
+
+A config class may define a static ``normalise_tree(mapping) -> mapping``: ``build_config`` runs it on the
+class's raw mapping first (TuneConfig flattens its search space there, so the dataclass stays frozen).
 """
 
 from __future__ import annotations
@@ -23,13 +36,14 @@ class ConfigError(ValueError):
         super().__init__(f"{where}{key}: {message}" if key else f"{where}{message}")
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise ConfigError(key, message) unless ``ok`` (the field name as key: the reader adds the section)."""
     if not ok:
         raise ConfigError(key, message)
 
 
-def _one_of(value: Any, key: str, choices: tuple) -> None:
-    _check(value in choices, key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+def one_of(value: Any, key: str, choices: tuple) -> None:
+    check(value in choices, key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -48,10 +62,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if _is_dataclass_type(tp):
         return _build(tp, value, key)
     if origin is dict:  # free-form mapping (a search space): its owner's __post_init__ checks the entries
-        _check(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
+        check(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
         return dict(value)
     if origin is tuple:
-        _check(isinstance(value, (list, tuple)), key, f"must be a list, got {type(value).__name__}")
+        check(isinstance(value, (list, tuple)), key, f"must be a list, got {type(value).__name__}")
         item_tp = typing.get_args(tp)[0]
         return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -64,8 +78,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float and isinstance(value, float):
         # No key means "infinite" or "not a number": .inf epochs would pass every range check and then
         # fail in each Ray Train attempt, a NaN weight would train NaN weights.
-        _check(math.isfinite(value), key, f"must be a finite number, got {value!r}")
-    _check(isinstance(value, tp) and not (tp is int and isinstance(value, bool)), key,
+        check(math.isfinite(value), key, f"must be a finite number, got {value!r}")
+    check(isinstance(value, tp) and not (tp is int and isinstance(value, bool)), key,
            f"must be {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
 
@@ -74,11 +88,14 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     dotted = (prefix + ".") if prefix else ""
     if data is None:
         data = {}
-    _check(isinstance(data, dict), prefix, f"must be a mapping, got {type(data).__name__}")
+    check(isinstance(data, dict), prefix, f"must be a mapping, got {type(data).__name__}")
+    normalise = getattr(cls, "normalise_tree", None)
+    if normalise is not None:
+        data = normalise(dict(data))
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:  # an override like `train={1: 2}` (a file's keys were checked by read_yaml)
-        _check(isinstance(k, str), f"{dotted}{k}", f"keys must be names (strings), got {type(k).__name__}")
+        check(isinstance(k, str), f"{dotted}{k}", f"keys must be names (strings), got {type(k).__name__}")
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(dotted + str(unknown[0]), f"unknown key (known keys: {', '.join(names)})")
@@ -91,12 +108,13 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(prefix, str(e)) from None
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """``set_dotted(tree, "train.lr", 1e-5)``: tree["train"]["lr"] = 1e-5, making the missing mappings."""
     node = tree
     *parents, leaf = dotted.split(".")
     for p in parents:
         node = node.setdefault(p, {})
-        _check(isinstance(node, dict), dotted, f"cannot set a key below {p!r}, which is not a mapping")
+        check(isinstance(node, dict), dotted, f"cannot set a key below {p!r}, which is not a mapping")
     node[leaf] = value
 
 
@@ -110,7 +128,7 @@ def _check_nodes(node: yaml.Node, path: str, sizes: dict[int, int], open_nodes: 
     """Expanded node count below ``node``; refuses duplicate keys, non-string keys and recursive aliases."""
     if id(node) in sizes:
         return sizes[id(node)]
-    _check(id(node) not in open_nodes, path, "a recursive YAML alias (a node that contains itself)")
+    check(id(node) not in open_nodes, path, "a recursive YAML alias (a node that contains itself)")
     open_nodes.add(id(node))
     size = 1
     if isinstance(node, yaml.MappingNode):
@@ -121,9 +139,9 @@ def _check_nodes(node: yaml.Node, path: str, sizes: dict[int, int], open_nodes: 
                 size += _check_nodes(value_node, path, sizes, open_nodes)
                 continue
             where = f"{path}.{key_node.value}" if path else str(key_node.value)
-            _check(isinstance(key_node, yaml.ScalarNode) and key_node.tag == _STR_TAG, where,
+            check(isinstance(key_node, yaml.ScalarNode) and key_node.tag == _STR_TAG, where,
                    f"keys must be names (strings), got {key_node.tag.rsplit(':', 1)[-1]} on line {line}")
-            _check(key_node.value not in seen, where,
+            check(key_node.value not in seen, where,
                    f"duplicate key (lines {seen.get(key_node.value)} and {line}); the first would be lost")
             seen[key_node.value] = line
             size += _check_nodes(value_node, where, sizes, open_nodes)
@@ -132,7 +150,7 @@ def _check_nodes(node: yaml.Node, path: str, sizes: dict[int, int], open_nodes: 
             size += _check_nodes(item, f"{path}[{i}]", sizes, open_nodes)
     open_nodes.discard(id(node))
     sizes[id(node)] = size
-    _check(size <= MAX_YAML_NODES, path or "<top level>",
+    check(size <= MAX_YAML_NODES, path or "<top level>",
            f"expands to more than {MAX_YAML_NODES} YAML nodes through aliases; refusing to build it")
     return size
 
@@ -178,21 +196,57 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
-    """Read a YAML file (optional) into ``cls``, apply dotted overrides, validate. Errors name the file."""
-    source = str(path) if path else "<defaults>"
-    tree: dict = {}
-    if path:
-        tree = read_yaml(path)
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
-    if overrides:
-        source += " (with overrides " + " ".join(overrides) + ")"
+def build_config(cls: type, tree: dict, source: str | None = None) -> Any:
+    """``cls`` built from a plain tree (nested mappings and lists, ``to_dict``'s shape) and validated; errors
+    name the dotted key, and ``source`` when given."""
     try:
         return _build(cls, tree)
     except ConfigError as e:
+        if source is None:
+            raise
         raise ConfigError(e.key, e.message, source) from None
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+    """Read a YAML file (optional) into ``cls``, apply dotted overrides, validate. Errors name the file."""
+    return load_config_with_keys(cls, path, overrides)[0]
+
+
+def load_config_with_keys(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> tuple[Any, set]:
+    """(config, the dotted keys the user set) from one read of the file: ``load_config`` and ``given_keys``."""
+    tree, keys, source = _read(path, overrides)
+    return build_config(cls, tree, source), keys
+
+
+def given_keys(path: str | Path | None, overrides: list[str] = ()) -> set[str]:
+    """Dotted keys the user set in the YAML file or on the command line (``dpo``, ``dpo.model``,
+    ``ppo.reward_model``): every key of the file, every override and the keys of a mapping it sets."""
+    return _read(path, overrides)[1]
+
+
+def _read(path: str | Path | None, overrides: list[str]) -> tuple[dict, set[str], str]:
+    """(tree, keys the user set, source for errors): the file's tree with the overrides applied."""
+    source = str(path) if path else "<defaults>"
+    tree: dict = read_yaml(path) if path else {}
+    keys = _keys_in(tree)  # before the overrides change the tree: they add their own keys below
+    for text in overrides:
+        key, value = parse_override(text)
+        keys.add(key)
+        if isinstance(value, dict):
+            keys |= _keys_in(value, key + ".")
+        set_dotted(tree, key, value)
+    if overrides:
+        source += " (with overrides " + " ".join(overrides) + ")"
+    return tree, keys, source
+
+
+def _keys_in(node: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in node.items():
+        keys.add(f"{prefix}{k}")
+        if isinstance(v, dict):
+            keys |= _keys_in(v, f"{prefix}{k}.")
+    return keys
 
 
 def config_differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:

@@ -1,8 +1,8 @@
-"""Frozen, validated configuration: one dataclass per stage, YAML files and dotted command-line overrides.
+"""Frozen, validated configuration: one dataclass per stage and the chained pipeline's.
 
 ``load_config(SFTConfig, "sft.yaml", ["train.lr=1e-5"])`` reads the YAML, applies the overrides, rejects
 unknown keys and out-of-range values with an error naming the file and the dotted key, and returns the
-frozen dataclass (the reading itself lives in config_io.py). Every field has a default and a comment saying
+frozen dataclass (the reading itself lives in reader.py). Every field has a default and a comment saying
 what it does.
 """
 
@@ -10,17 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from unipipe_ray.config.reader import (  # noqa: F401  (re-exported: callers load configs from here)
-    ConfigError,
-    _build,
-    _check,
-    _one_of,
-    _set_dotted,
-    load_config,
-    parse_override,
-    read_yaml,
-    to_dict,
-)
+from unipipe_ray.config.reader import check, one_of
 from unipipe_ray.config.sams import SamsSettings
 
 DEFAULT_MODEL = "smollm2-135m"  # the packaged SmolLM2-135M-Instruct (core/models.py resolves specs)
@@ -32,8 +22,8 @@ class DataSource:
     weight: float = 1.0       # relative share of this source in a mixture
 
     def __post_init__(self):
-        _check(bool(self.path), "path", "must not be empty")
-        _check(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
+        check(bool(self.path), "path", "must not be empty")
+        check(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
 
 
 @dataclass(frozen=True)
@@ -56,20 +46,20 @@ class DataConfig:
     seed: int = 0                           # shuffling and generation seed
 
     def __post_init__(self):
-        _one_of(self.task, "task", ("arith", "gsm8k", "hh_harmless"))
-        _one_of(self.on_bad_record, "on_bad_record", ("error", "skip"))
-        _check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
-        _check(self.max_prompt_length is None or 0 < self.max_prompt_length < self.max_length,
+        one_of(self.task, "task", ("arith", "gsm8k", "hh_harmless"))
+        one_of(self.on_bad_record, "on_bad_record", ("error", "skip"))
+        check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
+        check(self.max_prompt_length is None or 0 < self.max_prompt_length < self.max_length,
                "max_prompt_length", f"must be in (0, max_length={self.max_length}), got {self.max_prompt_length}")
-        _check(self.size is None or self.size > 0, "size", f"must be > 0 or null, got {self.size}")
-        _check(self.budget is None or self.budget > 0, "budget", f"must be > 0 or null, got {self.budget}")
-        _check(self.budget is None or self.size is None, "budget", "set budget or size, not both")
-        _check(self.budget is None or not self.sources, "budget",
+        check(self.size is None or self.size > 0, "size", f"must be > 0 or null, got {self.size}")
+        check(self.budget is None or self.budget > 0, "budget", f"must be > 0 or null, got {self.budget}")
+        check(self.budget is None or self.size is None, "budget", "set budget or size, not both")
+        check(self.budget is None or not self.sources, "budget",
                "splits one task's question pool (index i is the same question in its SFT and preference data); "
                "it cannot split user sources")
-        _check(0 <= self.sft_ratio <= 1, "sft_ratio", f"must be in [0, 1], got {self.sft_ratio}")
-        _check(self.eval_size >= 0, "eval_size", f"must be >= 0, got {self.eval_size}")
-        _check(self.task_size > 0, "task_size", f"must be > 0, got {self.task_size}")
+        check(0 <= self.sft_ratio <= 1, "sft_ratio", f"must be in [0, 1], got {self.sft_ratio}")
+        check(self.eval_size >= 0, "eval_size", f"must be >= 0, got {self.eval_size}")
+        check(self.task_size > 0, "task_size", f"must be > 0, got {self.task_size}")
 
 
 @dataclass(frozen=True)
@@ -81,9 +71,9 @@ class LoraConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # module names to adapt
 
     def __post_init__(self):
-        _check(self.r > 0, "r", f"must be > 0, got {self.r}")
-        _check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
-        _check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.r > 0, "r", f"must be > 0, got {self.r}")
+        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
@@ -115,25 +105,25 @@ class TrainConfig:
 
     def __post_init__(self):
         for key in ("num_workers", "batch_size", "grad_accum", "log_every"):
-            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        _check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
-        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
-        _check(0 < self.lr < 1, "lr", f"must be in (0, 1), got {self.lr}")
-        _check(0 <= self.weight_decay < 1, "weight_decay", f"must be in [0, 1), got {self.weight_decay}")
-        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        _check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
-        _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
-        _one_of(self.dtype, "dtype", ("float32", "bfloat16"))
-        _one_of(self.zero_stage, "zero_stage", (0, 1, 2, 3))
-        _one_of(self.backend, "backend", ("ddp", "deepspeed"))
-        _check(self.zero_stage == 0 or self.backend == "deepspeed", "zero_stage",
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        check(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        check(0 < self.lr < 1, "lr", f"must be in (0, 1), got {self.lr}")
+        check(0 <= self.weight_decay < 1, "weight_decay", f"must be in [0, 1), got {self.weight_decay}")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        one_of(self.dtype, "dtype", ("float32", "bfloat16"))
+        one_of(self.zero_stage, "zero_stage", (0, 1, 2, 3))
+        one_of(self.backend, "backend", ("ddp", "deepspeed"))
+        check(self.zero_stage == 0 or self.backend == "deepspeed", "zero_stage",
                "needs backend: deepspeed")
-        _check(not self.offload_optimizer or self.backend == "deepspeed", "offload_optimizer",
+        check(not self.offload_optimizer or self.backend == "deepspeed", "offload_optimizer",
                "needs backend: deepspeed")
-        _check(self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker",
+        check(self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker",
                f"must be > 0 or null, got {self.cpus_per_worker}")
         for key in ("checkpoint_every", "max_failures", "logps_chunk_size"):
-            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+            check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
 
 
 def chunk_size(train: TrainConfig) -> int | None:
@@ -160,7 +150,7 @@ class RMConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        _check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
+        check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
 
 
 @dataclass(frozen=True)
@@ -180,12 +170,12 @@ class DPOConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7))
 
     def __post_init__(self):
-        _one_of(self.loss_type, "loss_type", ("sigmoid", "ipo", "simpo"))
-        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
-        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
-        _one_of(self.scheduler, "scheduler", ("none", "random", "sams"))
-        _check(0 < self.keep_ratio <= 1, "keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
-        _check(self.simpo_gamma >= 0, "simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
+        one_of(self.loss_type, "loss_type", ("sigmoid", "ipo", "simpo"))
+        check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        one_of(self.scheduler, "scheduler", ("none", "random", "sams"))
+        check(0 < self.keep_ratio <= 1, "keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
+        check(self.simpo_gamma >= 0, "simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
 
 
 @dataclass(frozen=True)
@@ -230,29 +220,29 @@ class PPOConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6))
 
     def __post_init__(self):
-        _one_of(self.estimator, "estimator", ("gae", "grpo", "rloo"))
-        _one_of(self.engine, "engine", ("hf", "vllm"))
-        _one_of(self.weight_sync, "weight_sync", ("object_store", "collective"))
-        _check(self.weight_sync == "object_store" or self.engine == "vllm", "weight_sync",
+        one_of(self.estimator, "estimator", ("gae", "grpo", "rloo"))
+        one_of(self.engine, "engine", ("hf", "vllm"))
+        one_of(self.weight_sync, "weight_sync", ("object_store", "collective"))
+        check(self.weight_sync == "object_store" or self.engine == "vllm", "weight_sync",
                "collective weight sync needs engine: vllm (it runs through vLLM's worker extension)")
-        _one_of(self.kl_estimator, "kl_estimator", ("k1", "k2", "k3"))
+        one_of(self.kl_estimator, "kl_estimator", ("k1", "k2", "k3"))
         for key in ("num_engines", "num_reward_workers", "prompts_per_iter", "samples_per_prompt", "iterations",
                     "max_new_tokens", "ppo_epochs", "minibatch_size", "kl_horizon", "hacking_window"):
-            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        _check(self.estimator == "gae" or self.samples_per_prompt >= 2, "samples_per_prompt",
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        check(self.estimator == "gae" or self.samples_per_prompt >= 2, "samples_per_prompt",
                f"{self.estimator} needs >= 2 samples per prompt (a group baseline)")
-        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
-        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        _check(0 < self.clip_eps < 1, "clip_eps", f"must be in (0, 1), got {self.clip_eps}")
-        _check(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma in (0, 1] and lam in [0, 1]")
-        _check(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(0 < self.clip_eps < 1, "clip_eps", f"must be in (0, 1), got {self.clip_eps}")
+        check(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma in (0, 1] and lam in [0, 1]")
+        check(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
         # the adaptive controller divides by the target: 0 would end the first iteration in a ZeroDivisionError
-        _check(self.kl_target is None or self.kl_target > 0, "kl_target", f"must be > 0 or null, got {self.kl_target}")
-        _check(0 < self.critic_lr < 1, "critic_lr", f"must be in (0, 1), got {self.critic_lr}")
-        _check(self.value_clip_eps > 0, "value_clip_eps", f"must be > 0, got {self.value_clip_eps}")
+        check(self.kl_target is None or self.kl_target > 0, "kl_target", f"must be > 0 or null, got {self.kl_target}")
+        check(0 < self.critic_lr < 1, "critic_lr", f"must be in (0, 1), got {self.critic_lr}")
+        check(self.value_clip_eps > 0, "value_clip_eps", f"must be > 0, got {self.value_clip_eps}")
         for key in ("gold_reward_weight", "missing_eos_penalty"):
-            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
-        _check(self.hacking_z > 0, "hacking_z", f"must be > 0, got {self.hacking_z}")
+            check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        check(self.hacking_z > 0, "hacking_z", f"must be > 0, got {self.hacking_z}")
 
 
 STAGES = ("sft", "rm", "ppo", "dpo")  # the chain's order
@@ -277,19 +267,19 @@ class PipelineConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def __post_init__(self):
-        _check(len(self.stages) > 0, "stages", "must name at least one stage")
+        check(len(self.stages) > 0, "stages", "must name at least one stage")
         for s in self.stages:
-            _one_of(s, "stages", STAGES)
-        _check(len(set(self.stages)) == len(self.stages), "stages", f"names a stage twice: {list(self.stages)}")
-        _check(list(self.stages) == sorted(self.stages, key=STAGES.index), "stages",
+            one_of(s, "stages", STAGES)
+        check(len(set(self.stages)) == len(self.stages), "stages", f"names a stage twice: {list(self.stages)}")
+        check(list(self.stages) == sorted(self.stages, key=STAGES.index), "stages",
                f"must keep the order {' -> '.join(STAGES)}, got {list(self.stages)}")
-        _check(self.eval_size >= 1, "eval_size", f"must be >= 1, got {self.eval_size}")
-        _check(self.eval_max_new_tokens >= 1, "eval_max_new_tokens", f"must be >= 1, got {self.eval_max_new_tokens}")
+        check(self.eval_size >= 1, "eval_size", f"must be >= 1, got {self.eval_size}")
+        check(self.eval_max_new_tokens >= 1, "eval_max_new_tokens", f"must be >= 1, got {self.eval_max_new_tokens}")
         # The report scores the first eval_size held-out examples of these sections' data splits; asking for
         # more than a section holds out would score examples that stage trained on.
         for section in filter(None, self.held_out_sections()):
             held = getattr(self, section).data.eval_size
-            _check(self.eval_size <= held, "eval_size", f"{self.eval_size} is more than the {held} examples "
+            check(self.eval_size <= held, "eval_size", f"{self.eval_size} is more than the {held} examples "
                    f"{section}.data holds out of training (raise {section}.data.eval_size)")
 
     def held_out_sections(self) -> tuple[str, str | None]:

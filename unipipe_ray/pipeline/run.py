@@ -46,7 +46,7 @@ def plan(cfg: PipelineConfig, manifest: Manifest, stage: str, config: dict, inpu
 def run_pipeline(cfg: PipelineConfig, given: set[str], address: str | None = None,
                  inject: dict | None = None) -> dict:
     """Run ``cfg.stages`` in order under ``cfg.run_dir``; then the report. ``given``: the keys the user set
-    (chain.given_keys). ``inject`` (tests): {stage: kwargs for its run function}, e.g. a stop in PPO.
+    (config.load_config_with_keys). ``inject`` (tests): {stage: kwargs for its run function}, e.g. a stop in PPO.
 
     A URI run_dir (s3://...) is checked here, before any training, and the run works in its local staging
     copy, pulled first and pushed as stages end (rundir.py). The run holds ``<run_dir>/.lock`` throughout: a

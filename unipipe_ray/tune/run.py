@@ -119,7 +119,7 @@ def _check_same_sweep(path: Path, config: dict, compare: bool) -> None:
 
 def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, inject: dict | None = None) -> Path:
     """Run (or resume) the sweep; return its experiment directory. ``given``: the base keys the user set
-    (``dpo.model`` ...; pipeline.chain.given_keys under ``base.``). ``inject`` (tests): see tune_trial."""
+    (``dpo.model`` ...; config.given_keys under ``base.``). ``inject`` (tests): see tune_trial."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler

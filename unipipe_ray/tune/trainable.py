@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from unipipe_ray.config import ConfigError, PipelineConfig, _build, _set_dotted
+from unipipe_ray.config import ConfigError, PipelineConfig, build_config, set_dotted
 
 POOL_KEYS = ("task", "task_path", "task_size", "sources", "eval_size", "seed")  # what makes the shared pool
 
@@ -45,19 +45,19 @@ def trial_config(base: dict, params: dict, run_dir: str) -> PipelineConfig:
     for key, value in params.items():
         if key == "budget":
             for stage in ("sft", "dpo"):
-                _set_dotted(tree, f"{stage}.data.budget", value)
-                _set_dotted(tree, f"{stage}.data.size", None)
+                set_dotted(tree, f"{stage}.data.budget", value)
+                set_dotted(tree, f"{stage}.data.size", None)
         elif key == "sft_ratio":
             for stage in ("sft", "dpo"):
-                _set_dotted(tree, f"{stage}.data.sft_ratio", value)
+                set_dotted(tree, f"{stage}.data.sft_ratio", value)
         elif key == "seed":  # which questions the budget draws, and the training seed; the held-out set stays
             for stage in ("sft", "dpo"):
-                _set_dotted(tree, f"{stage}.data.budget_seed", value)
-                _set_dotted(tree, f"{stage}.train.seed", value)
+                set_dotted(tree, f"{stage}.data.budget_seed", value)
+                set_dotted(tree, f"{stage}.train.seed", value)
         else:
-            _set_dotted(tree, key, value)
+            set_dotted(tree, key, value)
     tree.update(run_dir=run_dir, report=False)
-    cfg = _build(PipelineConfig, tree)
+    cfg = build_config(PipelineConfig, tree)
     budget = cfg.sft.data.budget
     if budget is None and cfg.dpo.data.budget is None:
         return cfg
