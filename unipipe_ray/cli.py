@@ -13,29 +13,24 @@ command again resumes the stage from its latest checkpoint in ``output_dir``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 
-from unipipe_ray.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
+from unipipe_ray.config import ConfigError, SFTConfig, load_config
 from unipipe_ray.data.records import DataError
 from unipipe_ray.eval import cli as eval_cli
+from unipipe_ray.pipeline.registry import REGISTRY
 from unipipe_ray.runtime.files import RunLocked
 from unipipe_ray.runtime.loop import NonFiniteLoss
 from unipipe_ray.tune import cli as tune_cli
-
-STAGES = {"sft": (SFTConfig, "supervised fine-tuning", "unipipe_ray.stages.sft:run_sft"),
-          "rm": (RMConfig, "reward model (Bradley-Terry)", "unipipe_ray.stages.reward:run_rm"),
-          "dpo": (DPOConfig, "direct preference optimization", "unipipe_ray.stages.dpo:run_dpo"),
-          "ppo": (PPOConfig, "RLHF with PPO / GRPO / RLOO", "unipipe_ray.ppo.controller:run_ppo")}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unipipe", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for name, (_, help_text, _) in STAGES.items():
-        cmd = sub.add_parser(name, help=f"{help_text} on Ray")
+    for name, stage in REGISTRY.items():
+        cmd = sub.add_parser(name, help=f"{stage.summary} on Ray")
         cmd.add_argument("--config", help="YAML file (defaults apply to missing keys)")
         cmd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
         cmd.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
@@ -110,15 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         return tune_cli.run(args)
     if args.command == "run":
         return _run_pipeline(args)
-    config_cls, _, target = STAGES[args.command]
+    stage = REGISTRY[args.command]
     try:
-        cfg = load_config(config_cls, args.config, args.overrides)
+        cfg = load_config(stage.config, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"unipipe: {e}", file=sys.stderr)
         return 2
-    module, func = target.split(":")
     try:
-        result = getattr(importlib.import_module(module), func)(cfg, args.address)
+        result = stage.run(cfg, args.address)
     except USER_ERRORS as e:
         print(f"unipipe {args.command}: {e}", file=sys.stderr)
         return 2

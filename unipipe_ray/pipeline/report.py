@@ -35,7 +35,7 @@ def kl_to_reference(policy: str, reference: str, prompts: list[list[int]], max_n
     return [sum(s.logps) - float(ref[i, :len(s.response_ids)].sum()) for i, s in enumerate(samples)]
 
 
-def write_report(cfg: PipelineConfig, manifest, given: set[str]) -> Path:
+def write_report(cfg: PipelineConfig, manifest) -> Path:
     from unipipe_ray.core.models import load_tokenizer, resolve_model
     from unipipe_ray.data import tokenize_prompt
     from unipipe_ray.data.held_out import pipeline_held_out

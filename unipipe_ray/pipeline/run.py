@@ -13,20 +13,12 @@ from pathlib import Path
 from unipipe_ray.config import PipelineConfig, result_differences, to_dict
 from unipipe_ray.pipeline.chain import stage_config
 from unipipe_ray.pipeline.manifest import Manifest
+from unipipe_ray.pipeline.registry import REGISTRY
 from unipipe_ray.pipeline.rundir import RunDir
 from unipipe_ray.runtime.files import run_lock
 
 
-def _runner(stage: str):
-    from unipipe_ray.ppo.controller import run_ppo
-    from unipipe_ray.stages.dpo import run_dpo
-    from unipipe_ray.stages.reward import run_rm
-    from unipipe_ray.stages.sft import run_sft
-
-    return {"sft": run_sft, "rm": run_rm, "ppo": run_ppo, "dpo": run_dpo}[stage]
-
-
-def plan(cfg: PipelineConfig, manifest: Manifest, stage: str, config: dict, inputs_ran: bool) -> tuple[str, str]:
+def plan(manifest: Manifest, stage: str, config: dict, inputs_ran: bool) -> tuple[str, str]:
     """(action, why) for one stage: action is skip, resume or run."""
     entry = manifest.stage(stage)
     if entry is None:
@@ -67,7 +59,7 @@ def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: s
     for i, stage in enumerate(cfg.stages):
         stage_cfg = stage_config(cfg, stage, checkpoints, given)
         config = to_dict(stage_cfg)
-        action, why = plan(cfg, manifest, stage, config, inputs_ran)
+        action, why = plan(manifest, stage, config, inputs_ran)
         print(f"pipeline: stage {i + 1}/{len(cfg.stages)} {stage}: {action} - {why}", flush=True)
         if action == "skip":
             checkpoints[stage] = manifest.stage(stage)["checkpoint"]
@@ -90,7 +82,7 @@ def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: s
             import ray
 
             ray.shutdown()  # the local cluster is done; generation gets the cores (it ran ~10x slower beside it)
-        out["report"] = str(write_report(cfg, manifest, given))
+        out["report"] = str(write_report(cfg, manifest))
         manifest.data["report"] = "report.md"
         manifest.save()
         run_dir.push("report.md", "report.json", "plots", "manifest.json")
@@ -103,7 +95,7 @@ def _run_stage(stage: str, stage_cfg, config: dict, manifest: Manifest, run_dir:
     manifest.start(stage, config)
     run_dir.push("manifest.json")
     try:
-        result = _runner(stage)(stage_cfg, address, **(inject or {}).get(stage, {}))
+        result = REGISTRY[stage].run(stage_cfg, address, **(inject or {}).get(stage, {}))
     except BaseException as e:
         manifest.fail(stage, e)
         print(f"pipeline: {stage} failed ({type(e).__name__}: {e}); run the same command again to resume it",

@@ -99,10 +99,11 @@ def advantages_and_returns(cfg: PPOConfig, rewards: torch.Tensor, kl: torch.Tens
     return advantages * mask, returns
 
 
-def build_groups(cfg: PPOConfig, paths: dict, pad_id: int, threads: int) -> dict:
+def build_groups(cfg: PPOConfig, paths: dict, pad_id: int, threads: int) -> tuple[dict, object]:
     """The actor groups, placed by one placement group: ``colocate`` puts actor i of every role on bundle i
     (the roles take turns on the same devices), otherwise every actor gets a bundle of its own. On CPU the
-    counts are fractional scheduling tokens: the phases run one after another on the same cores."""
+    counts are fractional scheduling tokens: the phases run one after another on the same cores. Returns
+    ({role: ActorGroup}, the placement group, to remove when the run ends)."""
     import ray
 
     from unipipe_ray.ppo.roles import CriticTrainer, PolicyTrainer, ReferenceModel, RewardScorer
@@ -174,8 +175,10 @@ def sync_weights(groups: dict, specs=None):
 
 
 def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, kl_ctl, it: int, state,
-                  specs=None) -> dict:
-    """One PPO iteration over ``prompts`` (PromptExamples with their token ids); returns its metrics."""
+                  specs=None) -> tuple[dict, object]:
+    """One PPO iteration over ``prompts`` (PromptExamples with their token ids). Returns (its metrics, the
+    object-store weights the engines now hold, or None after a collective sync: ``state`` of the next
+    iteration, which re-syncs an engine that Ray restarted)."""
     import ray
 
     from unipipe_ray.runtime.actors import split
