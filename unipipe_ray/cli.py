@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from unipipe_ray.config import ConfigError, SFTConfig, load_config
@@ -22,6 +21,7 @@ from unipipe_ray.data.records import DataError
 from unipipe_ray.eval import cli as eval_cli
 from unipipe_ray.pipeline.registry import REGISTRY
 from unipipe_ray.runtime.files import RunLocked
+from unipipe_ray.runtime.logs import setup_logging
 from unipipe_ray.runtime.loop import NonFiniteLoss
 from unipipe_ray.tune import cli as tune_cli
 
@@ -97,7 +97,7 @@ def _answer_eval(cfg: SFTConfig, checkpoint: str | None, n: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = _parser().parse_args(argv)
     if args.command in eval_cli.COMMANDS:
         return eval_cli.run(args)

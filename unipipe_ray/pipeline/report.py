@@ -19,6 +19,7 @@ import torch
 
 from unipipe_ray.config import PipelineConfig
 from unipipe_ray.runtime.files import write_text_atomic
+from unipipe_ray.runtime.logs import progress
 
 CURVE_WORDS = ("loss", "reward", "accuracy", "margin", "kl", "gold", "proxy")
 
@@ -54,7 +55,7 @@ def write_report(cfg: PipelineConfig, manifest) -> Path:
     prompts = [tokenize_prompt(ex, tokenizer, 256)["input_ids"] for ex in examples]
     results, extra = {}, {}
     for name, path in models.items():
-        print(f"report: evaluating {name} on {len(examples)} held-out examples", flush=True)
+        progress(f"report: evaluating {name} on {len(examples)} held-out examples")
         dpo_ref = (done["dpo"]["config"]["ref_model"] or done["dpo"]["config"]["model"]) if name == "dpo" else None
         result = evaluate_model(path, task, examples, pairs=pairs if name == "dpo" else None, reward_model=rm,
                                 ref_model=str(resolve_model(dpo_ref)) if dpo_ref else None,
@@ -71,7 +72,7 @@ def write_report(cfg: PipelineConfig, manifest) -> Path:
         {"models": models, "held_out_examples": len(examples), "held_out_pairs": len(pairs),
          "results": {k: without_scores(r) for k, r in results.items()},
          "rm": {k: without_scores({k: v})[k] for k, v in extra.items()}}, indent=2, default=float))
-    print(f"report: {run_dir / 'report.md'}", flush=True)
+    progress(f"report: {run_dir / 'report.md'}")
     return run_dir / "report.md"
 
 

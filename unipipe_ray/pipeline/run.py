@@ -8,6 +8,7 @@ run_dir is a local path or a URI (s3://, gs://, file://: rundir.py keeps a local
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from unipipe_ray.config import PipelineConfig, result_differences, to_dict
@@ -16,6 +17,9 @@ from unipipe_ray.pipeline.manifest import Manifest
 from unipipe_ray.pipeline.registry import REGISTRY
 from unipipe_ray.pipeline.rundir import RunDir
 from unipipe_ray.runtime.files import run_lock
+from unipipe_ray.runtime.logs import progress
+
+log = logging.getLogger(__name__)
 
 
 def plan(manifest: Manifest, stage: str, config: dict, inputs_ran: bool) -> tuple[str, str]:
@@ -50,7 +54,7 @@ def run_pipeline(cfg: PipelineConfig, given: set[str], address: str | None = Non
 
 def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: str | None, inject) -> dict:
     if run_dir.uri:
-        print(f"pipeline: run_dir {run_dir.uri}: working in the staging copy {run_dir.local}", flush=True)
+        progress(f"pipeline: run_dir {run_dir.uri}: working in the staging copy {run_dir.local}")
     run_dir.pull(cfg.stages)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir.local))  # the stages read and write local paths
     manifest = Manifest(run_dir.local)
@@ -60,14 +64,14 @@ def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: s
         stage_cfg = stage_config(cfg, stage, checkpoints, given)
         config = to_dict(stage_cfg)
         action, why = plan(manifest, stage, config, inputs_ran)
-        print(f"pipeline: stage {i + 1}/{len(cfg.stages)} {stage}: {action} - {why}", flush=True)
+        progress(f"pipeline: stage {i + 1}/{len(cfg.stages)} {stage}: {action} - {why}")
         if action == "skip":
             checkpoints[stage] = manifest.stage(stage)["checkpoint"]
             continue
         if action == "run":
             moved = run_dir.set_aside(stage)
             if moved:
-                print(f"pipeline: {stage}: its earlier outputs moved to {run_dir.shown(moved)}", flush=True)
+                progress(f"pipeline: {stage}: its earlier outputs moved to {run_dir.shown(moved)}")
             manifest.forget_after(list(cfg.stages[i:]))
         checkpoints[stage] = _run_stage(stage, stage_cfg, config, manifest, run_dir, address, inject)
         inputs_ran = True
@@ -98,13 +102,11 @@ def _run_stage(stage: str, stage_cfg, config: dict, manifest: Manifest, run_dir:
         result = REGISTRY[stage].run(stage_cfg, address, **(inject or {}).get(stage, {}))
     except BaseException as e:
         manifest.fail(stage, e)
-        print(f"pipeline: {stage} failed ({type(e).__name__}: {e}); run the same command again to resume it",
-              flush=True)
+        log.error("%s failed (%s: %s); run the same command again to resume it", stage, type(e).__name__, e)
         try:
             run_dir.push(stage, "manifest.json")  # its checkpoints, so that another machine can resume it
         except Exception as push_error:  # the stage's own error is the one to raise; the staging copy keeps all
-            print(f"pipeline: pushing {stage} to {run_dir.uri} failed too ({push_error}); the next run pushes it",
-                  flush=True)
+            log.warning("pushing %s to %s failed too (%s); the next run pushes it", stage, run_dir.uri, push_error)
         raise
     manifest.finish(stage, result)
     run_dir.push(stage, "manifest.json")

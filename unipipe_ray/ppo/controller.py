@@ -11,6 +11,7 @@ or adaptive coefficient (Ziegler et al. 2019).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -30,6 +31,9 @@ from unipipe_ray.core.rl import (
 )
 from unipipe_ray.core.watch import HackingWatch
 from unipipe_ray.runtime.files import recover_dir, replace_dir, write_json_atomic
+from unipipe_ray.runtime.logs import progress
+
+log = logging.getLogger(__name__)
 
 
 def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -318,7 +322,7 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
         kl_ctl.load_state_dict(controller["kl"])
         watch.load_state_dict(controller["watch"])
         history, best_gold, start = controller["history"], controller["best_gold"], controller["iteration"]
-        print(f"ppo: resuming from {resume} at iteration {start + 1} of {cfg.iterations}", flush=True)
+        progress(f"ppo: resuming from {resume} at iteration {start + 1} of {cfg.iterations}")
     try:
         has_gold = gold_scorer(cfg, task) is not None
         specs = ray.get(join_weight_group(groups)) if cfg.weight_sync == "collective" else None
@@ -340,9 +344,9 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
                 save_policy(groups, out_dir / "best_gold", tokenizer_dir)
             stop = bool(metrics["watch/hacking"]) and cfg.stop_on_hacking
             if metrics["watch/hacking"]:
-                print(f"ppo: WARNING reward hacking suspected at iteration {it + 1}: the proxy reward rises while "
-                      f"the gold reward falls (z {metrics['watch/proxy_z']:+.1f} and {metrics['watch/gold_z']:+.1f})"
-                      + ("; stopping (stop_on_hacking)" if stop else ""), flush=True)
+                log.warning("reward hacking suspected at iteration %d: the proxy reward rises while the gold reward "
+                            "falls (z %+.1f and %+.1f)%s", it + 1, metrics["watch/proxy_z"], metrics["watch/gold_z"],
+                            "; stopping (stop_on_hacking)" if stop else "")
             every = cfg.train.checkpoint_every
             if every and (it + 1) % every == 0 and it + 1 < cfg.iterations and not stop:
                 ppo_state.save(out_dir / "checkpoint", groups, tokenizer_dir,

@@ -16,6 +16,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from unipipe_ray.runtime.logs import progress
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -30,13 +32,10 @@ def is_main() -> bool:
 
 
 def print0(message: str) -> None:
-    """Print on rank 0 only: Ray forwards worker stdout to the driver, so this is the live log.
-
-    Writes to the stream directly because Ray Train patches print() into a logger that echoes twice.
-    """
+    """A progress line (logs.progress) on rank 0 only: Ray forwards worker stdout to the driver, so this is
+    the live log."""
     if is_main():
-        sys.stdout.write(message + "\n")
-        sys.stdout.flush()
+        progress(message)
 
 
 def all_reduce_sum(value: float | torch.Tensor) -> torch.Tensor:

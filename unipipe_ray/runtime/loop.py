@@ -22,6 +22,9 @@ from unipipe_ray.config import TrainConfig
 from unipipe_ray.runtime import distributed as dist
 from unipipe_ray.runtime.checkpoint import load_trainable, restore_state, save_and_report
 from unipipe_ray.runtime.engine import TrainingEngine
+from unipipe_ray.runtime.logs import quiet_ray_train_logs
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -41,11 +44,6 @@ def check_finite(stage: str, step: int, metrics: dict) -> None:
         shown = ", ".join(f"{k}={v}" for k, v in bad.items())
         raise NonFiniteLoss(f"{stage}: non-finite {shown} at step {step}; stopped without saving this step "
                             f"(lower train.lr, check the data, or use float32)")
-
-
-def quiet_ray_train_logs() -> None:
-    """Ray Train logs every report() call at INFO; our rank-0 progress line already says it."""
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
 
 
 def setup(threads: int, seed: int) -> None:
@@ -255,7 +253,7 @@ def _maybe_inject_failure(run: Run, done: int) -> None:
     if at is not None and done == at + 1 and run.rank == run.world - 1 and not Path(marker).exists():
         Path(marker).touch()
         time.sleep(2.0)
-        dist.print0(f"{run.reporter.stage}: injected failure in step {done}")
+        log.warning("%s: injected failure in step %d (test hook)", run.reporter.stage, done)
         os._exit(1)
 
 

@@ -18,19 +18,20 @@ def main() -> None:
 
     from unipipe_ray.core.models import resolve_model, tiny_model_dir
     from unipipe_ray.runtime.engine import TrainingEngine
+    from unipipe_ray.runtime.logs import progress
 
     started = time.time()
-    print("warmup: model cache ...", flush=True)
+    progress("warmup: model cache ...")
     resolve_model("smollm2-135m")
     tiny_model_dir()
     tiny_model_dir(tie_word_embeddings=False)
-    print("warmup: DeepSpeed CPU ops (first time ~75 s) ...", flush=True)
+    progress("warmup: DeepSpeed CPU ops (first time ~75 s) ...")
     model = torch.nn.Linear(4, 1)
     engine = TrainingEngine(model, lr=1e-3, weight_decay=0.0, max_grad_norm=1.0, total_steps=1, warmup_steps=0,
                     backend="deepspeed", zero_stage=1, offload_optimizer=True)
     engine.backward(engine(torch.ones(2, 4)).sum())
     engine.step()
-    print(f"warmup: done in {time.time() - started:.0f} s", flush=True)
+    progress(f"warmup: done in {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

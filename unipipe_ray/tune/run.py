@@ -12,12 +12,16 @@ otherwise a trial's workers wait for CPUs that the other trials' idle actors kee
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 from unipipe_ray.config import TrainConfig, config_differences, to_dict
 from unipipe_ray.runtime.files import write_json_atomic
+from unipipe_ray.runtime.logs import progress
 from unipipe_ray.tune.config import TuneConfig
+
+log = logging.getLogger(__name__)
 
 TRIAL_CPU = 0.01  # the trial actor: it only waits on Ray Train and generates the held-out answers
 
@@ -53,8 +57,8 @@ def concurrency(cfg: TuneConfig, cluster: dict) -> int:
     if gpus:
         fits = min(fits, int(have_gpu // gpus))
     if cfg.max_concurrent_trials and cfg.max_concurrent_trials > fits:
-        print(f"tune: max_concurrent_trials={cfg.max_concurrent_trials} lowered to {fits}: no more trials fit the "
-              f"cluster's {have_cpu:g} CPU / {have_gpu:g} GPU at once", flush=True)
+        log.warning("max_concurrent_trials=%s lowered to %s: no more trials fit the cluster's %g CPU / %g GPU "
+                    "at once", cfg.max_concurrent_trials, fits, have_cpu, have_gpu)
     return max(1, min(fits, cfg.max_concurrent_trials or fits))
 
 
@@ -140,14 +144,14 @@ def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, injec
     # Written once the sweep starts (a sweep that never started can be re-run with a fixed config).
     _check_same_sweep(exp_dir / "unipipe_tune.json", to_dict(cfg), compare=restoring)
     if restoring:
-        print(f"tune: resuming {exp_dir}: finished trials are kept, errored and unfinished ones run", flush=True)
+        progress(f"tune: resuming {exp_dir}: finished trials are kept, errored and unfinished ones run")
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.asha.max_t,
                                    grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor,
                                    stop_last_trials=False)  # a survivor runs to its end and final evaluation
                      if cfg.scheduler == "asha" else FIFOScheduler())
-        print(f"tune: {exp_dir}: up to {parallel} trial(s) at once ({cpus:g} CPU each)", flush=True)
+        progress(f"tune: {exp_dir}: up to {parallel} trial(s) at once ({cpus:g} CPU each)")
         tuner = tune.Tuner(
             trainable, param_space=param_space(cfg),
             tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
@@ -155,10 +159,10 @@ def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, injec
             run_config=tune.RunConfig(name=cfg.name, storage_path=str(exp_dir.parent)))
     results = tuner.fit()
     errors = [r for r in results if r.error is not None]
-    print(f"tune: {len(results)} trials, {len(errors)} errored" +
-          (" (run the same command again to retry them)" if errors else ""), flush=True)
+    progress(f"tune: {len(results)} trials, {len(errors)} errored" +
+             (" (run the same command again to retry them)" if errors else ""))
     if cfg.report:
         from unipipe_ray.tune.report import write_sweep_report
 
-        print(f"tune: report {write_sweep_report(exp_dir, metric=cfg.metric, mode=cfg.mode)}", flush=True)
+        progress(f"tune: report {write_sweep_report(exp_dir, metric=cfg.metric, mode=cfg.mode)}")
     return exp_dir
