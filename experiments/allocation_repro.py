@@ -101,7 +101,7 @@ def t_interval(values: list[float]) -> tuple[float, float]:
 
 def trial_rows(exp_dir: Path) -> list[dict]:
     """Finished trials with the final (post-DPO or post-SFT) metrics, one row each."""
-    from unipipe_ray.tune.report import finished, load_trials
+    from unipipe_ray.tune.trials import finished, load_trials
 
     keep = ("accuracy", "accuracy_low", "accuracy_high", "format_miss", "format_miss_count", "n_eval",
             "pref_accuracy", "stage", "sft_examples", "pref_pairs", "seconds")
@@ -337,7 +337,7 @@ def report(result: dict) -> str:
 
 def unfinished(exp_dirs: list[Path]) -> list[str]:
     """One line per errored or unfinished trial: its parameters and the exception line Tune kept."""
-    from unipipe_ray.tune.report import load_trials
+    from unipipe_ray.tune.trials import load_trials
 
     return [f"budget={r['params'].get('budget')}, r={r['params'].get('sft_ratio')}, seed={r['params'].get('seed')}: "
             f"{r['status']}" + (f" ({r['note']})" if r["note"] else "")

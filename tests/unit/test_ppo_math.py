@@ -7,7 +7,7 @@ import torch
 from unipipe_ray.config import ConfigError, PPOConfig, load_config
 from unipipe_ray.core.logps import sequence_logps, token_logps
 from unipipe_ray.core.sequences import response_grid_logps, to_batch
-from unipipe_ray.ppo.controller import advantages_and_returns, load_rule, pad_rows, scalar_rewards
+from unipipe_ray.ppo.rewards import advantages_and_returns, load_rule, pad_rows, scalar_rewards
 from unipipe_ray.ppo.rollout import Sample
 from unipipe_ray.runtime.actors import split
 

@@ -4,7 +4,7 @@ Each pair of a DPO batch is an arm of a contextual bandit. A scheduler scores th
 hidden states (score = f_S + lambda f_S') and keeps k; the policy steps on the kept pairs only. The reward of
 round t-1's selection is finished one round late, from the policy's view of batch X_t, so SamS needs no extra
 policy forward. The paper is the specification; where the authors' code differs, `SamsSettings` says which
-default follows which (see shared/SAMS.md).
+default follows which (docs/sams.md). The reward math is sams_rewards.py, the nets sams_nets.py.
 
 Call order, once per DPO round t on a batch of n pairs (all inputs from one no-grad forward of the batch):
 
@@ -23,7 +23,6 @@ Imports only torch and the standard library.
 """
 
 import copy
-import math
 from collections import deque
 from dataclasses import asdict
 
@@ -34,6 +33,7 @@ from torch import nn
 from unipipe_ray.config.sams import SamsSettings
 from unipipe_ray.core.sams_encoder import build_encoder
 from unipipe_ray.core.sams_nets import ResidualMLP, connector, downsample, layer_features, private_rng
+from unipipe_ray.core.sams_rewards import arm_labels, batch_likelihood, batch_reward, sample_reward
 
 __all__ = [
     "SamsSettings",
@@ -44,42 +44,6 @@ __all__ = [
     "sample_reward",
     "arm_labels",
 ]
-
-def batch_likelihood(margins):
-    """M_t = mean_i l_i with l_i = -sigmoid(beta * h_i) (authors' code). margins = beta * h (n,) -> float."""
-    return -torch.sigmoid(margins.detach().float()).mean().item()
-
-
-def batch_reward(prev_likelihood, likelihood, past_mean=None, scale=50.0, shift=0.5):
-    """Batch part of the reward: how much the step on round t-1's selection lowered M.
-
-    r_B = (M_{t-1} - M_t) / max(|M_{t-1}|, |M_t|)  (0 if both are 0);
-    smoothed s = 0.5 r_B + 0.5 * past_mean (the mean of earlier rounds' raw r_B; s = r_B in the first round);
-    sigma_B = sigmoid(scale * s + shift)  (code: scale 50, shift 0.5).
-    Returns (sigma_B, raw r_B); the caller adds raw r_B to its running mean.
-    """
-    denom = max(abs(prev_likelihood), abs(likelihood))
-    raw = (prev_likelihood - likelihood) / denom if denom > 0 else 0.0
-    smoothed = raw if past_mean is None else 0.5 * raw + 0.5 * past_mean
-    return 1.0 / (1.0 + math.exp(-(scale * smoothed + shift))), raw
-
-
-def _min_max(x, eps=1e-8):
-    """g(x) = (x - min) / (max - min) over the batch; a (near-)constant batch gets 0.5, neutral."""
-    span = x.max() - x.min()
-    return torch.full_like(x, 0.5) if span <= eps else (x - x.min()) / span
-
-
-def sample_reward(margins, chosen_logps):
-    """Sample part r_S = 0.5 g(beta h) + 0.5 (1 - g(logp_chosen)), g = min-max over the batch (code): favours a
-    clear margin and a low chosen log-prob. margins, chosen_logps (n,) -> (n,) in [0, 1]."""
-    margins, chosen_logps = margins.detach().float(), chosen_logps.detach().float()
-    return 0.5 * _min_max(margins) + 0.5 * (1 - _min_max(chosen_logps))
-
-
-def arm_labels(batch_reward_value, sample_rewards, gamma=0.5):
-    """Scheduler labels r(a) = gamma * sigma_B + (1 - gamma) * r_S(a). sample_rewards (n,) -> (n,)."""
-    return gamma * batch_reward_value + (1 - gamma) * sample_rewards
 
 
 class SamsScheduler:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from unipipe_ray.core.logps import sequence_logps
-from unipipe_ray.core.sams import _min_max, arm_labels, batch_reward
 from unipipe_ray.core.sams_nets import arm_forward
+from unipipe_ray.core.sams_rewards import arm_labels, batch_reward, min_max
 
 STATE_KEY = "sams_pretrain"
 
@@ -30,7 +30,7 @@ def sft_rewards(prev_losses, loss_mean, past_mean=None, gamma=0.5):
     loss of round t's batch after the step. Returns (labels (n,), raw r_B)."""
     prev_losses = prev_losses.detach().float()
     reward_b, raw = batch_reward(prev_losses.mean().item(), loss_mean, past_mean)
-    return arm_labels(reward_b, _min_max(prev_losses), gamma), raw
+    return arm_labels(reward_b, min_max(prev_losses), gamma), raw
 
 
 def sft_arm_inputs(module, batch, chunk_size=None):

@@ -3,10 +3,10 @@
     rollout engines (hf | vllm) -> reward-model group + gold checker -> reference + critic -> advantages
     -> policy (and critic) updates -> weight sync to the engines -> metrics, reward-hacking watch
 
-One iteration, top to bottom, is ``ppo_iteration``; ``run_ppo`` sets the groups up and loops. Advantages:
-``gae`` (critic + GAE, Ouyang et al. 2022), ``grpo`` (Shao et al. 2024) or ``rloo`` (Ahmadian et al. 2024),
-the last two without a critic. The KL penalty to the reference is per token (``kl_estimator``), with a fixed
-or adaptive coefficient (Ziegler et al. 2019).
+One iteration, top to bottom, is ``ppo_iteration``; ``run_ppo`` sets the groups up and loops. The rewards and
+advantages are rewards.py, the actor groups and weight sync groups.py, the model roles roles.py. The KL
+penalty to the reference is per token (``kl_estimator``), with a fixed or adaptive coefficient (Ziegler et
+al. 2019).
 """
 
 from __future__ import annotations
@@ -19,163 +19,15 @@ from pathlib import Path
 
 import torch
 
-from unipipe_ray.config import ConfigError, PPOConfig, to_dict
-from unipipe_ray.core.rl import (
-    AdaptiveKLController,
-    FixedKLController,
-    gae,
-    grpo_advantages,
-    kl_penalty,
-    masked_whiten,
-    rloo_advantages,
-)
+from unipipe_ray.config import PPOConfig, to_dict
+from unipipe_ray.core.rl import AdaptiveKLController, FixedKLController, kl_penalty
 from unipipe_ray.core.watch import HackingWatch
+from unipipe_ray.ppo.groups import build_groups, join_weight_group, sync_weights
+from unipipe_ray.ppo.rewards import advantages_and_returns, gold_scorer, load_rule, pad_rows, scalar_rewards
 from unipipe_ray.runtime.files import recover_dir, replace_dir, write_json_atomic
 from unipipe_ray.runtime.logs import progress
 
 log = logging.getLogger(__name__)
-
-
-def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
-    """Stack (R_i,) rows (or (n, R_i) blocks) into (N, width), zero-padded."""
-    blocks = [r.unsqueeze(0) if r.dim() == 1 else r for r in rows]
-    out = torch.zeros(sum(b.shape[0] for b in blocks), width)
-    i = 0
-    for b in blocks:
-        out[i:i + b.shape[0], :b.shape[1]] = b[:, :width]
-        i += b.shape[0]
-    return out
-
-
-def scalar_rewards(cfg: PPOConfig, proxy: list[float], gold: list[float], rule: list[float],
-                   finished: list[bool]) -> torch.Tensor:
-    """Per-sequence reward: reward model + weighted gold reward + rule reward - penalty for a missing EOS."""
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.float32)
-    r = as_tensor(proxy) + cfg.gold_reward_weight * as_tensor(gold) + as_tensor(rule)
-    return r - cfg.missing_eos_penalty * (1.0 - as_tensor([float(f) for f in finished]))
-
-
-def load_rule(spec: str | None, key: str = "rule_reward"):
-    """Import a rule reward "module:function" (called as f(example, text, response_ids) -> float).
-
-    The config names code that runs in this process: configs are trusted input (docs/reliability.md).
-    run_ppo resolves both rules before any actor starts, so a typo stops the stage with the key's name."""
-    if spec is None:
-        return None
-    import importlib
-
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ConfigError(key, f"{spec!r} must look like module:function")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(key, f"cannot load {spec!r}: {type(e).__name__}: {e}") from None
-    if not callable(fn):
-        raise ConfigError(key, f"{spec!r} is not callable")
-    return fn
-
-
-def gold_scorer(cfg: PPOConfig, task):
-    """The gold reward f(example, text, response_ids): cfg.gold_rule, else the task's checker, else None."""
-    if cfg.gold_rule:
-        return load_rule(cfg.gold_rule, "gold_rule")
-    if task is not None and task.has_gold_reward:
-        return lambda example, text, response_ids: task.gold_reward(example, text)
-    return None
-
-
-def advantages_and_returns(cfg: PPOConfig, rewards: torch.Tensor, kl: torch.Tensor, kl_coef: float,
-                           values: torch.Tensor | None, mask: torch.Tensor) -> tuple:
-    """(advantages (N, R), returns (N, R) or None). GAE puts -kl_coef*KL on every token and the sequence
-    reward on the last one; GRPO/RLOO subtract the KL sum from the sequence reward and use a group baseline."""
-    if cfg.estimator == "gae":
-        token_rewards = -kl_coef * kl
-        last = mask.sum(1).clamp(min=1) - 1
-        token_rewards[torch.arange(len(last)), last] += rewards
-        advantages, returns = gae(token_rewards * mask, values, mask, cfg.gamma, cfg.lam)
-    else:
-        total = rewards - kl_coef * (kl * mask).sum(1)
-        fn = grpo_advantages if cfg.estimator == "grpo" else rloo_advantages
-        advantages, returns = fn(total, cfg.samples_per_prompt).unsqueeze(1).expand_as(mask).clone(), None
-    if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
-    return advantages * mask, returns
-
-
-def build_groups(cfg: PPOConfig, paths: dict, pad_id: int, threads: int) -> tuple[dict, object]:
-    """The actor groups, placed by one placement group: ``colocate`` puts actor i of every role on bundle i
-    (the roles take turns on the same devices), otherwise every actor gets a bundle of its own. On CPU the
-    counts are fractional scheduling tokens: the phases run one after another on the same cores. Returns
-    ({role: ActorGroup}, the placement group, to remove when the run ends)."""
-    import ray
-
-    from unipipe_ray.ppo.roles import CriticTrainer, PolicyTrainer, ReferenceModel, RewardScorer
-    from unipipe_ray.ppo.rollout import RolloutWorker
-    from unipipe_ray.runtime.actors import ActorGroup, placement_bundles
-
-    workers = cfg.train.num_workers
-    roles = {"engines": (RolloutWorker, cfg.num_engines), "policy": (PolicyTrainer, workers),
-             "reference": (ReferenceModel, 1)}
-    if paths.get("reward"):
-        roles["reward"] = (RewardScorer, cfg.num_reward_workers)
-    if cfg.estimator == "gae":
-        roles["critic"] = (CriticTrainer, workers)
-    share = len(roles) if cfg.colocate else 1  # actors sharing one bundle split its device
-    gpu = 1 / share if cfg.train.use_gpu else 0
-    cpu = 1 / share if cfg.train.use_gpu else 0.1
-    pg, bundles = placement_bundles({name: n for name, (_, n) in roles.items()}, cpu * share, gpu * share,
-                                    cfg.colocate)
-    ray.get(pg.ready(), timeout=600)
-    steps = cfg.iterations * cfg.ppo_epochs * max(1, cfg.prompts_per_iter * cfg.samples_per_prompt
-                                                  // (cfg.minibatch_size * workers))
-    engine_kwargs = {"dtype": cfg.train.dtype, "seed": cfg.train.seed, "threads": threads}
-    if cfg.engine == "hf":
-        engine_kwargs["device"] = "cuda" if gpu else "cpu"
-    trainer = {"max_grad_norm": cfg.train.max_grad_norm, "total_updates": steps, "seed": cfg.train.seed,
-               "threads": threads, "pad_id": pad_id}
-    kwargs = {
-        "engines": {"kind": cfg.engine, "model_path": paths["policy"], **engine_kwargs},
-        "policy": {"model_path": paths["policy"], "lr": cfg.train.lr, "temperature": cfg.temperature,
-                   "clip_eps": cfg.clip_eps, "backend": cfg.train.backend, "zero_stage": cfg.train.zero_stage,
-                   **trainer},
-        "reference": {"model_path": paths["reference"], "pad_id": pad_id, "temperature": cfg.temperature,
-                      "threads": threads},
-        "reward": {"model_path": paths.get("reward"), "pad_id": pad_id, "threads": threads, "seed": cfg.train.seed},
-        "critic": {"model_path": paths["critic"], "lr": cfg.critic_lr, "clip_eps": cfg.value_clip_eps, **trainer},
-    }
-    groups = {name: ActorGroup(cls, n, kwargs[name], num_cpus=cpu, num_gpus=gpu, placement=pg,
-                               bundles=bundles[name], distributed=name in ("policy", "critic"),
-                               max_restarts=3 if name == "engines" else 0, env_vars={"OMP_NUM_THREADS": str(threads)})
-              for name, (cls, n) in roles.items()}
-    return groups, pg
-
-
-def join_weight_group(groups: dict) -> list:
-    """Trainer rank 0 and every engine join one weight group (collective sync); returns the weight specs.
-    Rank 0 hosts the group, so it meets at rank 0's node (not the driver's, another node on a cluster)."""
-    import ray
-
-    host, port = ray.get(groups["policy"].actors[0].meeting_point.remote())
-    world = 1 + len(groups["engines"])
-    ray.get([groups["policy"].actors[0].join_weight_group.remote(host, port, world)]
-            + [e.join_weight_group.remote(host, port, 1 + i, world) for i, e in enumerate(groups["engines"].actors)])
-    return groups["policy"].actors[0].weight_specs.remote()
-
-
-def sync_weights(groups: dict, specs=None):
-    """The policy's new weights into every rollout engine: rank 0's full state dict through the object store,
-    or (``specs`` given: weight_sync collective) a broadcast over the weight group. Returns the object-store
-    state (None after a collective sync) for re-syncing a restarted engine."""
-    import ray
-
-    if specs is not None:
-        ray.get([a.send_weights.remote() for a in groups["policy"].actors]
-                + [e.receive_weights.remote(specs) for e in groups["engines"].actors])
-        return None
-    state = ray.put(groups["policy"].call("state_dict")[0])
-    groups["engines"].call("load_weights", state)
-    return state
 
 
 def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, kl_ctl, it: int, state,
