@@ -3,8 +3,8 @@
     python bench/dpo_vs_trl.py --model tiny --data hh --pairs-per-step 8 --max-length 512 --steps 30 \
         --device cpu --dtype float32 --out results/bench_dpo_cpu.md
 
-Sides: "trl" (DPOTrainer.train(), explicit ref_model), "ours-full" (stages.forward without a chunk size: full
-logits, what the stage runs under ZeRO-3 or with logps_chunk_size 0) and "ours-chunked" (stages.forward with
+Sides: "trl" (DPOTrainer.train(), explicit ref_model), "ours-full" (core.forward without a chunk size: full
+logits, what the stage runs under ZeRO-3 or with logps_chunk_size 0) and "ours-chunked" (core.forward with
 --chunk-size: no (B, T, V) logits; the stage's default). All start from the same weights
 and take the same batches in the same order. Timing: one process runs TRL's own train loop, and a
 callback runs one step of each of our sides after every TRL step (A B C A B C ...), so machine load hits

@@ -10,9 +10,9 @@ repeat, so machine load hits all of them alike. Startup and one small warm-up ge
 Throughput = generated tokens (EOS included, nothing after it) / wall seconds of the timed call.
 
 Sides:
-  ours-vllm       workers.rollout.VLLMEngine.generate (what the PPO stage runs; log-probs on)
+  ours-vllm       ppo.rollout.VLLMEngine.generate (what the PPO stage runs; log-probs on)
   bare-vllm       vllm.LLM.generate with the same SamplingParams minus logprobs
-  ours-hf         workers.rollout.HFEngine.generate (our decode loop)
+  ours-hf         ppo.rollout.HFEngine.generate (our decode loop)
   plain-generate  model.generate(do_sample=True, top_k=0), left-padded batch, KV cache, no log-probs
 """
 

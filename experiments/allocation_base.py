@@ -1,4 +1,4 @@
-"""Base model of the CPU allocation reproduction (ALLOCATION.md): a small Llama (1.2M parameters by default)
+"""Base model of the CPU allocation reproduction (docs/allocation.md): a small Llama (1.2M parameters by default)
 pretrained from scratch on arith word problems answered in PROSE, so that it can do the arithmetic but has never
 seen the task's "Step k: a op b = c ... #### n" answer format (the cold start of finding iii needs such a model).
 

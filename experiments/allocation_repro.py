@@ -1,4 +1,4 @@
-"""Reproduction of "Balancing the Budget" (Raghavendra, Kang, Ritter, ACL 2025; ALLOCATION.md): how to split N
+"""Reproduction of "Balancing the Budget" (Raghavendra, Kang, Ritter, ACL 2025; docs/allocation.md): how to split N
 annotated examples between SFT demonstrations (N*r) and preference pairs (N*(1-r)), SFT first, then DPO.
 
     nice -n 19 python experiments/allocation_base.py        # once: the CPU base model (prose, no answer format)
@@ -276,7 +276,7 @@ def base_model_text(model: str) -> str:
     info_path = Path(model).expanduser() / "allocation_base.json"
     if not info_path.exists():
         return (f"Base model: `{model}`. A model that already writes the \"#### n\" format (an instruct model) may "
-                "show the cold start (iii) only weakly (ALLOCATION.md).")
+                "show the cold start (iii) only weakly (docs/allocation.md).")
     info = json.loads(info_path.read_text())
     pre = info["pretrain"]
     return (f"Base model: `{model}`, built by experiments/allocation_base.py (results/allocation_repro_base.md): "
@@ -286,7 +286,7 @@ def base_model_text(model: str) -> str:
             "arith problems (other questions than the sweep's pool) answered in prose, never in the step/\"####\" "
             "format. Why: the paper starts from base models, and its cold start (iii) is DPO having to move the model "
             "to the answer format; a model that already writes the format (SmolLM2-Instruct) cannot show that, and "
-            "a 135M model is too slow for a grid on 2 CPU cores (ALLOCATION.md).")
+            "a 135M model is too slow for a grid on 2 CPU cores (docs/allocation.md).")
 
 
 PAPER_RATIOS = (1.0, 0.75, 0.5, 0.25, 0.1, 0.01, 0.0)
@@ -294,7 +294,7 @@ PAPER_RATIOS = (1.0, 0.75, 0.5, 0.25, 0.1, 0.01, 0.0)
 
 def deviations(s: dict) -> str:
     missing = [f"{r:g}" for r in PAPER_RATIOS if r not in s["ratios"]]
-    return (f"Against the paper's setup (ALLOCATION.md): budgets {s['budgets']} instead of 100 to 10,000-20,000; "
+    return (f"Against the paper's setup (docs/allocation.md): budgets {s['budgets']} instead of 100 to 10,000-20,000; "
             + (f"ratios {', '.join(missing)} not run; " if missing else "") + "full fine-tuning instead of LoRA "
             "r = 32; the arith task instead of GSM8K; lrs as in Setting (the paper: SFT 5e-5, DPO 5e-6); beta, "
             "epochs, schedule, warmup and batch 16 as in the paper.")

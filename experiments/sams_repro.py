@@ -5,7 +5,7 @@
     python experiments/sams_repro.py --model smollm2-135m --task hh_harmless --train-size 1800 \\
         --test-size 500 --batch 16 --epochs 3 --lr 5e-6 --sft-epochs 1    # the GPU-machine version
 
-Procedure (SAMS.md): SFT on the chosen responses of the training pairs (clean labels), shared by every run;
+Procedure (docs/sams.md): SFT on the chosen responses of the training pairs (clean labels), shared by every run;
 during that SFT the SamS nets are pretrained on SFT-loss rewards (unipipe_ray.core.sams_pretrain); then per arm,
 noise level and seed a DPO run from the SFT model (also the reference) with the DPO stage's own step
 (experiments/sams_common.py), the same batches in the same order for every arm of a seed. The 50% arms see

@@ -1,4 +1,4 @@
-"""stages.forward: the chunked LM-head path equals the full-logits path (values and gradients, tied and untied
+"""core.forward: the chunked LM-head path equals the full-logits path (values and gradients, tied and untied
 embeddings) on the tiny Llama, and the output embedding is always put back."""
 
 import pytest

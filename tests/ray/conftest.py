@@ -14,7 +14,7 @@ def ray_cluster():
     from unipipe_ray.runtime.cluster import init_ray
 
     # 4 logical CPUs on a 2-core machine: CPU counts are scheduling tokens, and 2 workers plus Ray
-    # Train's controller must fit (see DESIGN.md).
+    # Train's controller must fit (docs/design.md, "Running on small machines").
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()

@@ -135,7 +135,7 @@ def chunk_size(train: TrainConfig) -> int | None:
 class SFTConfig:
     model: str = DEFAULT_MODEL     # model spec: smollm2-135m | tiny | HF dir | .gguf file | hub id
     output_dir: str = "runs/sft"   # checkpoints and metrics go here
-    sams_pretrain: bool = False    # pretrain SamS's nets on the SFT loss (SAMS.md); a later DPO stage starts from them
+    sams_pretrain: bool = False    # pretrain SamS's nets on the SFT loss (docs/sams.md); DPO starts from them
     sams: SamsSettings = field(default_factory=SamsSettings)  # the scheduler those nets belong to (sams_pretrain)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

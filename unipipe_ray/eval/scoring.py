@@ -72,7 +72,7 @@ def reward_scores(model, tokenizer, prompts: Sequence, responses: Sequence[str],
 def text_response_logps(model, tokenizer, prompts: Sequence, responses: Sequence[str], max_length: int = 512,
                    batch_size: int = 8, chunk_size: int | None = 1024, progress: bool = True) -> np.ndarray:
     """(N,) sum of log p(response token | prompt, earlier tokens), EOS included, prompt excluded.
-    ``chunk_size`` scores through stages.forward's chunked LM head (no (B, T, V) logits); None: full logits."""
+    ``chunk_size`` scores through core.forward's chunked LM head (no (B, T, V) logits); None: full logits."""
     from unipipe_ray.core.forward import token_logps_of
     from unipipe_ray.core.logps import sequence_logps
 

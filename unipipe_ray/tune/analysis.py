@@ -98,7 +98,8 @@ def iso_performance(cells: dict[tuple, dict], best: dict, mode: str = "max") -> 
 
 
 def cold_start(cells: dict[tuple, dict]) -> list[dict]:
-    """Per budget with r = 0: format_miss there vs at the smallest r > 0 (0.1 in ALLOCATION.md's grid)."""
+    """Per budget with r = 0: format_miss there vs at the smallest r > 0 (0.1 in the paper's grid,
+    docs/allocation.md)."""
     rows = []
     for budget in sorted({b for b, r in cells if r == 0}):
         above = sorted(r for b, r in cells if b == budget and r > 0)

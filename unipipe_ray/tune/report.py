@@ -1,6 +1,6 @@
 """The sweep report: ``sweep_report.md`` + PNGs from a Tune experiment directory (plain files, no Ray needed).
 
-Allocation sweeps (ALLOCATION.md; params ``budget`` N and ``sft_ratio`` r, over ``seed``s): the metric per
+Allocation sweeps (docs/allocation.md; params ``budget`` N and ``sft_ratio`` r, over ``seed``s): the metric per
 (N, r) with a 95% interval over seeds, the best r per budget, iso-performance (the smallest budget whose best
 split reaches a given (N, r)) and the cold start (format misses at r = 0). Any other search (SamS settings,
 ``dpo.keep_ratio``, ...): the best configuration and the metric grouped by each searched parameter's values.

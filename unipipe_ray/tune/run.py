@@ -6,7 +6,7 @@ interrupted experiment, then the sweep report.
 Each trial is a function trainable that runs its stages through Ray Train (``TorchTrainer.fit()`` inside the
 trial: Ray 2.60 refuses ``Tuner(TorchTrainer)``). The trial actor itself holds 0.01 CPU and its Ray Train
 workers ``cpus_per_worker`` each, and no more trials run at once than the cluster holds all their workers:
-otherwise a trial's workers wait for CPUs that the other trials' idle actors keep, forever (DESIGN.md).
+otherwise a trial's workers wait for CPUs that the other trials' idle actors keep, forever (docs/design.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One trial of a sweep: a small pipeline (SFT -> DPO, or one of them) on the trial's settings, then the
 held-out metrics after each stage.
 
-Allocation trials (ALLOCATION.md) take three keys: ``budget`` N, ``sft_ratio`` r and ``seed``. Both stages
+Allocation trials (docs/allocation.md) take three keys: ``budget`` N, ``sft_ratio`` r and ``seed``. Both stages
 read the same task pool; ``data.budget`` makes the SFT stage take round(N * r) questions and the DPO stage
 the other N - round(N * r), disjoint (data.split.budget_split). DPO's reference is its input: the SFT model,
 or the base model when r = 0 (then there is no SFT stage). Every other space key is a dotted override of
