@@ -56,7 +56,7 @@ def test_engine_logps_match_the_trainer_before_and_after_a_sync(ray_cluster, kin
 
 
 def test_vllm_engine_takes_weights_over_the_weight_group(ray_cluster):
-    """The collective sync path (workers.weight_sync: vLLM worker extension + StatelessProcessGroup): the test
+    """The collective sync path (ppo.weight_sync: vLLM worker extension + StatelessProcessGroup): the test
     process is the trainer's rank 0 and broadcasts a moved state dict while the engine actor receives it.
     On CPU the transport is the group's TCP store; on GPUs the same calls go through NCCL."""
     from unipipe_ray.ppo.weight_sync import WeightSender, weight_specs

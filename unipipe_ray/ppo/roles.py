@@ -30,7 +30,7 @@ from unipipe_ray.runtime.engine import TrainingEngine
 
 
 def _setup(threads: int | None, seed: int, rank: int, world: int, master) -> tuple | None:
-    """Threads, seed, and (``master``: the group's meeting point, workers.group.Meeting) the process group,
+    """Threads, seed, and (``master``: the group's meeting point, runtime.actors.Meeting) the process group,
     hosted by rank 0 on its own node. Returns the (address, port) the group met at."""
     if threads:
         torch.set_num_threads(threads)

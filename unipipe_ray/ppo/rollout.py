@@ -195,7 +195,7 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
-        """Join the trainer's weight group (workers.weight_sync) as ``rank`` (this engine runs one worker)."""
+        """Join the trainer's weight group (ppo.weight_sync) as ``rank`` (this engine runs one worker)."""
         self.llm.collective_rpc("join_weight_group", args=(host, port, rank, world_size))
 
     def receive_weights(self, specs) -> None:

@@ -179,7 +179,7 @@ class PairSelector:
     @torch.no_grad()
     def _arm_inputs(self, module, batch, ref, keys):
         """One no-grad forward of the whole micro-batch (LM head chunked, blocks pooled on the fly: see
-        sams_nets.arm_forward): arm features, and the policy's view of each pair (beta * h, chosen log-prob)
+        core.sams_nets.arm_forward): arm features, and the policy's view of each pair (beta * h, chosen log-prob)
         for SamS's rewards. The reference's log-probs are remembered: the kept pairs' step reads them back."""
         pooled, logps, mask = arm_forward(module, batch, no_grad_chunk(self.chunk))
         n = batch["input_ids"].shape[0] // 2
