@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # Model conversion and DeepSpeed's C++ ops are built once (cached), outside any test's timeout.
 warmup: setup
-	$(PY) -m unipipe_ray.warmup
+	$(PY) -m unipipe_ray.runtime.warmup
 
 demo: setup
 	$(VENV)/bin/unipipe run --config jobs/configs/quickstart.yaml

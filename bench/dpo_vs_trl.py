@@ -3,8 +3,8 @@
     python bench/dpo_vs_trl.py --model tiny --data hh --pairs-per-step 8 --max-length 512 --steps 30 \
         --device cpu --dtype float32 --out results/bench_dpo_cpu.md
 
-Sides: "trl" (DPOTrainer.train(), explicit ref_model), "ours-full" (stages.forward without a chunk size: full
-logits, what the stage runs under ZeRO-3 or with logps_chunk_size 0) and "ours-chunked" (stages.forward with
+Sides: "trl" (DPOTrainer.train(), explicit ref_model), "ours-full" (core.forward without a chunk size: full
+logits, what the stage runs under ZeRO-3 or with logps_chunk_size 0) and "ours-chunked" (core.forward with
 --chunk-size: no (B, T, V) logits; the stage's default). All start from the same weights
 and take the same batches in the same order. Timing: one process runs TRL's own train loop, and a
 callback runs one step of each of our sides after every TRL step (A B C A B C ...), so machine load hits
@@ -75,7 +75,7 @@ def load_features(args, tokenizer, n_pairs: int) -> list[dict]:
 
 def load_models(args):
     """(policy in train mode, frozen reference), same weights, on the device."""
-    from unipipe_ray.models import load_causal_lm
+    from unipipe_ray.core.models import load_causal_lm
 
     policy = load_causal_lm(args.model, dtype=getattr(torch, args.dtype)).to(args.device).train()
     ref = load_causal_lm(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval().requires_grad_(False)
@@ -91,14 +91,14 @@ def clock(device: str) -> float:
 # ---------------------------------------------------------------- our side
 
 class OurSide:
-    """Our DPO step: forward.py policy forward, no_grad reference, dpo_loss, Engine backward + AdamW step."""
+    """Our DPO step: forward.py policy forward, no_grad reference, dpo_loss, TrainingEngine backward + AdamW step."""
 
     def __init__(self, args, features, pad_id, chunk_size, total_steps):
-        from unipipe_ray.distributed import Engine
+        from unipipe_ray.runtime.engine import TrainingEngine
 
         policy, self.ref = load_models(args)
-        # Engine: the stage's AdamW + clipping + warmup/cosine schedule, a plain module on one process
-        self.engine = Engine(policy, args.lr, weight_decay=0.0, max_grad_norm=1.0, total_steps=total_steps,
+        # TrainingEngine: the stage's AdamW + clipping + warmup/cosine schedule, a plain module on one process
+        self.engine = TrainingEngine(policy, args.lr, weight_decay=0.0, max_grad_norm=1.0, total_steps=total_steps,
                              warmup_steps=0)
         self.args, self.features, self.pad_id, self.chunk_size = args, features, pad_id, chunk_size
         self.ref_table = None
@@ -115,13 +115,13 @@ class OurSide:
 
     @torch.no_grad()
     def _ref_logps(self, batch):
-        from unipipe_ray.stages.forward import sequence_pair_logps
+        from unipipe_ray.core.forward import sequence_pair_logps
 
         return sequence_pair_logps(self.ref, self.ref, batch, self.chunk_size)
 
     def step(self, k: int) -> dict:
-        from unipipe_ray.losses import dpo_loss
-        from unipipe_ray.stages.forward import sequence_pair_logps
+        from unipipe_ray.core.forward import sequence_pair_logps
+        from unipipe_ray.core.losses import dpo_loss
 
         start = clock(self.args.device)
         batch = self._batch(k)
@@ -162,7 +162,7 @@ def make_trl(args, features, total_steps, tokenizer, callbacks=()):
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=args.pairs_per_step,
         max_steps=total_steps, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0,
-        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,  # = distributed.Engine
+        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,  # = runtime.engine.TrainingEngine
         beta=args.beta, loss_type=["sigmoid"], max_length=args.max_length,
         precompute_ref_log_probs=args.precompute_ref,
         # TRL defaults to gradient checkpointing and bf16 autocast; ours does neither: same work on both sides
@@ -343,8 +343,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from unipipe_ray.core.models import load_tokenizer
     from unipipe_ray.data import collate_preference
-    from unipipe_ray.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     total = (args.memory_steps if args.probe else args.warmup + args.steps)

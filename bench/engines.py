@@ -10,9 +10,9 @@ repeat, so machine load hits all of them alike. Startup and one small warm-up ge
 Throughput = generated tokens (EOS included, nothing after it) / wall seconds of the timed call.
 
 Sides:
-  ours-vllm       workers.rollout.VLLMEngine.generate (what the PPO stage runs; log-probs on)
+  ours-vllm       ppo.rollout.VLLMEngine.generate (what the PPO stage runs; log-probs on)
   bare-vllm       vllm.LLM.generate with the same SamplingParams minus logprobs
-  ours-hf         workers.rollout.HFEngine.generate (our decode loop)
+  ours-hf         ppo.rollout.HFEngine.generate (our decode loop)
   plain-generate  model.generate(do_sample=True, top_k=0), left-padded batch, KV cache, no log-probs
 """
 
@@ -66,16 +66,16 @@ def measure(args) -> dict:
     """One side, in this process: load, warm up, time one batched generation."""
     import torch
 
-    from unipipe_ray.models import load_tokenizer, resolve_model
+    from unipipe_ray.core.models import load_tokenizer, resolve_model
 
     path = str(resolve_model(args.model))
     prompts = prompt_ids(args, load_tokenizer(args.model))
     threads = args.threads
     start = time.perf_counter()
     if args.side in ("ours-vllm", "ours-hf"):
-        from unipipe_ray.workers.rollout import make_engine
+        from unipipe_ray.ppo.rollout import make_rollout_engine
 
-        engine = make_engine(args.side.removeprefix("ours-"), path, dtype=args.dtype, threads=threads)
+        engine = make_rollout_engine(args.side.removeprefix("ours-"), path, dtype=args.dtype, threads=threads)
         run = lambda ps, t: [len(s.response_ids) for s in engine.generate(ps, 1, t, 1.0)]  # noqa: E731
     elif args.side == "bare-vllm":
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -3,7 +3,7 @@
     unipipe run --config jobs/configs/quickstart.yaml        # or any unipipe ppo run
     python bench/ppo_phases.py --history runs/quickstart/ppo/history.json --out results/ppo_phases_cpu.md
 
-The PPO controller times each phase of every iteration (stages/ppo.py: ppo_iteration) and writes them to
+The PPO controller times each phase of every iteration (ppo/controller.py: ppo_iteration) and writes them to
 history.json as time/<phase>_s; this script tabulates them with the run's settings and the machine.
 """
 

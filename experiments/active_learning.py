@@ -4,7 +4,7 @@ Question: with a budget of k labels, does labelling the pairs a small reward-mod
 most (what `unipipe select --method ensemble` does) give a more accurate reward model than k random pairs?
 
 The reward model is SmolLM2-135M-Instruct with its backbone frozen and the RM stage's scalar head on the
-last real token (stages/reward.py `rewards`), trained with the Bradley-Terry loss (losses.py) plus an L2
+last real token (core/reward_head.py `rewards`), trained with the Bradley-Terry loss (losses.py) plus an L2
 penalty. Freezing the backbone is what makes this fit a 2-core CPU: the pooled hidden states of every
 pair are computed once (cached), after which each of the hundreds of heads trains in milliseconds.
 
@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unipipe_ray.core.losses import bradley_terry_loss
+from unipipe_ray.core.models import cache_dir, load_tokenizer, resolve_model
 from unipipe_ray.data import collate_preference, load_examples, tokenize_all
 from unipipe_ray.eval.select import ensemble_disagreement, margin_uncertainty, top_k
 from unipipe_ray.eval.summary import compare_scores, entry
-from unipipe_ray.losses import bradley_terry_loss
-from unipipe_ray.models import cache_dir, load_tokenizer, resolve_model
 
 ARMS = ("random", "ensemble", "margin")
 
@@ -62,10 +62,10 @@ def split_pairs(path: str, pool: int, test: int, tokenizer, max_length: int, max
 @torch.no_grad()
 def pooled_features(model_spec: str, feats: list[dict], pad_id: int, batch_size: int = 16) -> np.ndarray:
     """(N, 2, H): the frozen backbone's final hidden state at the last real token of each pair's chosen
-    (0) and rejected (1) sequence: what the RM head sees (stages.reward.rewards with the head left out)."""
+    (0) and rejected (1) sequence: what the RM head sees (core.reward_head.rewards with the head left out)."""
     from transformers import AutoModel
 
-    from unipipe_ray.stages.reward import rewards
+    from unipipe_ray.core.reward_head import rewards
 
     backbone = AutoModel.from_pretrained(resolve_model(model_spec), dtype=torch.float32).eval()
     no_head = type("NoHead", (), {"score": torch.nn.Identity()})  # rewards() applies module.score last

@@ -1,4 +1,4 @@
-"""Base model of the CPU allocation reproduction (ALLOCATION.md): a small Llama (1.2M parameters by default)
+"""Base model of the CPU allocation reproduction (docs/allocation.md): a small Llama (1.2M parameters by default)
 pretrained from scratch on arith word problems answered in PROSE, so that it can do the arithmetic but has never
 seen the task's "Step k: a op b = c ... #### n" answer format (the cold start of finding iii needs such a model).
 
@@ -258,7 +258,7 @@ def sft_check(model_dir: str, n: int, args) -> tuple[str, dict]:
 def held_out(args) -> list:
     """The first --check-size held-out questions of the sweep's pool (the sft section's eval split)."""
     from unipipe_ray.config import DataConfig
-    from unipipe_ray.stages.common import stage_examples
+    from unipipe_ray.data.stage_data import stage_examples
 
     data = DataConfig(task="arith", task_size=args.pool_size, eval_size=args.eval_size, max_length=args.max_length)
     return stage_examples(data, "sft")[1][:args.check_size]
@@ -266,7 +266,7 @@ def held_out(args) -> list:
 
 def build_base(out: Path, args) -> dict:
     """Trimmed tokenizer + pretrained model, written to a temp sibling and renamed into `out`."""
-    from unipipe_ray.models import DEFAULT_MODEL, load_tokenizer
+    from unipipe_ray.core.models import DEFAULT_MODEL, load_tokenizer
 
     smollm2 = load_tokenizer(DEFAULT_MODEL)
     pool = ArithTask(n=EXCLUDE_POOL, seed=POOL_SEED)
@@ -323,7 +323,7 @@ def report(result: dict) -> str:
 
 
 def main() -> None:
-    from unipipe_ray.models import cache_dir
+    from unipipe_ray.core.models import cache_dir
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", nargs="?", default=str(cache_dir() / "allocation_base"), help="checkpoint directory")

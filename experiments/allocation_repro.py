@@ -1,4 +1,4 @@
-"""Reproduction of "Balancing the Budget" (Raghavendra, Kang, Ritter, ACL 2025; ALLOCATION.md): how to split N
+"""Reproduction of "Balancing the Budget" (Raghavendra, Kang, Ritter, ACL 2025; docs/allocation.md): how to split N
 annotated examples between SFT demonstrations (N*r) and preference pairs (N*(1-r)), SFT first, then DPO.
 
     nice -n 19 python experiments/allocation_base.py        # once: the CPU base model (prose, no answer format)
@@ -45,7 +45,7 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
 def default_base() -> str:
-    from unipipe_ray.models import cache_dir
+    from unipipe_ray.core.models import cache_dir
 
     return str(cache_dir() / "allocation_base")
 
@@ -65,16 +65,16 @@ def sweep_overrides(args) -> list[str]:
 
 
 def run_sweep(args) -> Path:
-    from unipipe_ray.config import load_config
+    from unipipe_ray.config import load_config_with_keys
     from unipipe_ray.tune.cli import base_keys
     from unipipe_ray.tune.config import TuneConfig
     from unipipe_ray.tune.run import experiment_dir, run_tune
 
     overrides = sweep_overrides(args)
-    cfg = load_config(TuneConfig, args.config, overrides)
+    cfg, given = load_config_with_keys(TuneConfig, args.config, overrides)
     if args.report_only:
         return experiment_dir(cfg)
-    return run_tune(cfg, base_keys(str(args.config), overrides), args.address)
+    return run_tune(cfg, base_keys(given), args.address)
 
 
 # ---------------------------------------------------------------- analysis
@@ -101,7 +101,7 @@ def t_interval(values: list[float]) -> tuple[float, float]:
 
 def trial_rows(exp_dir: Path) -> list[dict]:
     """Finished trials with the final (post-DPO or post-SFT) metrics, one row each."""
-    from unipipe_ray.tune.report import finished, load_trials
+    from unipipe_ray.tune.trials import finished, load_trials
 
     keep = ("accuracy", "accuracy_low", "accuracy_high", "format_miss", "format_miss_count", "n_eval",
             "pref_accuracy", "stage", "sft_examples", "pref_pairs", "seconds")
@@ -276,7 +276,7 @@ def base_model_text(model: str) -> str:
     info_path = Path(model).expanduser() / "allocation_base.json"
     if not info_path.exists():
         return (f"Base model: `{model}`. A model that already writes the \"#### n\" format (an instruct model) may "
-                "show the cold start (iii) only weakly (ALLOCATION.md).")
+                "show the cold start (iii) only weakly (docs/allocation.md).")
     info = json.loads(info_path.read_text())
     pre = info["pretrain"]
     return (f"Base model: `{model}`, built by experiments/allocation_base.py (results/allocation_repro_base.md): "
@@ -286,7 +286,7 @@ def base_model_text(model: str) -> str:
             "arith problems (other questions than the sweep's pool) answered in prose, never in the step/\"####\" "
             "format. Why: the paper starts from base models, and its cold start (iii) is DPO having to move the model "
             "to the answer format; a model that already writes the format (SmolLM2-Instruct) cannot show that, and "
-            "a 135M model is too slow for a grid on 2 CPU cores (ALLOCATION.md).")
+            "a 135M model is too slow for a grid on 2 CPU cores (docs/allocation.md).")
 
 
 PAPER_RATIOS = (1.0, 0.75, 0.5, 0.25, 0.1, 0.01, 0.0)
@@ -294,7 +294,7 @@ PAPER_RATIOS = (1.0, 0.75, 0.5, 0.25, 0.1, 0.01, 0.0)
 
 def deviations(s: dict) -> str:
     missing = [f"{r:g}" for r in PAPER_RATIOS if r not in s["ratios"]]
-    return (f"Against the paper's setup (ALLOCATION.md): budgets {s['budgets']} instead of 100 to 10,000-20,000; "
+    return (f"Against the paper's setup (docs/allocation.md): budgets {s['budgets']} instead of 100 to 10,000-20,000; "
             + (f"ratios {', '.join(missing)} not run; " if missing else "") + "full fine-tuning instead of LoRA "
             "r = 32; the arith task instead of GSM8K; lrs as in Setting (the paper: SFT 5e-5, DPO 5e-6); beta, "
             "epochs, schedule, warmup and batch 16 as in the paper.")
@@ -337,7 +337,7 @@ def report(result: dict) -> str:
 
 def unfinished(exp_dirs: list[Path]) -> list[str]:
     """One line per errored or unfinished trial: its parameters and the exception line Tune kept."""
-    from unipipe_ray.tune.report import load_trials
+    from unipipe_ray.tune.trials import load_trials
 
     return [f"budget={r['params'].get('budget')}, r={r['params'].get('sft_ratio')}, seed={r['params'].get('seed')}: "
             f"{r['status']}" + (f" ({r['note']})" if r["note"] else "")

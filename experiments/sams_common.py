@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from unipipe_ray.config import DPOConfig, TrainConfig
-from unipipe_ray.data import collate_preference
-from unipipe_ray.sams import SamsSettings
-from unipipe_ray.stages.dpo import PairSelector, RefScorer, no_grad_chunk, pair_logps, pair_losses
+from unipipe_ray.core.losses import reduce_loss
+from unipipe_ray.core.sams import SamsSettings
+from unipipe_ray.data import collate_preference, select_pairs
+from unipipe_ray.stages.dpo_pairs import PairLoss, PairSelector, RefScorer, no_grad_chunk, pair_logps
 
 HH_PATH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless/test.jsonl.gz"
 
@@ -65,13 +66,12 @@ class DpoLearner:
         """One optimizer step on one micro-batch. Returns the step's time and the kept pairs' metrics."""
         start = time.perf_counter()
         batch = collate_preference(feats, self.pad_id)
-        kept, sched_metrics = self.selector.keep(self.policy, batch, self.ref, keys, "cpu")
+        kept, sched_metrics = self.selector.keep(self.policy, batch, self.ref, keys)
         if len(kept) < len(feats):
-            keys = [keys[j] for j in kept]
-            batch = collate_preference([feats[j] for j in kept], self.pad_id)
+            keys, batch = [keys[j] for j in kept], select_pairs(batch, kept)
         policy = pair_logps(self.policy, batch, False, self.policy, self.chunk)
-        losses, chosen_rewards, rejected_rewards = pair_losses(self.cfg, policy, self.ref(batch, keys))
-        (losses.sum() / len(kept)).backward()
+        losses, chosen_rewards, rejected_rewards = PairLoss.of(self.cfg)(policy, self.ref(batch, keys))
+        reduce_loss(losses, mode="example").backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return {"time_s": time.perf_counter() - start, "loss": losses.mean().item(), "kept": len(kept),

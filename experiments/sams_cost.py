@@ -37,8 +37,8 @@ def worker(args) -> dict:
     from transformers import AutoTokenizer
 
     from unipipe_ray.config import DataConfig
-    from unipipe_ray.models import resolve_model
-    from unipipe_ray.stages.common import load_stage_data
+    from unipipe_ray.core.models import resolve_model
+    from unipipe_ray.data.stage_data import load_stage_data
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

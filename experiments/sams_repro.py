@@ -5,8 +5,8 @@
     python experiments/sams_repro.py --model smollm2-135m --task hh_harmless --train-size 1800 \\
         --test-size 500 --batch 16 --epochs 3 --lr 5e-6 --sft-epochs 1    # the GPU-machine version
 
-Procedure (SAMS.md): SFT on the chosen responses of the training pairs (clean labels), shared by every run;
-during that SFT the SamS nets are pretrained on SFT-loss rewards (unipipe_ray.sams_pretrain); then per arm,
+Procedure (docs/sams.md): SFT on the chosen responses of the training pairs (clean labels), shared by every run;
+during that SFT the SamS nets are pretrained on SFT-loss rewards (unipipe_ray.core.sams_pretrain); then per arm,
 noise level and seed a DPO run from the SFT model (also the reference) with the DPO stage's own step
 (experiments/sams_common.py), the same batches in the same order for every arm of a seed. The 50% arms see
 every batch and step on half of it. Reported per arm and noise: mean and 95% t-interval over seeds of the
@@ -42,10 +42,10 @@ from sams_common import (  # noqa: E402
 )
 from sams_cost import cpu_name  # noqa: E402
 
+from unipipe_ray.core.forward import token_logps_of  # noqa: E402
+from unipipe_ray.core.losses import sft_loss  # noqa: E402
 from unipipe_ray.data import collate_preference, collate_sft  # noqa: E402
-from unipipe_ray.losses import sft_loss  # noqa: E402
-from unipipe_ray.stages.dpo import pair_logps  # noqa: E402
-from unipipe_ray.stages.sft import response_logps  # noqa: E402
+from unipipe_ray.stages.dpo_pairs import pair_logps  # noqa: E402
 
 ARMS = ("none", "random", "sams", "sams_noexplore")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -53,7 +53,7 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 def load_data(args, tokenizer):
     from unipipe_ray.config import DataConfig
-    from unipipe_ray.stages.common import load_stage_data
+    from unipipe_ray.data.stage_data import load_stage_data
 
     hh = args.task == "hh_harmless"
     data = DataConfig(task=args.task, task_path=str(HH_PATH) if hh else None,
@@ -89,8 +89,8 @@ def compact(train, test, pad_id, layers, hidden, seed=0):
 
 def sft(model, train, args, pad_id, settings_for_pretrain):
     """SFT on the chosen responses; SamS pretraining rides along (one no-grad forward per batch)."""
-    from unipipe_ray.sams import SamsScheduler
-    from unipipe_ray.sams_pretrain import SftPretrainer, sft_arm_inputs
+    from unipipe_ray.core.sams import SamsScheduler
+    from unipipe_ray.core.sams_pretrain import SftPretrainer, sft_arm_inputs
 
     rows = [{"input_ids": f["chosen_input_ids"], "labels": f["chosen_labels"]} for f in train]
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
@@ -102,7 +102,7 @@ def sft(model, train, args, pad_id, settings_for_pretrain):
         for i in range(0, len(order) - args.batch + 1, args.batch):
             batch = collate_sft([rows[j] for j in order[i:i + args.batch]], pad_id)
             pretrainer.step(*sft_arm_inputs(model, batch, chunk))
-            loss = sft_loss(*response_logps(model, batch, chunk_size=chunk))
+            loss = sft_loss(*token_logps_of(model, model, batch, chunk))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -237,8 +237,8 @@ def main() -> None:
         return
     from transformers import AutoTokenizer
 
-    from unipipe_ray.models import resolve_model
-    from unipipe_ray.sams import SamsSettings
+    from unipipe_ray.core.models import resolve_model
+    from unipipe_ray.core.sams import SamsSettings
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

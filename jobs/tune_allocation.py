@@ -1,4 +1,4 @@
-"""The SFT/preference budget sweep (ALLOCATION.md) as a Ray job.
+"""The SFT/preference budget sweep (docs/allocation.md) as a Ray job.
 
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
         -- python jobs/tune_allocation.py storage_path=/shared/runs/tune

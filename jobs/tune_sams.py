@@ -1,4 +1,4 @@
-"""The SamS settings search as a Ray job (SAMS.md: keep ratio, lambda, scheduler lr, encoder; random + ASHA).
+"""The SamS settings search as a Ray job (docs/sams.md: keep ratio, lambda, scheduler lr, encoder; random + ASHA).
 
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
         -- python jobs/tune_sams.py storage_path=/shared/runs/tune

@@ -4,6 +4,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from unipipe_ray.models import load_tokenizer
+    from unipipe_ray.core.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m")

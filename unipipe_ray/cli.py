@@ -13,29 +13,24 @@ command again resumes the stage from its latest checkpoint in ``output_dir``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import logging
 import sys
 
-from unipipe_ray.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
+from unipipe_ray.config import ConfigError, SFTConfig, load_config
 from unipipe_ray.data.records import DataError
 from unipipe_ray.eval import cli as eval_cli
-from unipipe_ray.files import RunLocked
-from unipipe_ray.stages.worker import NonFiniteLoss
+from unipipe_ray.pipeline.registry import REGISTRY
+from unipipe_ray.runtime.files import RunLocked
+from unipipe_ray.runtime.logs import setup_logging
+from unipipe_ray.runtime.loop import NonFiniteLoss
 from unipipe_ray.tune import cli as tune_cli
-
-STAGES = {"sft": (SFTConfig, "supervised fine-tuning", "unipipe_ray.stages.sft:run_sft"),
-          "rm": (RMConfig, "reward model (Bradley-Terry)", "unipipe_ray.stages.reward:run_rm"),
-          "dpo": (DPOConfig, "direct preference optimization", "unipipe_ray.stages.dpo:run_dpo"),
-          "ppo": (PPOConfig, "RLHF with PPO / GRPO / RLOO", "unipipe_ray.stages.ppo:run_ppo")}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unipipe", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for name, (_, help_text, _) in STAGES.items():
-        cmd = sub.add_parser(name, help=f"{help_text} on Ray")
+    for name, stage in REGISTRY.items():
+        cmd = sub.add_parser(name, help=f"{stage.summary} on Ray")
         cmd.add_argument("--config", help="YAML file (defaults apply to missing keys)")
         cmd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
         cmd.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
@@ -58,17 +53,16 @@ USER_ERRORS = (ConfigError, DataError, FileNotFoundError, RunLocked)
 
 
 def _run_pipeline(args) -> int:
-    from unipipe_ray.config import PipelineConfig
-    from unipipe_ray.pipeline.chain import given_keys
+    from unipipe_ray.config import PipelineConfig, load_config_with_keys
     from unipipe_ray.pipeline.run import run_pipeline
 
     try:
-        cfg = load_config(PipelineConfig, args.config, args.overrides)
+        cfg, given = load_config_with_keys(PipelineConfig, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"unipipe: {e}", file=sys.stderr)
         return 2
     try:
-        out = run_pipeline(cfg, given_keys(args.config, args.overrides), args.address)
+        out = run_pipeline(cfg, given, args.address)
     except USER_ERRORS as e:
         print(f"unipipe run: {e}", file=sys.stderr)
         return 2
@@ -87,9 +81,9 @@ def _run_pipeline(args) -> int:
 
 
 def _answer_eval(cfg: SFTConfig, checkpoint: str | None, n: int) -> dict:
+    from unipipe_ray.core.models import load_tokenizer
+    from unipipe_ray.data.stage_data import load_stage_data, make_task
     from unipipe_ray.eval.generation import answer_accuracy
-    from unipipe_ray.models import load_tokenizer
-    from unipipe_ray.stages.common import load_stage_data, make_task
 
     task = make_task(cfg.data)
     if not task.has_gold_reward:
@@ -103,7 +97,7 @@ def _answer_eval(cfg: SFTConfig, checkpoint: str | None, n: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = _parser().parse_args(argv)
     if args.command in eval_cli.COMMANDS:
         return eval_cli.run(args)
@@ -111,15 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         return tune_cli.run(args)
     if args.command == "run":
         return _run_pipeline(args)
-    config_cls, _, target = STAGES[args.command]
+    stage = REGISTRY[args.command]
     try:
-        cfg = load_config(config_cls, args.config, args.overrides)
+        cfg = load_config(stage.config, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"unipipe: {e}", file=sys.stderr)
         return 2
-    module, func = target.split(":")
     try:
-        result = getattr(importlib.import_module(module), func)(cfg, args.address)
+        result = stage.run(cfg, args.address)
     except USER_ERRORS as e:
         print(f"unipipe {args.command}: {e}", file=sys.stderr)
         return 2

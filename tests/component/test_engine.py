@@ -1,4 +1,4 @@
-"""The Engine facade: DDP and DeepSpeed ZeRO 1-3 give the update of plain full-batch AdamW; resume is exact.
+"""The TrainingEngine facade: DDP and DeepSpeed ZeRO 1-3 give the update of plain full-batch AdamW; resume is exact.
 
 Multi-rank cases run 2 processes over gloo (torch.multiprocessing spawn, DeepSpeed on its CPU accelerator).
 Each configuration runs once per session and several tests read its record. The model is a tiny Llama
@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tests.floors import GRAD_NORM_RTOL, LOSS_ATOL, assert_same_update
-from unipipe_ray import distributed as ud
+from unipipe_ray.runtime import distributed as ud
+from unipipe_ray.runtime import engine as ue
 
 VOCAB, SEQ, GLOBAL_BATCH, STEPS, TOTAL_STEPS, WARMUP = 128, 12, 8, 4, 6, 2
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-2, 0.1, 0.5
@@ -50,7 +51,7 @@ def reference_run():
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: ud.warmup_cosine(s, WARMUP, TOTAL_STEPS))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: ue.warmup_cosine(s, WARMUP, TOTAL_STEPS))
     record = {"loss": [], "grad_norm": [], "lr": []}
     for ids in step_data():
         loss = token_loss(model, ids, ids[:, 1:].numel())
@@ -85,9 +86,10 @@ def train(engine, rank, world, grad_accum, steps, record, probe=None):
 
 
 def make_engine(model, spec):
-    return ud.Engine(model, LR, WEIGHT_DECAY, MAX_GRAD_NORM, TOTAL_STEPS, warmup_steps=WARMUP,
-                     grad_accum=spec["grad_accum"], backend=spec["backend"], zero_stage=spec.get("zero_stage", 0),
-                     offload_optimizer=spec.get("offload", False), bf16=spec.get("bf16", False))
+    return ue.TrainingEngine(model, LR, WEIGHT_DECAY, MAX_GRAD_NORM, TOTAL_STEPS, warmup_steps=WARMUP,
+                             grad_accum=spec["grad_accum"], backend=spec["backend"],
+                             zero_stage=spec.get("zero_stage", 0), offload_optimizer=spec.get("offload", False),
+                             bf16=spec.get("bf16", False))
 
 
 def count_allreduces(engine, record):
@@ -123,8 +125,8 @@ def worker(rank, world, port, spec, out_dir):
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     if spec.get("zero_stage") == 3:
         # ZeRO-3 keeps parameters under 1e5 elements whole on every rank: partition all of this tiny model
-        config = ud.deepspeed_config
-        ud.deepspeed_config = lambda *a: {**config(*a), "zero_optimization": {
+        config = ue.deepspeed_config
+        ue.deepspeed_config = lambda *a: {**config(*a), "zero_optimization": {
             **config(*a)["zero_optimization"], "stage3_param_persistence_threshold": 0}}
     record = {"loss": [], "grad_norm": [], "lr": []}
     engine = make_engine(tiny_llama(), spec)
@@ -317,9 +319,9 @@ def test_grad_accumulation_4x2_equals_1x8():
 def test_engine_options_outside_ddp_are_refused():
     model = tiny_llama()
     with pytest.raises(ValueError, match="backend"):
-        ud.Engine(model, LR, 0.0, 1.0, 1, 0, backend="fsdp")
+        ue.TrainingEngine(model, LR, 0.0, 1.0, 1, 0, backend="fsdp")
     with pytest.raises(ValueError, match="deepspeed"):
-        ud.Engine(model, LR, 0.0, 1.0, 1, 0, zero_stage=2)
+        ue.TrainingEngine(model, LR, 0.0, 1.0, 1, 0, zero_stage=2)
     with pytest.raises(ValueError, match="deepspeed"):
-        ud.Engine(model, LR, 0.0, 1.0, 1, 0, offload_optimizer=True)
-    assert ud.Engine(model, LR, 0.0, 1.0, 1, 0, bf16=True).module.dtype == torch.bfloat16  # DDP in plain bf16
+        ue.TrainingEngine(model, LR, 0.0, 1.0, 1, 0, offload_optimizer=True)
+    assert ue.TrainingEngine(model, LR, 0.0, 1.0, 1, 0, bf16=True).module.dtype == torch.bfloat16  # DDP in plain bf16

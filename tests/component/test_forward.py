@@ -1,13 +1,13 @@
-"""stages.forward: the chunked LM-head path equals the full-logits path (values and gradients, tied and untied
+"""core.forward: the chunked LM-head path equals the full-logits path (values and gradients, tied and untied
 embeddings) on the tiny Llama, and the output embedding is always put back."""
 
 import pytest
 import torch
 
+from unipipe_ray.core.forward import sequence_pair_logps, token_logps_of
+from unipipe_ray.core.logps import sequence_logps, token_logps
+from unipipe_ray.core.models import load_causal_lm, load_tokenizer, tiny_model_dir
 from unipipe_ray.data import collate_preference, get_task, tokenize_all
-from unipipe_ray.logps import sequence_logps, token_logps
-from unipipe_ray.models import load_causal_lm, load_tokenizer, tiny_model_dir
-from unipipe_ray.stages.forward import sequence_pair_logps, token_logps_of
 
 
 @pytest.fixture(scope="module")

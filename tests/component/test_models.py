@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unipipe_ray.models import (
+from unipipe_ray.core.models import (
     load_causal_lm,
     load_tokenizer,
     resolve_model,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from unipipe_ray.core.logps import sequence_logps, token_logps
+from unipipe_ray.core.losses import dpo_loss
+from unipipe_ray.core.models import load_causal_lm, load_tokenizer
 from unipipe_ray.data import collate_preference, get_task, tokenize_all
-from unipipe_ray.logps import sequence_logps, token_logps
-from unipipe_ray.losses import dpo_loss
-from unipipe_ray.models import load_causal_lm, load_tokenizer
 
 SHARED = Path(os.environ.get("UNIPIPE_SHARED_DATA", Path(__file__).parents[3] / "shared" / "data"))
 pytestmark = [pytest.mark.slow,

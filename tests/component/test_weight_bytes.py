@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 
-from unipipe_ray.workers.weight_sync import from_bytes, to_bytes, weight_specs
+from unipipe_ray.ppo.weight_sync import from_bytes, to_bytes, weight_specs
 
 
 def test_bytes_round_trip_every_dtype_and_refuse_a_wrong_size():
@@ -34,7 +34,7 @@ def _state() -> dict:
 
 
 def _sender(port, world, rounds):
-    from unipipe_ray.workers.weight_sync import WeightSender
+    from unipipe_ray.ppo.weight_sync import WeightSender
 
     sender = WeightSender("127.0.0.1", port, world)
     for r in range(rounds):
@@ -42,7 +42,7 @@ def _sender(port, world, rounds):
 
 
 def _receiver(port, rank, world, rounds, queue):
-    from unipipe_ray.workers.weight_sync import _Channel
+    from unipipe_ray.ppo.weight_sync import _Channel
 
     channel = _Channel("127.0.0.1", port, rank, world, "cpu")
     specs = weight_specs(_state())

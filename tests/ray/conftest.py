@@ -11,10 +11,10 @@ def ray_cluster():
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     import ray
 
-    from unipipe_ray.stages.common import init_ray
+    from unipipe_ray.runtime.cluster import init_ray
 
     # 4 logical CPUs on a 2-core machine: CPU counts are scheduling tokens, and 2 workers plus Ray
-    # Train's controller must fit (see DESIGN.md).
+    # Train's controller must fit (docs/design.md, "Running on small machines").
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()

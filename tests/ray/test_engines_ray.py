@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.floors import LOGP_ATOL
-from unipipe_ray.models import tiny_model_dir
-from unipipe_ray.workers.group import ActorGroup
-from unipipe_ray.workers.rollout import RolloutWorker
-from unipipe_ray.workers.sequences import response_logps, to_batch
+from unipipe_ray.core.models import tiny_model_dir
+from unipipe_ray.core.sequences import response_grid_logps, to_batch
+from unipipe_ray.ppo.rollout import RolloutWorker
+from unipipe_ray.runtime.actors import ActorGroup
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
@@ -21,7 +21,7 @@ def trainer_logps(model, samples):
     batch = to_batch(samples, pad_id=2)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return response_logps(logits, batch)
+    return response_grid_logps(logits, batch)
 
 
 def max_diff(rows, reference):
@@ -56,11 +56,11 @@ def test_engine_logps_match_the_trainer_before_and_after_a_sync(ray_cluster, kin
 
 
 def test_vllm_engine_takes_weights_over_the_weight_group(ray_cluster):
-    """The collective sync path (workers.weight_sync: vLLM worker extension + StatelessProcessGroup): the test
+    """The collective sync path (ppo.weight_sync: vLLM worker extension + StatelessProcessGroup): the test
     process is the trainer's rank 0 and broadcasts a moved state dict while the engine actor receives it.
     On CPU the transport is the group's TCP store; on GPUs the same calls go through NCCL."""
-    from unipipe_ray.distributed import free_port
-    from unipipe_ray.workers.weight_sync import WeightSender, weight_specs
+    from unipipe_ray.ppo.weight_sync import WeightSender, weight_specs
+    from unipipe_ray.runtime.distributed import free_port
 
     path = str(tiny_model_dir(tie_word_embeddings=True))
     group = ActorGroup(RolloutWorker, 1, {"kind": "vllm", "model_path": path, "dtype": "float32", "seed": 0,

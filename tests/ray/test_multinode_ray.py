@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from unipipe_ray.models import tiny_model_dir
+from unipipe_ray.core.models import tiny_model_dir
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -80,8 +80,9 @@ def test_ppo_groups_meet_at_rank_0s_node_and_sync_weights_across_nodes(nodes, tm
     tiny = tiny_model_dir(tie_word_embeddings=False)
     out = drive(nodes, f"""
         from unipipe_ray.config import PPOConfig, load_config
-        from unipipe_ray.models import load_tokenizer
-        from unipipe_ray.stages.ppo import build_groups, join_weight_group, run_ppo
+        from unipipe_ray.core.models import load_tokenizer
+        from unipipe_ray.ppo.controller import run_ppo
+        from unipipe_ray.ppo.groups import build_groups, join_weight_group
         overrides = ["model={tiny}", "output_dir={tmp_path}/ppo", "data.task_size=60", "data.eval_size=4",
                      "max_new_tokens=8", "prompts_per_iter=4", "samples_per_prompt=2", "minibatch_size=4",
                      "estimator=grpo", "iterations=2", "train.num_workers=2", "engine=vllm",

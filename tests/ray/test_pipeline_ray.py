@@ -6,8 +6,7 @@ import json
 import pytest
 
 from unipipe_ray.cli import main
-from unipipe_ray.config import PipelineConfig, load_config
-from unipipe_ray.pipeline.chain import given_keys
+from unipipe_ray.config import PipelineConfig, given_keys, load_config
 from unipipe_ray.pipeline.run import run_pipeline
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]

@@ -9,9 +9,8 @@ import pyarrow.fs as pafs
 import pytest
 from ray.train import TrainingFailedError
 
-from unipipe_ray.config import PipelineConfig, load_config
+from unipipe_ray.config import PipelineConfig, given_keys, load_config
 from unipipe_ray.pipeline import rundir
-from unipipe_ray.pipeline.chain import given_keys
 from unipipe_ray.pipeline.run import run_pipeline
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]

@@ -14,8 +14,8 @@ import pytest
 
 from tests.floors import LOGP_ATOL
 from unipipe_ray.config import PPOConfig, load_config
-from unipipe_ray.models import tiny_model_dir
-from unipipe_ray.stages.ppo import run_ppo
+from unipipe_ray.core.models import tiny_model_dir
+from unipipe_ray.ppo.controller import run_ppo
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
@@ -127,7 +127,7 @@ def test_driver_killed_inside_a_checkpoint_save_resumes_from_the_last_complete_o
                                     "iterations=4", "train.checkpoint_every=1"]
     address = ray_cluster.get_runtime_context().gcs_address
     script = (f"import ray\nfrom unipipe_ray.config import PPOConfig, load_config\n"
-              f"from unipipe_ray.stages.ppo import run_ppo\nray.init(address={address!r})\n"
+              f"from unipipe_ray.ppo.controller import run_ppo\nray.init(address={address!r})\n"
               f"run_ppo(load_config(PPOConfig, overrides={overrides!r}))\n")
     free_before = ray_cluster.available_resources().get("CPU", 0)
     child = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unipipe_ray.config import DPOConfig, SFTConfig, load_config
-from unipipe_ray.sams_pretrain import pretrained_nets
+from unipipe_ray.core.sams_pretrain import pretrained_nets
 from unipipe_ray.stages.dpo import run_dpo
 from unipipe_ray.stages.sft import run_sft
 

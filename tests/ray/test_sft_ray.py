@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from unipipe_ray.config import SFTConfig, load_config
-from unipipe_ray.models import tiny_model_dir
+from unipipe_ray.core.models import tiny_model_dir
 from unipipe_ray.stages.sft import run_sft
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
@@ -34,7 +34,7 @@ def test_a_nan_stops_the_stage_at_its_step_and_keeps_the_last_checkpoint(ray_clu
     """A weight turned NaN before step 3 (2 workers, checkpoints every 2 steps): the stage stops at step 3
     with an error naming it (not a retry from checkpoint 2: it would meet the same NaN), writes no result
     and keeps checkpoint 2 whole."""
-    from unipipe_ray.stages.worker import NonFiniteLoss
+    from unipipe_ray.runtime.loop import NonFiniteLoss
 
     cfg = load_config(SFTConfig, overrides=[
         "model=tiny", f"output_dir={tmp_path}", "data.task_size=120", "data.eval_size=8",

@@ -25,7 +25,7 @@ def weights(checkpoint: str) -> dict:
 
 
 def initial_weights() -> dict:
-    from unipipe_ray.models import tiny_model_dir
+    from unipipe_ray.core.models import tiny_model_dir
 
     return load_file(f"{tiny_model_dir()}/model.safetensors")
 
@@ -131,7 +131,7 @@ def test_lora_sft_saves_a_merged_model_and_the_adapter(ray_cluster, tmp_path):
     checkpoint = run_sft(cfg)["checkpoint"]
     from transformers import AutoModelForCausalLM
 
-    from unipipe_ray.models import tiny_model_dir
+    from unipipe_ray.core.models import tiny_model_dir
 
     merged = AutoModelForCausalLM.from_pretrained(checkpoint)  # plain transformers, adapters folded in
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir())

@@ -20,7 +20,7 @@ from unipipe_ray.config import STAGES, PipelineConfig, load_config
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 RUNTIME_ENV = ROOT / "jobs" / "runtime_env.yaml"
-# What unipipe_ray.stages.common.init_ray forwards through ray.init's runtime env (a job may not set them too).
+# What unipipe_ray.runtime.cluster.init_ray forwards through ray.init's runtime env (a job may not set them too).
 FORWARDED = {"UNIPIPE_CACHE", "UNIPIPE_SMOLLM2_GGUF", "UNIPIPE_SHARED_DATA", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
 SHARED = "/shared"
 

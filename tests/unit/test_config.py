@@ -92,7 +92,7 @@ def test_to_dict_round_trips(tmp_path):
 
 
 def test_resuming_with_a_changed_config_is_refused(tmp_path):
-    from unipipe_ray.stages.common import check_same_config
+    from unipipe_ray.runtime.launch import check_same_config
 
     cfg = to_dict(load_config(SFTConfig, overrides=["train.lr=1e-4"]))
     check_same_config(tmp_path / "sft_config.json", cfg)
@@ -111,3 +111,22 @@ def test_the_report_cannot_ask_for_more_held_out_examples_than_a_section_holds_o
     with pytest.raises(ConfigError, match=r"the 16 examples dpo.data holds out"):
         load_config(PipelineConfig, None, ["eval_size=32", "dpo.data.eval_size=16"])
     assert load_config(PipelineConfig, None, ["eval_size=32", "sft.data.eval_size=32"]).eval_size == 32
+
+
+def test_the_public_config_api_reads_the_file_once_for_config_and_given_keys(tmp_path):
+    """load_config_with_keys = (load_config, given_keys) from one read; build_config + set_dotted rebuild a config."""
+    from unipipe_ray.config import PipelineConfig, build_config, given_keys, load_config_with_keys, set_dotted
+
+    path = tmp_path / "p.yaml"
+    path.write_text("model: tiny\ndpo:\n  model: my/dpo-init\n  train: {lr: 1.0e-6}\n")
+    overrides = ["ppo.reward_model=rm-x", "rm={margin: 0.5}"]
+    cfg, given = load_config_with_keys(PipelineConfig, path, overrides)
+    assert cfg == load_config(PipelineConfig, path, overrides)
+    assert given == given_keys(path, overrides) == {"model", "dpo", "dpo.model", "dpo.train", "dpo.train.lr",
+                                                    "ppo.reward_model", "rm", "rm.margin"}
+    tree = to_dict(cfg)
+    set_dotted(tree, "dpo.beta", 0.5)
+    assert build_config(PipelineConfig, tree).dpo.beta == 0.5
+    set_dotted(tree, "dpo.beta", -1.0)
+    with pytest.raises(ConfigError, match=r"^here: dpo.beta: must be > 0"):
+        build_config(PipelineConfig, tree, source="here")

@@ -10,7 +10,7 @@ import pytest
 
 from unipipe_ray.cli import main
 from unipipe_ray.config import ConfigError, PipelineConfig, load_config, read_yaml
-from unipipe_ray.config_io import MAX_YAML_NODES
+from unipipe_ray.config.reader import MAX_YAML_NODES
 
 
 def float_keys(cls, prefix=""):

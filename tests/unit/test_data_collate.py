@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from unipipe_ray.data import collate_preference, collate_prompts, collate_sft
+from unipipe_ray.data import collate_preference, collate_prompts, collate_sft, select_pairs
 
 PAD = 9
 
@@ -43,3 +43,18 @@ def test_bad_inputs():
         collate_sft([], PAD)
     with pytest.raises(ValueError, match="pad_token_id is None"):
         collate_prompts([{"input_ids": [1]}], None)
+
+
+def test_select_pairs_equals_collating_the_kept_pairs_alone():
+    """DPO's kept pairs are cut from the collated micro-batch instead of collated a second time."""
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for _ in range(6):
+        c, r = (torch.randint(1, 50, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+                for _ in range(2))
+        pairs.append({"chosen_input_ids": c, "chosen_labels": [-100] + c[1:],
+                      "rejected_input_ids": r, "rejected_labels": [-100] + r[1:]})
+    batch = collate_preference(pairs, PAD)
+    for kept in ([0], [1, 3], [0, 2, 5], [4, 5], list(range(6))):
+        cut, alone = select_pairs(batch, kept), collate_preference([pairs[j] for j in kept], PAD)
+        assert cut.keys() == alone.keys() and all(torch.equal(cut[k], alone[k]) for k in alone), kept

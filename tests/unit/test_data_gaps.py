@@ -12,8 +12,8 @@ from unipipe_ray.cli import main
 from unipipe_ray.config import DataConfig
 from unipipe_ray.data import DataError, read_raw, tokenize_all
 from unipipe_ray.data.records import SFTExample
+from unipipe_ray.data.stage_data import make_task, stage_examples
 from unipipe_ray.data.tasks import Gsm8kTask, HHHarmlessTask, corrupt_solution
-from unipipe_ray.stages.common import make_task, stage_examples
 
 
 def corrupt_gzip(data: bytes) -> bytes:
@@ -83,7 +83,7 @@ def test_hh_harmless_honours_on_bad_record(tmp_path):
 
 
 def test_cut_prompts_a_missing_chat_template_and_a_short_pool_are_logged(caplog):
-    from unipipe_ray.models import load_tokenizer
+    from unipipe_ray.core.models import load_tokenizer
 
     tok = load_tokenizer("tiny")
     long_system = ({"role": "system", "content": "rules " * 200}, {"role": "user", "content": "hi"})

@@ -8,9 +8,9 @@ import sacrebleu
 import torch
 
 from unipipe_ray.cli import main
+from unipipe_ray.core.models import load_tokenizer, tiny_model_dir
 from unipipe_ray.data import get_task
 from unipipe_ray.eval.evaluate import evaluate_generations, evaluate_model, judge_scores, win_rate_of
-from unipipe_ray.models import load_tokenizer, tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,8 @@ def test_unipipe_eval_held_out_split_matches_the_stages():
     from argparse import Namespace
 
     from unipipe_ray.config import DataConfig
+    from unipipe_ray.data.stage_data import stage_examples
     from unipipe_ray.eval.cli import _held_out
-    from unipipe_ray.stages.common import stage_examples
 
     args = Namespace(task="arith", task_path=None, n=16, seed=0, reward_model=None, ref_model=None, pairs=None)
     _, examples, pairs = _held_out(args)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from unipipe_ray.cli import main
+from unipipe_ray.core.models import load_tokenizer, tiny_model_dir
 from unipipe_ray.data import DataError
-from unipipe_ray.eval.scoring import load_policy, load_reward_model, response_logps, reward_scores
+from unipipe_ray.eval.scoring import load_policy, load_reward_model, reward_scores, text_response_logps
 from unipipe_ray.eval.select import (
     Candidate,
     ensemble_disagreement,
@@ -18,7 +19,6 @@ from unipipe_ray.eval.select import (
     read_candidates,
     top_k,
 )
-from unipipe_ray.models import load_tokenizer, tiny_model_dir
 
 PROMPT = [{"role": "user", "content": "How do I stay safe online?"}]
 PAIRS = [
@@ -123,7 +123,7 @@ def test_response_logps_match_unbatched_recomputation():
     from unipipe_ray.data.tokenize import prompt_ids, response_ids
 
     prompts, responses = [tuple(PROMPT)] * 2, ["Use strong passwords and a password manager.", "No."]
-    batched = response_logps(model, tok, prompts, responses, progress=False)
+    batched = text_response_logps(model, tok, prompts, responses, progress=False)
     for p, r, got in zip(prompts, responses, batched):
         prompt, response = prompt_ids(p, tok), response_ids(r, tok)
         with torch.no_grad():

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from unipipe_ray import files
-from unipipe_ray.files import recover_dir, replace_dir, write_json_atomic, write_text_atomic
+from unipipe_ray.runtime import files
+from unipipe_ray.runtime.files import recover_dir, replace_dir, write_json_atomic, write_text_atomic
 
 
 def test_a_failed_write_keeps_the_old_copy_and_leaves_no_temp_file(tmp_path, monkeypatch):
@@ -35,7 +35,7 @@ def test_sigkill_while_writing_never_leaves_a_torn_json(tmp_path):
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(Path(files.__file__).parents[1])!r})
-        from unipipe_ray.files import write_text_atomic
+        from unipipe_ray.runtime.files import write_text_atomic
         text = json.dumps({{"rows": list(range(2_000_000))}})
         for i in range(10**9):
             write_text_atomic({str(path)!r}, text)

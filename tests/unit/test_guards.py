@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from unipipe_ray.stages.worker import NonFiniteLoss, check_finite, non_finite
+from unipipe_ray.runtime.loop import NonFiniteLoss, check_finite, non_finite
 
 
 def test_only_losses_and_gradient_norms_that_are_nan_or_inf_count():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unipipe_ray.logps import (
+from unipipe_ray.core.logps import (
     IGNORE_INDEX,
     chunked_token_logps,
     sequence_logps,
@@ -146,7 +146,7 @@ def test_chunked_frozen_head_and_all_masked():
 def test_math_modules_do_not_import_heavy_frameworks():
     """Importing the math modules in a fresh interpreter pulls in none of ray/deepspeed/vllm/transformers."""
     code = (
-        "import sys, unipipe_ray.logps, unipipe_ray.losses, unipipe_ray.rl\n"
+        "import sys, unipipe_ray.core.logps, unipipe_ray.core.losses, unipipe_ray.core.rl\n"
         "print(sorted(m for m in ('ray', 'deepspeed', 'vllm', 'transformers') if m in sys.modules))"
     )
     repo_root = Path(__file__).resolve().parents[2]

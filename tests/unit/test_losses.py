@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from unipipe_ray.losses import (
+from unipipe_ray.core.losses import (
     bradley_terry_loss,
     dpo_loss,
     masked_mean,
@@ -46,6 +46,15 @@ def test_reduce_loss_hand_values():
     assert reduce_loss(per_token, mask, mode="sequence", normalizer=4).item() == 1.5
     with pytest.raises(ValueError):
         reduce_loss(per_token, mask, mode="batch")
+
+
+def test_reduce_loss_per_example_and_its_shards():
+    """example: one loss per pair, [1, 2, 3, 6] -> 12 / 4 = 3; two shards passing normalizer 4 / 2 average to it."""
+    losses = torch.tensor([1.0, 2, 3, 6])
+    assert reduce_loss(losses, mode="example").item() == 3.0
+    assert reduce_loss(losses, mode="example", normalizer=3).item() == 4.0
+    shards = [reduce_loss(part, mode="example", normalizer=2) for part in (losses[:1], losses[1:])]
+    assert (sum(shards) / 2).item() == 3.0
 
 
 @pytest.mark.parametrize("mode", ["token", "sequence"])

@@ -1,7 +1,7 @@
 """The pipeline's per-stage decision and the chain's defaults, without running anything."""
 
-from unipipe_ray.config import PipelineConfig, load_config, to_dict
-from unipipe_ray.pipeline.chain import given_keys, stage_config
+from unipipe_ray.config import PipelineConfig, given_keys, load_config, to_dict
+from unipipe_ray.pipeline.chain import stage_config
 from unipipe_ray.pipeline.manifest import Manifest
 from unipipe_ray.pipeline.run import plan
 
@@ -30,23 +30,23 @@ def test_plan_skip_resume_run(tmp_path):
     cfg = load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}"])
     m = Manifest(tmp_path)
     conf = to_dict(stage_config(cfg, "sft", {}, set()))
-    assert plan(cfg, m, "sft", conf, False) == ("run", "first run")
+    assert plan(m, "sft", conf, False) == ("run", "first run")
     m.start("sft", conf)
-    assert plan(cfg, m, "sft", conf, False)[0] == "resume"
+    assert plan(m, "sft", conf, False)[0] == "resume"
     (tmp_path / "ckpt").mkdir()
     m.finish("sft", {"checkpoint": str(tmp_path / "ckpt"), "metrics": {"a": 1.0, "skip": [1]}, "seconds": 3})
     assert Manifest(tmp_path).stage("sft")["metrics"] == {"a": 1.0}  # written to disk, plain values only
-    assert plan(cfg, m, "sft", conf, False)[0] == "skip"
-    assert plan(cfg, m, "sft", conf, True)[0] == "run"  # an earlier stage ran again
+    assert plan(m, "sft", conf, False)[0] == "skip"
+    assert plan(m, "sft", conf, True)[0] == "run"  # an earlier stage ran again
     changed = dict(conf, train=dict(conf["train"], lr=1.0))
-    action, why = plan(cfg, m, "sft", changed, False)
+    action, why = plan(m, "sft", changed, False)
     assert action == "run" and "train.lr" in why
     (tmp_path / "ckpt").rmdir()
-    assert plan(cfg, m, "sft", conf, False) == ("run", f"done earlier, but its checkpoint {tmp_path / 'ckpt'} is gone")
+    assert plan(m, "sft", conf, False) == ("run", f"done earlier, but its checkpoint {tmp_path / 'ckpt'} is gone")
 
 
 def test_operational_keys_neither_rerun_a_done_stage_nor_block_a_resume(tmp_path):
-    from unipipe_ray.stages.common import check_same_config
+    from unipipe_ray.runtime.launch import check_same_config
 
     cfg = load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}"])
     m = Manifest(tmp_path)
@@ -59,8 +59,8 @@ def test_operational_keys_neither_rerun_a_done_stage_nor_block_a_resume(tmp_path
                                                  "sft.train.log_every=7", "sft.train.eval_every=3",
                                                  "sft.train.checkpoint_every=2"])
     ops_conf = to_dict(stage_config(ops, "sft", {}, set()))
-    assert plan(ops, m, "sft", ops_conf, False)[0] == "skip"
+    assert plan(m, "sft", ops_conf, False)[0] == "skip"
     check_same_config(tmp_path / "sft_config.json", ops_conf)  # a resume with them is fine too
     lr = load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}", "sft.train.lr=2e-5"])
-    assert plan(lr, m, "sft", to_dict(stage_config(lr, "sft", {}, set())), False) == \
+    assert plan(m, "sft", to_dict(stage_config(lr, "sft", {}, set())), False) == \
         ("run", "config changed (train.lr)")

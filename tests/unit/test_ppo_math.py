@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from unipipe_ray.config import ConfigError, PPOConfig, load_config
-from unipipe_ray.logps import sequence_logps, token_logps
-from unipipe_ray.stages.ppo import advantages_and_returns, load_rule, pad_rows, scalar_rewards
-from unipipe_ray.workers.group import split
-from unipipe_ray.workers.rollout import Sample
-from unipipe_ray.workers.sequences import response_logps, to_batch
+from unipipe_ray.core.logps import sequence_logps, token_logps
+from unipipe_ray.core.sequences import response_grid_logps, to_batch
+from unipipe_ray.ppo.rewards import advantages_and_returns, load_rule, pad_rows, scalar_rewards
+from unipipe_ray.ppo.rollout import Sample
+from unipipe_ray.runtime.actors import split
 
 
 def cfg(**kw):
@@ -87,8 +87,8 @@ def test_response_logps_equal_the_stage_logps():
     for i, s in enumerate(samples):  # only response tokens count
         labels[i, :width - len(s.response_ids)] = -100
     ref = sequence_logps(*token_logps(logits, labels))
-    ours = response_logps(logits, batch)  # all positions kept
+    ours = response_grid_logps(logits, batch)  # all positions kept
     assert ours.sum(1).tolist() == pytest.approx(ref.tolist(), abs=1e-5)
     assert ours[0, 2] == 0  # masked beyond the 2-token response
-    kept = response_logps(logits[:, -(3 + 1):], batch)  # only the last R + 1 positions, as the trainer runs it
+    kept = response_grid_logps(logits[:, -(3 + 1):], batch)  # only the last R + 1 positions, as the trainer runs it
     assert torch.equal(kept, ours)

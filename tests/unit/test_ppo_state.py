@@ -2,7 +2,7 @@
 
 import json
 
-from unipipe_ray.stages import ppo_state
+from unipipe_ray.ppo import state as ppo_state
 
 
 class FakeGroup:

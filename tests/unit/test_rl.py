@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from unipipe_ray.rl import (
+from unipipe_ray.core.rl import (
     AdaptiveKLController,
     FixedKLController,
     gae,

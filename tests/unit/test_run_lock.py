@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from unipipe_ray import files
 from unipipe_ray.cli import main
 from unipipe_ray.config import PipelineConfig, load_config
-from unipipe_ray.files import RunLocked, run_lock
 from unipipe_ray.pipeline.run import run_pipeline
+from unipipe_ray.runtime import files
+from unipipe_ray.runtime.files import RunLocked, run_lock
 
 ROOT = str(Path(files.__file__).parents[1])
 
@@ -21,7 +21,7 @@ def hold(directory):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {ROOT!r})
-        from unipipe_ray.files import run_lock
+        from unipipe_ray.runtime.files import run_lock
         with run_lock({str(directory)!r}):
             print("held", flush=True)
             sys.stdin.read()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from unipipe_ray.sampling import sample_tokens
+from unipipe_ray.core.sampling import sample_tokens
 
 
 def _frequencies(logits, draws, **kwargs):

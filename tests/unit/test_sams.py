@@ -6,15 +6,15 @@ import sys
 import pytest
 import torch
 
-from unipipe_ray.sams import (
+from unipipe_ray.core.sams import (
     SamsScheduler,
     SamsSettings,
+    arm_labels,
     batch_reward,
     layer_features,
-    pair_rewards,
     sample_reward,
 )
-from unipipe_ray.sams_nets import downsample
+from unipipe_ray.core.sams_nets import downsample
 
 torch.set_num_threads(1)
 
@@ -79,11 +79,11 @@ def test_sample_reward_hand_values_and_constant_batch_guard():
     torch.testing.assert_close(sample_reward(torch.ones(3), chosen_logps), torch.tensor([0.75, 0.25, 0.5]))
 
 
-def test_pair_rewards_hand_values():
+def test_arm_labels_hand_values():
     """gamma 0.5: 0.5 * 0.8 + 0.5 * [0.5, 0.25] = [0.65, 0.525]; gamma 0.2: 0.16 + 0.8 * [0.5, 0.25] = [0.56, 0.36]."""
     r_s = torch.tensor([0.5, 0.25])
-    torch.testing.assert_close(pair_rewards(0.8, r_s), torch.tensor([0.65, 0.525]))
-    torch.testing.assert_close(pair_rewards(0.8, r_s, gamma=0.2), torch.tensor([0.56, 0.36]))
+    torch.testing.assert_close(arm_labels(0.8, r_s), torch.tensor([0.65, 0.525]))
+    torch.testing.assert_close(arm_labels(0.8, r_s, gamma=0.2), torch.tensor([0.56, 0.36]))
 
 
 def test_scheduler_labels_follow_running_mean_over_two_rounds():
@@ -153,7 +153,7 @@ def test_lagged_update_trains_and_fills_the_pool():
     gen = torch.Generator().manual_seed(4)
     feats, margins, chosen_logps = features(gen, n=16), torch.randn(16, generator=gen), torch.full((16,), -2.0)
     contexts = sched.contexts(feats)
-    labels = pair_rewards(sigmoid(0.5), sample_reward(margins, chosen_logps))
+    labels = arm_labels(sigmoid(0.5), sample_reward(margins, chosen_logps))
 
     def mse():
         return torch.nn.functional.mse_loss(sched.nets["exploit"](contexts)[0], labels).item()
@@ -243,7 +243,7 @@ def test_bad_settings_rejected():
 
 def test_import_pulls_no_heavy_framework():
     code = (
-        "import sys, unipipe_ray.sams; "
+        "import sys, unipipe_ray.core.sams; "
         "print([m for m in ('ray', 'deepspeed', 'vllm', 'transformers') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)

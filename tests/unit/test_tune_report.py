@@ -1,4 +1,5 @@
-"""The sweep report (tune/report.py) on fake Tune experiment directories: no Ray, values worked out by hand.
+"""The sweep report (tune/trials.py, analysis.py, report.py) on fake Tune experiment directories: no Ray,
+values worked out by hand.
 
 The allocation fixture: budgets 64 and 256 with seeds 0 and 1, budget 1024 with seed 0 only, r in
 {0, 0.1, 1}. Final accuracy (format_miss) per seed:
@@ -17,19 +18,18 @@ import math
 
 import pytest
 
-from unipipe_ray.tune.report import (
+from unipipe_ray.tune.analysis import (
     best_config,
     best_split,
     cold_start,
-    finished,
     group_by,
     iso_performance,
-    load_trials,
     searched_params,
     split_cells,
     t975,
-    write_sweep_report,
 )
+from unipipe_ray.tune.report import write_sweep_report
+from unipipe_ray.tune.trials import finished, load_trials
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GRID = {  # (budget, r): [(accuracy, format_miss, low, high) per seed]

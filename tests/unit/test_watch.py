@@ -2,7 +2,7 @@
 
 import pytest
 
-from unipipe_ray.watch import HackingWatch, change_z, slope
+from unipipe_ray.core.watch import HackingWatch, change_z, slope
 
 
 def test_slope_hand_values():

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from unipipe_ray.files import write_text_atomic
+from unipipe_ray.runtime.files import write_text_atomic
 
 COMMANDS = ("eval", "select")
 
@@ -68,21 +68,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _held_out(args) -> tuple:
-    """(task, held-out SFT examples, held-out pairs or None) with the stages' own split."""
+    """(task, held-out SFT examples, held-out pairs or None): the stages' own split (data.held_out) of the
+    task's data at ``--seed``, or the pairs of ``--pairs``."""
     from unipipe_ray.config import DataConfig
     from unipipe_ray.data import load_examples
-    from unipipe_ray.stages.common import make_task, stage_examples
+    from unipipe_ray.data.held_out import held_out
 
     if args.task != "arith" and not args.task_path:
         raise ValueError(f"--task {args.task} reads a data file: pass --task-path")
     data = DataConfig(task=args.task, task_path=args.task_path, eval_size=args.n, seed=args.seed)
-    task = make_task(data)
-    examples = stage_examples(data, "sft")[1]
-    pairs = None
-    if args.reward_model or args.ref_model:
-        pairs = (load_examples("preference", [(args.pairs, 1.0)])[0] if args.pairs
-                 else stage_examples(data, "preference")[1])
-    return task, examples, pairs
+    wants_pairs = bool(args.reward_model or args.ref_model)
+    task, examples, pairs = held_out(data, args.n, data if wants_pairs and not args.pairs else None)
+    if wants_pairs and args.pairs:
+        pairs = load_examples("preference", [(args.pairs, 1.0)])[0]
+    return task, examples, pairs if wants_pairs else None
 
 
 def _eval(args) -> int:

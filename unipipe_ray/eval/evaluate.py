@@ -24,19 +24,19 @@ from unipipe_ray.eval.summary import corpus_bleu_entry, entry
 
 def generate_completions(model_path: str, examples: Sequence, max_new_tokens: int = 128, batch_size: int = 64,
                          max_prompt_length: int = 256, engine: str = "hf", progress: bool = True) -> list[str]:
-    """Greedy completions of the examples' prompts through the rollout engine (workers/rollout.py): "hf"
+    """Greedy completions of the examples' prompts through the rollout engine (ppo/rollout.py): "hf"
     (our decode loop, runs anywhere) or "vllm" (needs vLLM installed)."""
     from tqdm import tqdm
 
+    from unipipe_ray.core.models import load_tokenizer, resolve_model
     from unipipe_ray.data import tokenize_prompt
-    from unipipe_ray.models import load_tokenizer, resolve_model
-    from unipipe_ray.workers.rollout import make_engine
+    from unipipe_ray.ppo.rollout import make_rollout_engine
 
     if engine not in ("hf", "vllm"):
         raise ValueError(f"unknown engine {engine!r}; expected hf or vllm")
     tokenizer = load_tokenizer(model_path)
     prompts = [tokenize_prompt(ex, tokenizer, max_prompt_length)["input_ids"] for ex in examples]
-    runner = make_engine(engine, str(resolve_model(model_path)))
+    runner = make_rollout_engine(engine, str(resolve_model(model_path)))
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
         samples = runner.generate(prompts[i:i + batch_size], 1, max_new_tokens, temperature=0.0)

@@ -28,7 +28,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 128, batch_s
 def answer_accuracy(model_spec: str, task, examples: list, max_new_tokens: int = 128,
                     threads: int | None = None) -> dict:
     """Share of ``examples`` (anything with .prompt and .meta) whose greedy answer the task's checker accepts."""
-    from unipipe_ray.models import load_causal_lm, load_tokenizer
+    from unipipe_ray.core.models import load_causal_lm, load_tokenizer
 
     if threads:
         torch.set_num_threads(threads)

@@ -22,7 +22,7 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32):
     output). A causal-LM checkpoint loads too, with a fresh random head (useful only in tests)."""
     from transformers import AutoModelForSequenceClassification
 
-    from unipipe_ray.models import load_tokenizer, resolve_model
+    from unipipe_ray.core.models import load_tokenizer, resolve_model
 
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model(path), num_labels=1, dtype=dtype,
                                                                use_safetensors=True)
@@ -34,7 +34,7 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32):
 
 def load_policy(path: str, dtype: torch.dtype = torch.float32):
     """(causal LM in eval mode, tokenizer) for a model spec or checkpoint directory."""
-    from unipipe_ray.models import load_causal_lm, load_tokenizer
+    from unipipe_ray.core.models import load_causal_lm, load_tokenizer
 
     return load_causal_lm(path, dtype=dtype).eval(), load_tokenizer(path)
 
@@ -61,20 +61,20 @@ def _batched(score: Callable[[dict], torch.Tensor], features: list[dict], pad_id
 
 def reward_scores(model, tokenizer, prompts: Sequence, responses: Sequence[str], max_length: int = 512,
                   batch_size: int = 16, progress: bool = True) -> np.ndarray:
-    """(N,) reward-model scores: the head at each sequence's last real token (stages.reward.rewards)."""
-    from unipipe_ray.stages.reward import rewards
+    """(N,) reward-model scores: the head at each sequence's last real token (core.reward_head.rewards)."""
+    from unipipe_ray.core.reward_head import rewards
 
     feats = _features(prompts, responses, tokenizer, max_length)
     return _batched(lambda b: rewards(model, model, b), feats, tokenizer.pad_token_id, batch_size,
                     "reward scores", progress)
 
 
-def response_logps(model, tokenizer, prompts: Sequence, responses: Sequence[str], max_length: int = 512,
+def text_response_logps(model, tokenizer, prompts: Sequence, responses: Sequence[str], max_length: int = 512,
                    batch_size: int = 8, chunk_size: int | None = 1024, progress: bool = True) -> np.ndarray:
     """(N,) sum of log p(response token | prompt, earlier tokens), EOS included, prompt excluded.
-    ``chunk_size`` scores through stages.forward's chunked LM head (no (B, T, V) logits); None: full logits."""
-    from unipipe_ray.logps import sequence_logps
-    from unipipe_ray.stages.forward import token_logps_of
+    ``chunk_size`` scores through core.forward's chunked LM head (no (B, T, V) logits); None: full logits."""
+    from unipipe_ray.core.forward import token_logps_of
+    from unipipe_ray.core.logps import sequence_logps
 
     feats = _features(prompts, responses, tokenizer, max_length)
     return _batched(lambda b: sequence_logps(*token_logps_of(model, model, b, chunk_size)), feats,
@@ -85,6 +85,6 @@ def implicit_rewards(policy, ref, tokenizer, prompts: Sequence, responses: Seque
                      max_length: int = 512, batch_size: int = 8, progress: bool = True) -> np.ndarray:
     """(N,) DPO implicit rewards beta * (log pi(y|x) - log pi_ref(y|x)) (Rafailov et al. 2023, eq. 5; the
     log Z(x) term is the same for both responses of a prompt, so it cancels in every comparison)."""
-    pol = response_logps(policy, tokenizer, prompts, responses, max_length, batch_size, progress=progress)
-    ref_lp = response_logps(ref, tokenizer, prompts, responses, max_length, batch_size, progress=progress)
+    pol = text_response_logps(policy, tokenizer, prompts, responses, max_length, batch_size, progress=progress)
+    ref_lp = text_response_logps(ref, tokenizer, prompts, responses, max_length, batch_size, progress=progress)
     return beta * (pol - ref_lp)

@@ -103,16 +103,17 @@ def sample_responses(candidates: Sequence[Candidate], policy: str, max_new_token
                      temperature: float = 1.0, seed: int = 0, max_prompt_length: int = 256) -> list[Candidate]:
     """Fill prompt-only candidates with two responses sampled from ``policy`` (the HF rollout engine).
     Pairs whose two samples decode to the same text are dropped: nobody can prefer one of them."""
+    from unipipe_ray.core.models import load_tokenizer, resolve_model
     from unipipe_ray.data import tokenize_prompt
-    from unipipe_ray.models import load_tokenizer, resolve_model
-    from unipipe_ray.workers.rollout import make_engine
+    from unipipe_ray.ppo.rollout import make_rollout_engine
 
     todo = [i for i, c in enumerate(candidates) if c.response_a is None]
     if not todo:
         return list(candidates)
     tokenizer = load_tokenizer(policy)
     prompts = [tokenize_prompt(candidates[i], tokenizer, max_prompt_length)["input_ids"] for i in todo]
-    samples = make_engine("hf", resolve_model(policy), seed=seed).generate(prompts, 2, max_new_tokens, temperature)
+    engine = make_rollout_engine("hf", resolve_model(policy), seed=seed)
+    samples = engine.generate(prompts, 2, max_new_tokens, temperature)
     texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     out = list(candidates)
     for j, i in enumerate(todo):

@@ -14,30 +14,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from unipipe_ray.config import STAGES, PipelineConfig, parse_override, read_yaml
+from unipipe_ray.config import STAGES, PipelineConfig
 
 POLICY_STAGES = ("sft", "ppo", "dpo")  # stages whose output is the next policy
-
-
-def given_keys(path: str | None, overrides: list[str] = ()) -> set[str]:
-    """Dotted keys the user set in the YAML file or on the command line (``dpo.model``, ``ppo.reward_model``)."""
-    keys: set[str] = set()
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            dotted = f"{prefix}{k}"
-            keys.add(dotted)
-            if isinstance(v, dict):
-                walk(v, dotted + ".")
-
-    if path:
-        walk(read_yaml(path), "")
-    for text in overrides:
-        key, value = parse_override(text)
-        keys.add(key)
-        if isinstance(value, dict):
-            walk(value, key + ".")
-    return keys
 
 
 def stage_config(cfg: PipelineConfig, stage: str, checkpoints: dict[str, str], given: set[str]):

@@ -14,7 +14,7 @@ import datetime
 import json
 from pathlib import Path
 
-from unipipe_ray.files import write_json_atomic
+from unipipe_ray.runtime.files import write_json_atomic
 
 
 class Manifest:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from unipipe_ray.config import PipelineConfig
-from unipipe_ray.files import write_text_atomic
+from unipipe_ray.runtime.files import write_text_atomic
+from unipipe_ray.runtime.logs import progress
 
 CURVE_WORDS = ("loss", "reward", "accuracy", "margin", "kl", "gold", "proxy")
 
@@ -26,39 +27,27 @@ CURVE_WORDS = ("loss", "reward", "accuracy", "margin", "kl", "gold", "proxy")
 @torch.no_grad()
 def kl_to_reference(policy: str, reference: str, prompts: list[list[int]], max_new_tokens: int, seed: int = 0):
     """Per-prompt sequence KL(policy || reference) estimates: one sampled response per prompt."""
-    from unipipe_ray.models import load_tokenizer
-    from unipipe_ray.workers.roles import ReferenceModel
-    from unipipe_ray.workers.rollout import HFEngine
+    from unipipe_ray.core.models import load_tokenizer
+    from unipipe_ray.ppo.roles import ReferenceModel
+    from unipipe_ray.ppo.rollout import HFEngine
 
     samples = HFEngine(policy, seed=seed).generate(prompts, 1, max_new_tokens, temperature=1.0, seed=seed)
     ref = ReferenceModel(reference, load_tokenizer(reference).pad_token_id, temperature=1.0).logps(samples)
     return [sum(s.logps) - float(ref[i, :len(s.response_ids)].sum()) for i, s in enumerate(samples)]
 
 
-def held_out(cfg: PipelineConfig, tokenizer):
-    """(task, held-out examples, held-out pairs): the data splits of cfg.held_out_sections(), as the stages
-    make them (PipelineConfig checks that eval_size fits in them): never trained on."""
-    from unipipe_ray.stages.common import make_task, stage_examples
-
-    examples_from, pairs_from = cfg.held_out_sections()
-    data = getattr(cfg, examples_from).data
-    task = make_task(data) if not data.sources else None
-    examples = stage_examples(data, "sft")[1][:cfg.eval_size]
-    pairs = stage_examples(getattr(cfg, pairs_from).data, "preference")[1][:cfg.eval_size] if pairs_from else []
-    return task, examples, pairs
-
-
-def write_report(cfg: PipelineConfig, manifest, given: set[str]) -> Path:
+def write_report(cfg: PipelineConfig, manifest) -> Path:
+    from unipipe_ray.core.models import load_tokenizer, resolve_model
     from unipipe_ray.data import tokenize_prompt
+    from unipipe_ray.data.held_out import pipeline_held_out
     from unipipe_ray.eval.evaluate import evaluate_model, preference_accuracy_of_rm
     from unipipe_ray.eval.summary import entry, without_scores
-    from unipipe_ray.models import load_tokenizer, resolve_model
 
     run_dir = Path(cfg.run_dir).resolve()
     stages = manifest.data["stages"]
     done = {s: stages[s] for s in cfg.stages if stages.get(s, {}).get("status") == "done"}
     tokenizer = load_tokenizer(cfg.model)
-    task, examples, pairs = held_out(cfg, tokenizer)
+    task, examples, pairs = pipeline_held_out(cfg)
     rm = done.get("rm", {}).get("checkpoint")
     models = {"base": str(resolve_model(cfg.model))} | {s: done[s]["checkpoint"] for s in ("sft", "ppo", "dpo")
                                                          if s in done}
@@ -66,7 +55,7 @@ def write_report(cfg: PipelineConfig, manifest, given: set[str]) -> Path:
     prompts = [tokenize_prompt(ex, tokenizer, 256)["input_ids"] for ex in examples]
     results, extra = {}, {}
     for name, path in models.items():
-        print(f"report: evaluating {name} on {len(examples)} held-out examples", flush=True)
+        progress(f"report: evaluating {name} on {len(examples)} held-out examples")
         dpo_ref = (done["dpo"]["config"]["ref_model"] or done["dpo"]["config"]["model"]) if name == "dpo" else None
         result = evaluate_model(path, task, examples, pairs=pairs if name == "dpo" else None, reward_model=rm,
                                 ref_model=str(resolve_model(dpo_ref)) if dpo_ref else None,
@@ -83,7 +72,7 @@ def write_report(cfg: PipelineConfig, manifest, given: set[str]) -> Path:
         {"models": models, "held_out_examples": len(examples), "held_out_pairs": len(pairs),
          "results": {k: without_scores(r) for k, r in results.items()},
          "rm": {k: without_scores({k: v})[k] for k, v in extra.items()}}, indent=2, default=float))
-    print(f"report: {run_dir / 'report.md'}", flush=True)
+    progress(f"report: {run_dir / 'report.md'}")
     return run_dir / "report.md"
 
 

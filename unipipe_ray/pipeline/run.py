@@ -8,26 +8,21 @@ run_dir is a local path or a URI (s3://, gs://, file://: rundir.py keeps a local
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
-from unipipe_ray.config import PipelineConfig, to_dict
-from unipipe_ray.files import run_lock
+from unipipe_ray.config import PipelineConfig, result_differences, to_dict
 from unipipe_ray.pipeline.chain import stage_config
 from unipipe_ray.pipeline.manifest import Manifest
+from unipipe_ray.pipeline.registry import REGISTRY
 from unipipe_ray.pipeline.rundir import RunDir
-from unipipe_ray.stages.common import result_differences
+from unipipe_ray.runtime.files import run_lock
+from unipipe_ray.runtime.logs import progress
+
+log = logging.getLogger(__name__)
 
 
-def _runner(stage: str):
-    from unipipe_ray.stages.dpo import run_dpo
-    from unipipe_ray.stages.ppo import run_ppo
-    from unipipe_ray.stages.reward import run_rm
-    from unipipe_ray.stages.sft import run_sft
-
-    return {"sft": run_sft, "rm": run_rm, "ppo": run_ppo, "dpo": run_dpo}[stage]
-
-
-def plan(cfg: PipelineConfig, manifest: Manifest, stage: str, config: dict, inputs_ran: bool) -> tuple[str, str]:
+def plan(manifest: Manifest, stage: str, config: dict, inputs_ran: bool) -> tuple[str, str]:
     """(action, why) for one stage: action is skip, resume or run."""
     entry = manifest.stage(stage)
     if entry is None:
@@ -47,7 +42,7 @@ def plan(cfg: PipelineConfig, manifest: Manifest, stage: str, config: dict, inpu
 def run_pipeline(cfg: PipelineConfig, given: set[str], address: str | None = None,
                  inject: dict | None = None) -> dict:
     """Run ``cfg.stages`` in order under ``cfg.run_dir``; then the report. ``given``: the keys the user set
-    (chain.given_keys). ``inject`` (tests): {stage: kwargs for its run function}, e.g. a stop in PPO.
+    (config.load_config_with_keys). ``inject`` (tests): {stage: kwargs for its run function}, e.g. a stop in PPO.
 
     A URI run_dir (s3://...) is checked here, before any training, and the run works in its local staging
     copy, pulled first and pushed as stages end (rundir.py). The run holds ``<run_dir>/.lock`` throughout: a
@@ -59,7 +54,7 @@ def run_pipeline(cfg: PipelineConfig, given: set[str], address: str | None = Non
 
 def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: str | None, inject) -> dict:
     if run_dir.uri:
-        print(f"pipeline: run_dir {run_dir.uri}: working in the staging copy {run_dir.local}", flush=True)
+        progress(f"pipeline: run_dir {run_dir.uri}: working in the staging copy {run_dir.local}")
     run_dir.pull(cfg.stages)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir.local))  # the stages read and write local paths
     manifest = Manifest(run_dir.local)
@@ -68,15 +63,15 @@ def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: s
     for i, stage in enumerate(cfg.stages):
         stage_cfg = stage_config(cfg, stage, checkpoints, given)
         config = to_dict(stage_cfg)
-        action, why = plan(cfg, manifest, stage, config, inputs_ran)
-        print(f"pipeline: stage {i + 1}/{len(cfg.stages)} {stage}: {action} - {why}", flush=True)
+        action, why = plan(manifest, stage, config, inputs_ran)
+        progress(f"pipeline: stage {i + 1}/{len(cfg.stages)} {stage}: {action} - {why}")
         if action == "skip":
             checkpoints[stage] = manifest.stage(stage)["checkpoint"]
             continue
         if action == "run":
             moved = run_dir.set_aside(stage)
             if moved:
-                print(f"pipeline: {stage}: its earlier outputs moved to {run_dir.shown(moved)}", flush=True)
+                progress(f"pipeline: {stage}: its earlier outputs moved to {run_dir.shown(moved)}")
             manifest.forget_after(list(cfg.stages[i:]))
         checkpoints[stage] = _run_stage(stage, stage_cfg, config, manifest, run_dir, address, inject)
         inputs_ran = True
@@ -91,7 +86,7 @@ def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: s
             import ray
 
             ray.shutdown()  # the local cluster is done; generation gets the cores (it ran ~10x slower beside it)
-        out["report"] = str(write_report(cfg, manifest, given))
+        out["report"] = str(write_report(cfg, manifest))
         manifest.data["report"] = "report.md"
         manifest.save()
         run_dir.push("report.md", "report.json", "plots", "manifest.json")
@@ -104,16 +99,14 @@ def _run_stage(stage: str, stage_cfg, config: dict, manifest: Manifest, run_dir:
     manifest.start(stage, config)
     run_dir.push("manifest.json")
     try:
-        result = _runner(stage)(stage_cfg, address, **(inject or {}).get(stage, {}))
+        result = REGISTRY[stage].run(stage_cfg, address, **(inject or {}).get(stage, {}))
     except BaseException as e:
         manifest.fail(stage, e)
-        print(f"pipeline: {stage} failed ({type(e).__name__}: {e}); run the same command again to resume it",
-              flush=True)
+        log.error("%s failed (%s: %s); run the same command again to resume it", stage, type(e).__name__, e)
         try:
             run_dir.push(stage, "manifest.json")  # its checkpoints, so that another machine can resume it
         except Exception as push_error:  # the stage's own error is the one to raise; the staging copy keeps all
-            print(f"pipeline: pushing {stage} to {run_dir.uri} failed too ({push_error}); the next run pushes it",
-                  flush=True)
+            log.warning("pushing %s to %s failed too (%s); the next run pushes it", stage, run_dir.uri, push_error)
         raise
     manifest.finish(stage, result)
     run_dir.push(stage, "manifest.json")

@@ -26,13 +26,17 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 
-from unipipe_ray.files import write_text_atomic
-from unipipe_ray.models import cache_dir
+from unipipe_ray.core.models import cache_dir
 from unipipe_ray.pipeline.manifest import Manifest
+from unipipe_ray.runtime.files import write_text_atomic
+from unipipe_ray.runtime.logs import progress
+
+log = logging.getLogger(__name__)
 
 
 def is_uri(run_dir: str) -> bool:
@@ -94,13 +98,13 @@ class RunDir:
             if _attempt(mine) != _attempt(theirs):
                 stale = set_aside(self.local / stage, self.local, suffix="-stale")
                 if stale:
-                    print(f"pipeline: {stage}: the staging copy held another attempt, moved to {stale}", flush=True)
+                    log.warning("%s: the staging copy held another attempt, moved to %s", stage, stale)
                 mine = theirs
             elif mine != theirs:
                 newer.append(stage)
             pulled = self._get_missing(stage)
             if pulled:
-                print(f"pipeline: {stage}: pulled {pulled} files from {self.uri}/{stage}", flush=True)
+                progress(f"pipeline: {stage}: pulled {pulled} files from {self.uri}/{stage}")
             remote["stages"].pop(stage, None)
             if mine is not None:
                 remote["stages"][stage] = mine
@@ -123,8 +127,7 @@ class RunDir:
             self._delete_others(name, set(keep))
             if src.is_dir():  # single files (the manifest, the report) go without a line
                 size = sum(p.stat().st_size for p in files) / 2**20
-                print(f"pipeline: pushed {name} to {self.uri}/{name} ({len(files)} files, {size:.1f} MiB)",
-                      flush=True)
+                progress(f"pipeline: pushed {name} to {self.uri}/{name} ({len(files)} files, {size:.1f} MiB)")
 
     # ------------------------------------------------------------------------------------------ transfers
 

@@ -1,43 +1,16 @@
-"""Reward-model stage: a scalar head on the last real token, Bradley-Terry loss, run by Ray Train.
-
-The model is a Hugging Face sequence classifier with one output (``AutoModelForSequenceClassification``
-loads the checkpoint). We pool the final hidden state at the last attention-mask position ourselves: with
-pad == eos (SmolLM2), Hugging Face's own pooling would skip the closing EOS token.
+"""Reward-model stage: a scalar head on the last real token (core/reward_head.py), Bradley-Terry loss, run by
+Ray Train on N workers.
 """
 
 from __future__ import annotations
 
 import torch
 
-from unipipe_ray import distributed as dist
 from unipipe_ray.config import RMConfig
-from unipipe_ray.losses import bradley_terry_loss
-from unipipe_ray.stages import common, worker
-
-
-def score_head(module):
-    """The linear reward head of a (possibly PEFT-wrapped) sequence classifier."""
-    return module.score
-
-
-def rewards(model, module, batch: dict) -> torch.Tensor:
-    """Scalar rewards (N,) of a padded batch (N, T): the head applied at each row's last real token.
-
-    ``model`` is what runs the forward (the DDP/DeepSpeed wrapper while training), ``module`` the plain model.
-    """
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    out = model(**inputs, output_hidden_states=True)
-    hidden = out.hidden_states[-1]
-    # The last 1 of the attention mask: the last real token under right or left padding.
-    width = batch["attention_mask"].shape[1]
-    last = width - 1 - batch["attention_mask"].flip(1).argmax(dim=1)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return score_head(module)(pooled).squeeze(-1).float()
-
-
-def pair_rewards(model, module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen (B,), rejected (B,)) rewards of a (2B, T) preference batch."""
-    return rewards(model, module, batch).chunk(2)
+from unipipe_ray.core.losses import bradley_terry_loss, reduce_loss
+from unipipe_ray.core.reward_head import pair_rewards
+from unipipe_ray.runtime import distributed as dist
+from unipipe_ray.runtime import launch, loop
 
 
 @torch.no_grad()
@@ -63,7 +36,7 @@ def train_loop(loop_config: dict) -> None:
     from unipipe_ray.data import collate_preference
 
     pad_id = loop_config["tokenizer"].pad_token_id
-    run = worker.start_run("rm", loop_config, kind="reward",
+    run = loop.start_run("rm", loop_config, kind="reward",
                            configure=lambda model: setattr(model.config, "pad_token_id", pad_id))
     cfg, train, engine, device = run.cfg, run.train, run.engine, run.device
     evaluate_now = lambda: evaluate(engine.module, run.eval_feats, train.batch_size, pad_id, cfg.margin, device)
@@ -81,16 +54,16 @@ def train_loop(loop_config: dict) -> None:
             chosen, rejected = pair_rewards(engine, engine.module, batch)
             losses, accuracies = bradley_terry_loss(chosen, rejected, margin=cfg.margin or None)
             # Sum / (global pairs / world): DDP's gradient mean is then the mean over the whole step's pairs.
-            engine.backward(losses.sum() / (run.per_step / run.world))
+            engine.backward(reduce_loss(losses, mode="example", normalizer=run.per_step / run.world))
             sums += torch.stack([losses.sum(), accuracies.sum(), (chosen - rejected).sum()]).detach().double().cpu()
         info = engine.step()
         loss, accuracy, margin = (dist.all_reduce_sum(sums) / run.per_step).tolist()
         metrics = {"rm/loss": loss, "rm/accuracy": accuracy, "rm/reward_margin": margin,
                    **run.reporter.step_metrics(info, device, step + 1)}
-        worker.end_of_step(run, step + 1, metrics, evaluate_now)
-    worker.finish(run, metrics, evaluate_now)
+        loop.end_of_step(run, step + 1, metrics, evaluate_now)
+    loop.finish(run, metrics, evaluate_now)
 
 
 def run_rm(cfg: RMConfig, address: str | None = None, inject_failure_at: int | None = None) -> dict:
     """Reward-model training on a Ray cluster (local when no address); return metrics and the checkpoint."""
-    return common.run_stage("rm", train_loop, cfg, "preference", address, inject_failure_at=inject_failure_at)
+    return launch.run_stage("rm", train_loop, cfg, "preference", address, inject_failure_at=inject_failure_at)

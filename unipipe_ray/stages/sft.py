@@ -1,24 +1,19 @@
 """SFT stage: next-token NLL on the response tokens, run by Ray Train's TorchTrainer on N workers.
 
 ``train_loop`` is the whole procedure on one worker, top to bottom: setup (or resume), loop, eval, save.
-``run_sft`` is the driver: it checks the data once and starts the workers (see ``common.run_stage``).
+``run_sft`` is the driver: it checks the data once and starts the workers (see ``launch.run_stage``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from unipipe_ray import distributed as dist
 from unipipe_ray.config import SFTConfig, chunk_size
-from unipipe_ray.logps import IGNORE_INDEX
-from unipipe_ray.losses import masked_sum, sft_loss
-from unipipe_ray.stages import common, worker
-from unipipe_ray.stages.forward import token_logps_of
-
-
-def response_logps(model, batch: dict, module=None, chunk_size: int | None = None):
-    """Per-token log-probs (B, T-1) of the response tokens of one micro-batch, and their mask."""
-    return token_logps_of(model, module if module is not None else model, batch, chunk_size)
+from unipipe_ray.core.forward import token_logps_of
+from unipipe_ray.core.logps import IGNORE_INDEX
+from unipipe_ray.core.losses import masked_sum, sft_loss
+from unipipe_ray.runtime import distributed as dist
+from unipipe_ray.runtime import launch, loop
 
 
 @torch.no_grad()
@@ -31,7 +26,7 @@ def evaluate(model, features: list[dict], batch_size: int, pad_id: int, device, 
     mine = features[dist.rank()::dist.world_size()]
     for i in range(0, len(mine), batch_size):
         batch = {k: v.to(device) for k, v in collate_sft(mine[i:i + batch_size], pad_id).items()}
-        logps, mask = response_logps(model, batch, chunk_size=chunk)
+        logps, mask = token_logps_of(model, model, batch, chunk)
         total, count = total - masked_sum(logps, mask).double().cpu(), count + mask.sum().cpu()
     model.train()
     total, count = dist.all_reduce_sum(total), dist.all_reduce_sum(count)
@@ -42,8 +37,8 @@ def sams_pretrainer(cfg: SFTConfig, module, seed: int, resumed: dict):
     """Rank 0's SamS pretrainer when the config asks for one (`sams_pretrain`), else None."""
     if not cfg.sams_pretrain or not dist.is_main():
         return None
-    from unipipe_ray.sams import SamsScheduler
-    from unipipe_ray.sams_pretrain import STATE_KEY, SftPretrainer
+    from unipipe_ray.core.sams import SamsScheduler
+    from unipipe_ray.core.sams_pretrain import STATE_KEY, SftPretrainer
 
     sched = SamsScheduler(module.config.hidden_size, module.config.num_hidden_layers,
                           cfg.sams, seed=seed)
@@ -55,7 +50,7 @@ def sams_pretrainer(cfg: SFTConfig, module, seed: int, resumed: dict):
 
 def sams_pretrain_round(pretrainer, module, batch: dict, chunk: int | None) -> dict:
     """Before the step: every rank's no-grad forward of its micro-batch, gathered; rank 0 pretrains."""
-    from unipipe_ray.sams_pretrain import sft_arm_inputs
+    from unipipe_ray.core.sams_pretrain import sft_arm_inputs
 
     features, losses = sft_arm_inputs(module, batch, chunk)
     features, losses = dist.all_gather_cat(features), dist.all_gather_cat(losses)
@@ -66,7 +61,7 @@ def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     from unipipe_ray.data import collate_sft
 
-    run = worker.start_run("sft", loop_config)
+    run = loop.start_run("sft", loop_config)
     train, engine, device = run.train, run.engine, run.device
     chunk = chunk_size(train)
     evaluate_now = lambda: evaluate(engine.module, run.eval_feats, train.batch_size, run.pad_id, device, chunk)
@@ -91,18 +86,18 @@ def train_loop(loop_config: dict) -> None:
         for batch in batches:
             if pretrain:
                 sams_metrics = sams_pretrain_round(pretrainer, engine.module, batch, chunk)
-            loss = sft_loss(*response_logps(engine, batch, engine.module, chunk), mode="token", normalizer=normalizer)
+            loss = sft_loss(*token_logps_of(engine, engine.module, batch, chunk), mode="token", normalizer=normalizer)
             engine.backward(loss)
             step_loss += float(loss.detach())
         info = engine.step()
         metrics = {"sft/loss": float(dist.all_reduce_mean(step_loss)), **sams_metrics,
                    **run.reporter.step_metrics(info, device, step + 1)}
-        worker.end_of_step(run, step + 1, metrics, evaluate_now)
-    worker.finish(run, metrics, evaluate_now)
+        loop.end_of_step(run, step + 1, metrics, evaluate_now)
+    loop.finish(run, metrics, evaluate_now)
 
 
 def run_sft(cfg: SFTConfig, address: str | None = None, inject_failure_at: int | None = None,
             inject_nan_at: int | None = None) -> dict:
     """Train on a Ray cluster (local when no address); return metrics and the checkpoint path."""
-    return common.run_stage("sft", train_loop, cfg, "sft", address, inject_failure_at=inject_failure_at,
+    return launch.run_stage("sft", train_loop, cfg, "sft", address, inject_failure_at=inject_failure_at,
                             inject_nan_at=inject_nan_at)

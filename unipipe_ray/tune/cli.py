@@ -27,15 +27,14 @@ def add_parsers(sub) -> None:
     r.add_argument("--mode", default="max", choices=("max", "min"))
 
 
-def base_keys(path: str | None, overrides: list[str]) -> set[str]:
-    """The keys the user set under ``base:`` (they win over the chain's defaults inside each trial)."""
-    from unipipe_ray.pipeline.chain import given_keys
-
-    return {k[len("base."):] for k in given_keys(path, overrides) if k.startswith("base.")}
+def base_keys(given: set[str]) -> set[str]:
+    """The keys the user set under ``base:`` (they win over the chain's defaults inside each trial), from the
+    sweep's given keys (config.load_config_with_keys)."""
+    return {k[len("base."):] for k in given if k.startswith("base.")}
 
 
 def run(args: argparse.Namespace) -> int:
-    from unipipe_ray.config import ConfigError, load_config
+    from unipipe_ray.config import ConfigError, load_config_with_keys
 
     if args.command == "sweep-report":
         from unipipe_ray.tune.report import write_sweep_report
@@ -50,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from unipipe_ray.tune.run import run_tune
 
     try:
-        cfg = load_config(TuneConfig, args.config, args.overrides)
+        cfg, given = load_config_with_keys(TuneConfig, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"unipipe tune: {e}", file=sys.stderr)
         return 2
-    exp_dir = run_tune(cfg, base_keys(args.config, args.overrides), args.address)
+    exp_dir = run_tune(cfg, base_keys(given), args.address)
     print(f"\n== unipipe tune: done ==\nexperiment: {exp_dir}")
     return 0

@@ -16,11 +16,19 @@ Keys may be dotted (``dpo.beta``) or nested (``dpo: {beta: ...}``), so command-l
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from unipipe_ray.config import STAGES, ConfigError, PipelineConfig, _build, _check, _one_of, _set_dotted, to_dict
+from unipipe_ray.config import (
+    STAGES,
+    ConfigError,
+    PipelineConfig,
+    build_config,
+    check,
+    one_of,
+    set_dotted,
+    to_dict,
+)
 
 ALLOCATION_KEYS = ("budget", "sft_ratio", "seed")  # mapped onto both stages' data by trainable.trial_config
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -39,8 +47,8 @@ class AshaConfig:
 
     def __post_init__(self):
         for key in ("max_t", "grace_period", "reduction_factor"):
-            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        _check(self.grace_period <= self.max_t, "grace_period", f"must be <= max_t={self.max_t}")
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        check(self.grace_period <= self.max_t, "grace_period", f"must be <= max_t={self.max_t}")
 
 
 @dataclass(frozen=True)
@@ -61,27 +69,40 @@ class TuneConfig:
     eval_engine: str = "hf"               # rollout engine of the held-out generation: hf | vllm
     report: bool = True                   # write sweep_report.md + PNGs into the experiment directory
 
+    @staticmethod
+    def normalise_tree(data: dict) -> dict:
+        """The raw ``tune`` mapping before it is built (config.build_config calls this): the space flattened to
+        dotted keys, and a base that leaves its stages out (or lists the whole pipeline chain, the pipeline's
+        default) runs a trial's default, SFT -> DPO."""
+        if isinstance(data.get("space"), dict):
+            data["space"] = flatten_space(data["space"])
+        base = data.get("base")
+        if isinstance(base, dict):
+            stages = base.get("stages", list(STAGES))
+            if isinstance(stages, (list, tuple)) and list(stages) == list(STAGES):
+                data["base"] = {**base, "stages": ["sft", "dpo"]}
+        return data
+
     def __post_init__(self):
-        _check("://" not in self.storage_path, "storage_path", f"must be a local or shared path, got "
+        check("://" not in self.storage_path, "storage_path", f"must be a local or shared path, got "
                f"{self.storage_path!r} (the trials' stage runs and checkpoints are written there directly)")
-        _one_of(self.search, "search", ("grid", "random"))
-        _one_of(self.scheduler, "scheduler", ("fifo", "asha"))
-        _one_of(self.mode, "mode", ("max", "min"))
-        _one_of(self.eval_engine, "eval_engine", ("hf", "vllm"))
-        _check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
-        _check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        _check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1, "max_concurrent_trials",
+        one_of(self.search, "search", ("grid", "random"))
+        one_of(self.scheduler, "scheduler", ("fifo", "asha"))
+        one_of(self.mode, "mode", ("max", "min"))
+        one_of(self.eval_engine, "eval_engine", ("hf", "vllm"))
+        check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1, "max_concurrent_trials",
                f"must be >= 1 or null, got {self.max_concurrent_trials}")
-        object.__setattr__(self, "space", flatten_space(self.space))
-        _check(bool(self.space), "space", "names no key to search")
-        if self.base.stages == STAGES:  # the pipeline's default chain: a trial's default is SFT -> DPO
-            object.__setattr__(self, "base", dataclasses.replace(self.base, stages=("sft", "dpo")))
-        _check(set(self.base.stages) <= {"sft", "dpo"}, "base.stages",
+        check(self.space == flatten_space(self.space), "space", "must have dotted keys (load_config flattens "
+              "nested ones)")
+        check(bool(self.space), "space", "names no key to search")
+        check(set(self.base.stages) <= {"sft", "dpo"}, "base.stages",
                f"a trial runs sft and/or dpo, got {list(self.base.stages)}")
         for key, spec in self.space.items():
             check_space_entry(self.base, key, spec, self.search)
         budgeted = "budget" in self.space or self.base.sft.data.budget is not None
-        _check("sft_ratio" not in self.space or budgeted, "space.sft_ratio",
+        check("sft_ratio" not in self.space or budgeted, "space.sft_ratio",
                "needs a budget (space.budget or base.sft.data.budget): without one every trial trains both stages "
                "on the whole pool")
 
@@ -101,12 +122,12 @@ def check_space_entry(base: PipelineConfig, key: str, spec: Any, search: str) ->
     """A space entry must name a real key of the base pipeline (or an allocation key) with a known sampler."""
     where = f"space.{key}"
     if isinstance(spec, dict):
-        _check(len(spec) == 1 and next(iter(spec)) in SAMPLERS, where,
+        check(len(spec) == 1 and next(iter(spec)) in SAMPLERS, where,
                f"must be a value or a mapping with one of {', '.join(SAMPLERS)}, got {spec}")
         kind, values = next(iter(spec.items()))
-        _check(isinstance(values, list) and values, where, f"{kind} needs a non-empty list, got {values!r}")
-        _check(kind in ("grid", "choice") or len(values) == 2, where, f"{kind} needs [low, high], got {values}")
-        _check(search == "random" or kind == "grid", where,
+        check(isinstance(values, list) and values, where, f"{kind} needs a non-empty list, got {values!r}")
+        check(kind in ("grid", "choice") or len(values) == 2, where, f"{kind} needs [low, high], got {values}")
+        check(search == "random" or kind == "grid", where,
                f"search: grid enumerates grid entries only; {kind} needs search: random")
         samples = values if kind in ("grid", "choice") else values[:1]
     else:
@@ -116,7 +137,7 @@ def check_space_entry(base: PipelineConfig, key: str, spec: Any, search: str) ->
     for value in samples:  # build the base with the value: a wrong key or value fails here, named
         tree = to_dict(base)
         try:
-            _set_dotted(tree, key, value)
-            _build(PipelineConfig, tree)
+            set_dotted(tree, key, value)
+            build_config(PipelineConfig, tree)
         except ValueError as e:  # ConfigError is one
             raise ConfigError(where, f"{value!r} does not fit the base pipeline ({e})") from None

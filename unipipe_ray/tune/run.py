@@ -6,19 +6,22 @@ interrupted experiment, then the sweep report.
 Each trial is a function trainable that runs its stages through Ray Train (``TorchTrainer.fit()`` inside the
 trial: Ray 2.60 refuses ``Tuner(TorchTrainer)``). The trial actor itself holds 0.01 CPU and its Ray Train
 workers ``cpus_per_worker`` each, and no more trials run at once than the cluster holds all their workers:
-otherwise a trial's workers wait for CPUs that the other trials' idle actors keep, forever (DESIGN.md).
+otherwise a trial's workers wait for CPUs that the other trials' idle actors keep, forever (docs/design.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
-from unipipe_ray.config import TrainConfig, to_dict
-from unipipe_ray.files import write_json_atomic
-from unipipe_ray.stages.common import config_differences
+from unipipe_ray.config import TrainConfig, config_differences, to_dict
+from unipipe_ray.runtime.files import write_json_atomic
+from unipipe_ray.runtime.logs import progress
 from unipipe_ray.tune.config import TuneConfig
+
+log = logging.getLogger(__name__)
 
 TRIAL_CPU = 0.01  # the trial actor: it only waits on Ray Train and generates the held-out answers
 
@@ -31,7 +34,7 @@ def trial_demand(cfg: TuneConfig) -> tuple[float, int]:
     """(CPU tokens, GPUs) one trial's largest stage holds at once: the trial actor plus its workers."""
     stages: list[TrainConfig] = [getattr(cfg.base, s).train for s in cfg.base.stages]
     gpus = max((t.num_workers for t in stages if t.use_gpu), default=0)
-    # a GPU worker takes Ray Train's default of 1 CPU (stages.common.scaling ignores cpus_per_worker there)
+    # a GPU worker takes Ray Train's default of 1 CPU (runtime.cluster.scaling ignores cpus_per_worker there)
     cpus = max(t.num_workers * (1.0 if t.use_gpu else t.cpus_per_worker or cfg.cpus_per_worker) for t in stages)
     return TRIAL_CPU + cpus, gpus
 
@@ -54,8 +57,8 @@ def concurrency(cfg: TuneConfig, cluster: dict) -> int:
     if gpus:
         fits = min(fits, int(have_gpu // gpus))
     if cfg.max_concurrent_trials and cfg.max_concurrent_trials > fits:
-        print(f"tune: max_concurrent_trials={cfg.max_concurrent_trials} lowered to {fits}: no more trials fit the "
-              f"cluster's {have_cpu:g} CPU / {have_gpu:g} GPU at once", flush=True)
+        log.warning("max_concurrent_trials=%s lowered to %s: no more trials fit the cluster's %g CPU / %g GPU "
+                    "at once", cfg.max_concurrent_trials, fits, have_cpu, have_gpu)
     return max(1, min(fits, cfg.max_concurrent_trials or fits))
 
 
@@ -120,12 +123,12 @@ def _check_same_sweep(path: Path, config: dict, compare: bool) -> None:
 
 def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, inject: dict | None = None) -> Path:
     """Run (or resume) the sweep; return its experiment directory. ``given``: the base keys the user set
-    (``dpo.model`` ...; pipeline.chain.given_keys under ``base.``). ``inject`` (tests): see tune_trial."""
+    (``dpo.model`` ...; config.given_keys under ``base.``). ``inject`` (tests): see tune_trial."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from unipipe_ray.stages.common import init_ray
+    from unipipe_ray.runtime.cluster import init_ray
     from unipipe_ray.tune.trainable import tune_trial
 
     exp_dir = experiment_dir(cfg)
@@ -141,14 +144,14 @@ def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, injec
     # Written once the sweep starts (a sweep that never started can be re-run with a fixed config).
     _check_same_sweep(exp_dir / "unipipe_tune.json", to_dict(cfg), compare=restoring)
     if restoring:
-        print(f"tune: resuming {exp_dir}: finished trials are kept, errored and unfinished ones run", flush=True)
+        progress(f"tune: resuming {exp_dir}: finished trials are kept, errored and unfinished ones run")
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.asha.max_t,
                                    grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor,
                                    stop_last_trials=False)  # a survivor runs to its end and final evaluation
                      if cfg.scheduler == "asha" else FIFOScheduler())
-        print(f"tune: {exp_dir}: up to {parallel} trial(s) at once ({cpus:g} CPU each)", flush=True)
+        progress(f"tune: {exp_dir}: up to {parallel} trial(s) at once ({cpus:g} CPU each)")
         tuner = tune.Tuner(
             trainable, param_space=param_space(cfg),
             tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
@@ -156,10 +159,10 @@ def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, injec
             run_config=tune.RunConfig(name=cfg.name, storage_path=str(exp_dir.parent)))
     results = tuner.fit()
     errors = [r for r in results if r.error is not None]
-    print(f"tune: {len(results)} trials, {len(errors)} errored" +
-          (" (run the same command again to retry them)" if errors else ""), flush=True)
+    progress(f"tune: {len(results)} trials, {len(errors)} errored" +
+             (" (run the same command again to retry them)" if errors else ""))
     if cfg.report:
         from unipipe_ray.tune.report import write_sweep_report
 
-        print(f"tune: report {write_sweep_report(exp_dir, metric=cfg.metric, mode=cfg.mode)}", flush=True)
+        progress(f"tune: report {write_sweep_report(exp_dir, metric=cfg.metric, mode=cfg.mode)}")
     return exp_dir

@@ -1,7 +1,7 @@
 """One trial of a sweep: a small pipeline (SFT -> DPO, or one of them) on the trial's settings, then the
 held-out metrics after each stage.
 
-Allocation trials (ALLOCATION.md) take three keys: ``budget`` N, ``sft_ratio`` r and ``seed``. Both stages
+Allocation trials (docs/allocation.md) take three keys: ``budget`` N, ``sft_ratio`` r and ``seed``. Both stages
 read the same task pool; ``data.budget`` makes the SFT stage take round(N * r) questions and the DPO stage
 the other N - round(N * r), disjoint (data.split.budget_split). DPO's reference is its input: the SFT model,
 or the base model when r = 0 (then there is no SFT stage). Every other space key is a dotted override of
@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from unipipe_ray.config import ConfigError, PipelineConfig, _build, _set_dotted
+from unipipe_ray.config import ConfigError, PipelineConfig, build_config, set_dotted
 
 POOL_KEYS = ("task", "task_path", "task_size", "sources", "eval_size", "seed")  # what makes the shared pool
 
@@ -45,19 +45,19 @@ def trial_config(base: dict, params: dict, run_dir: str) -> PipelineConfig:
     for key, value in params.items():
         if key == "budget":
             for stage in ("sft", "dpo"):
-                _set_dotted(tree, f"{stage}.data.budget", value)
-                _set_dotted(tree, f"{stage}.data.size", None)
+                set_dotted(tree, f"{stage}.data.budget", value)
+                set_dotted(tree, f"{stage}.data.size", None)
         elif key == "sft_ratio":
             for stage in ("sft", "dpo"):
-                _set_dotted(tree, f"{stage}.data.sft_ratio", value)
+                set_dotted(tree, f"{stage}.data.sft_ratio", value)
         elif key == "seed":  # which questions the budget draws, and the training seed; the held-out set stays
             for stage in ("sft", "dpo"):
-                _set_dotted(tree, f"{stage}.data.budget_seed", value)
-                _set_dotted(tree, f"{stage}.train.seed", value)
+                set_dotted(tree, f"{stage}.data.budget_seed", value)
+                set_dotted(tree, f"{stage}.train.seed", value)
         else:
-            _set_dotted(tree, key, value)
+            set_dotted(tree, key, value)
     tree.update(run_dir=run_dir, report=False)
-    cfg = _build(PipelineConfig, tree)
+    cfg = build_config(PipelineConfig, tree)
     budget = cfg.sft.data.budget
     if budget is None and cfg.dpo.data.budget is None:
         return cfg
@@ -90,25 +90,14 @@ def fit_batch(section, n: int, stage: str):
     return dataclasses.replace(section, train=dataclasses.replace(train, batch_size=batch, grad_accum=accum))
 
 
-def held_out(cfg: PipelineConfig):
-    """(task, held-out examples, held-out pairs) from the held-out split of the trial's first stage's data
-    (a DPO-only search reads its own data, not the unused sft section): never trained on."""
-    from unipipe_ray.stages.common import make_task, stage_examples
-
-    section = cfg.sft if "sft" in cfg.stages else cfg.dpo
-    data = dataclasses.replace(section.data, budget=None, size=None)  # eval_size fits: PipelineConfig checks it
-    examples = stage_examples(data, "sft")[1][:cfg.eval_size]
-    pairs = stage_examples(data, "preference")[1][:cfg.eval_size]
-    return (make_task(data) if not data.sources else None), examples, pairs
-
-
 def evaluate_policy(cfg: PipelineConfig, model: str, ref: str | None, engine: str = "hf") -> dict:
     """Held-out figures of one policy: answer accuracy (task checker) with its 95% interval, the share of
     answers missing the "#### n" line, and with a reference the DPO implicit-reward accuracy on pairs."""
     from unipipe_ray.data.answers import extract_answer
+    from unipipe_ray.data.held_out import pipeline_held_out
     from unipipe_ray.eval.evaluate import evaluate_generations, generate_completions, implicit_reward_accuracy
 
-    task, examples, pairs = held_out(cfg)
+    task, examples, pairs = pipeline_held_out(cfg)
     completions = generate_completions(model, examples, cfg.eval_max_new_tokens, engine=engine, progress=False)
     misses = sum(extract_answer(c) is None for c in completions)
     out = {"n_eval": len(examples), "format_miss": misses / len(examples), "format_miss_count": misses}
@@ -140,7 +129,7 @@ def run_trial(cfg: PipelineConfig, given: set[str], engine: str = "hf", fail_bef
     holds 0.01 CPU and no GPU); None: in this process. ``fail_before`` (tests) raises before that stage."""
     import ray
 
-    from unipipe_ray.models import resolve_model
+    from unipipe_ray.core.models import resolve_model
     from unipipe_ray.pipeline.manifest import Manifest
     from unipipe_ray.pipeline.run import run_pipeline
 
@@ -183,7 +172,7 @@ def tune_trial(params: dict, base: dict, given: list[str], stages_root: str, met
     ``inject`` (tests): {"params": {...}, "before": stage} fails the matching trial, before that stage."""
     from ray import tune
 
-    from unipipe_ray.stages.common import eval_listener
+    from unipipe_ray.runtime.launch import eval_listener
 
     # Tune's trial id (kept on restore) tells repeats of the same parameters apart (num_samples > 1).
     run_dir = Path(stages_root) / f"{trial_key(params)}_{tune.get_context().get_trial_id()}"

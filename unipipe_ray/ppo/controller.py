@@ -1,0 +1,224 @@
+"""PPO (RLHF) stage: a driver-side controller over Ray actor groups.
+
+    rollout engines (hf | vllm) -> reward-model group + gold checker -> reference + critic -> advantages
+    -> policy (and critic) updates -> weight sync to the engines -> metrics, reward-hacking watch
+
+One iteration, top to bottom, is ``ppo_iteration``; ``run_ppo`` sets the groups up and loops. The rewards and
+advantages are rewards.py, the actor groups and weight sync groups.py, the model roles roles.py. The KL
+penalty to the reference is per token (``kl_estimator``), with a fixed or adaptive coefficient (Ziegler et
+al. 2019).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from unipipe_ray.config import PPOConfig, to_dict
+from unipipe_ray.core.rl import AdaptiveKLController, FixedKLController, kl_penalty
+from unipipe_ray.core.watch import HackingWatch
+from unipipe_ray.ppo.groups import build_groups, join_weight_group, sync_weights
+from unipipe_ray.ppo.rewards import advantages_and_returns, gold_scorer, load_rule, pad_rows, scalar_rewards
+from unipipe_ray.runtime.files import recover_dir, replace_dir, write_json_atomic
+from unipipe_ray.runtime.logs import progress
+
+log = logging.getLogger(__name__)
+
+
+def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, kl_ctl, it: int, state,
+                  specs=None) -> tuple[dict, object]:
+    """One PPO iteration over ``prompts`` (PromptExamples with their token ids). Returns (its metrics, the
+    object-store weights the engines now hold, or None after a collective sync: ``state`` of the next
+    iteration, which re-syncs an engine that Ray restarted)."""
+    import ray
+
+    from unipipe_ray.runtime.actors import split
+
+    t = {"start": time.perf_counter()}
+    def restart(actor):  # a restarted engine has its initial weights: give it the current ones
+        if specs is not None:
+            raise RuntimeError("a rollout engine was restarted, and the collective weight group cannot take it "
+                               "back; run the same command again to resume from the last checkpoint, or use "
+                               "weight_sync: object_store")
+        if state is not None:  # None: no sync yet, so its initial weights are the current ones
+            ray.get(actor.load_weights.remote(state))
+
+    # Seeded per iteration: a resumed run samples what the uninterrupted one would have.
+    samples = groups["engines"].call_split("generate", [ids for _, ids in prompts], cfg.samples_per_prompt,
+                                           cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                           cfg.train.seed * 1_000_003 + it, on_restart=restart)
+    t["generate"] = time.perf_counter()
+    n_gen = sum(len(s.response_ids) for s in samples)
+    examples = [ex for ex, _ in prompts for _ in range(cfg.samples_per_prompt)]
+    texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+    gold_fn = gold_scorer(cfg, task)
+    gold = [gold_fn(ex, text, s.response_ids) for ex, text, s in zip(examples, texts, samples, strict=True)] \
+        if gold_fn else [0.0] * len(samples)
+    proxy = groups["reward"].call_split("score", samples) if "reward" in groups else [0.0] * len(samples)
+    rule_fn = load_rule(cfg.rule_reward)
+    rule = [rule_fn(ex, text, s.response_ids) for ex, text, s in zip(examples, texts, samples, strict=True)] \
+        if rule_fn else [0.0] * len(samples)
+    rewards = scalar_rewards(cfg, proxy, gold, rule, [s.finished for s in samples])
+    t["score"] = time.perf_counter()
+
+    width = max(len(s.response_ids) for s in samples)
+    mask = pad_rows([torch.ones(len(s.response_ids)) for s in samples], width).bool()
+    shards = split(samples, len(groups["policy"]))
+    old_logps = pad_rows(groups["policy"].call_each("logps", [(s,) for s in shards]), width)
+    ref_logps = pad_rows(groups["reference"].call_split("logps", samples), width)
+    values = pad_rows(groups["critic"].call_each("values", [(s,) for s in shards]), width) \
+        if "critic" in groups else None
+    kl = kl_penalty(old_logps, ref_logps, cfg.kl_estimator) * mask
+    advantages, returns = advantages_and_returns(cfg, rewards, kl, kl_ctl.value, values, mask)
+    t["prepare"] = time.perf_counter()
+
+    bounds = [0]
+    for s in shards:
+        bounds.append(bounds[-1] + len(s))
+    part = lambda x, k: x[bounds[k]:bounds[k + 1]]
+    per_worker = lambda a, b: [(shards[k], part(a, k), part(b, k), cfg.ppo_epochs, cfg.minibatch_size, it)
+                               for k in range(len(shards))]
+    metrics = groups["policy"].call_each("update", per_worker(old_logps, advantages))[0]
+    if values is not None:
+        metrics |= groups["critic"].call_each("update", per_worker(values, returns))[0]
+    t["train"] = time.perf_counter()
+    state = sync_weights(groups, specs)
+    check = samples[:8]  # engine vs trainer log-probs on the new weights: did the sync really happen?
+    engine_lp = pad_rows([torch.tensor(r) for r in ray.get(
+        groups["engines"].actors[0].score.remote(check, cfg.temperature))], width)
+    trainer_lp = pad_rows([ray.get(groups["policy"].actors[0].logps.remote(check))], width)
+    t["sync"] = time.perf_counter()
+
+    kl_seq = float((kl.sum(1)).mean())
+    kl_ctl.update(kl_seq, len(samples))
+    seconds = {k: t[k] - t[prev] for prev, k in zip(list(t)[:-1], list(t)[1:], strict=True)}
+    return metrics | {
+        "ppo/reward_mean": float(torch.tensor(proxy).mean()), "ppo/reward_std": float(torch.tensor(proxy).std()),
+        "ppo/gold_mean": float(torch.tensor(gold).mean()), "ppo/gold_std": float(torch.tensor(gold).std()),
+        "ppo/rule_mean": float(torch.tensor(rule).mean()), "ppo/score_mean": float(rewards.mean()),
+        # what the policy is pushed up on besides the gold reward: the watch's proxy
+        "ppo/proxy_mean": float((torch.tensor(proxy) + torch.tensor(rule)).mean()),
+        "ppo/proxy_std": float((torch.tensor(proxy) + torch.tensor(rule)).std()),
+        "ppo/kl": kl_seq, "ppo/kl_coef": kl_ctl.value,
+        "ppo/response_length": n_gen / len(samples), "ppo/rollout_tokens_per_s": n_gen / seconds["generate"],
+        "ppo/engine_trainer_logp_max_diff": float(((engine_lp - trainer_lp).abs() * mask[:len(check)]).max()),
+        **{f"time/{k}_s": v for k, v in seconds.items()}}, state
+
+
+def save_policy(groups: dict, directory: Path, tokenizer_dir: str) -> None:
+    """The policy's weights (Hugging Face format) swapped in whole: a kill mid-save keeps the previous copy."""
+    replace_dir(directory, lambda new: groups["policy"].call("save", str(new), tokenizer_dir),
+                complete="config.json")
+
+
+def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list, list, object]:
+    """(train prompts, held-out prompts, task): PromptExamples paired with their prompt token ids."""
+    from unipipe_ray.data import tokenize_prompt
+    from unipipe_ray.data.stage_data import make_task, stage_examples
+
+    task = make_task(cfg.data) if not cfg.data.sources else None
+    max_prompt = cfg.data.max_prompt_length or cfg.data.max_length // 2
+    train, held_out = stage_examples(cfg.data, "prompt")
+    pair = lambda exs: [(ex, tokenize_prompt(ex, tokenizer, max_prompt)["input_ids"]) for ex in exs]
+    return pair(train), pair(held_out), task
+
+
+def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at: int | None = None,
+            inject_stop_at: int | None = None) -> dict:
+    """PPO on a Ray cluster (local when no address). Resumes from ``output_dir/checkpoint`` when one exists
+    (``train.checkpoint_every`` iterations apart). Test hooks: ``inject_engine_failure_at`` kills a rollout
+    actor before that iteration's generation (Ray restarts it, the controller re-syncs its weights);
+    ``inject_stop_at`` raises after that many iterations, as a stopped job would end."""
+    import ray
+
+    from unipipe_ray.core.models import load_tokenizer, resolve_model
+    from unipipe_ray.ppo import state as ppo_state
+    from unipipe_ray.runtime.cluster import init_ray
+    from unipipe_ray.runtime.launch import check_same_config, write_result
+    from unipipe_ray.runtime.loop import Reporter, check_finite
+
+    started = time.time()
+    out_dir = Path(cfg.output_dir).resolve()
+    paths = {"policy": resolve_model(cfg.model), "reference": resolve_model(cfg.ref_model or cfg.model),
+             "reward": resolve_model(cfg.reward_model) if cfg.reward_model else None}
+    paths["critic"] = resolve_model(cfg.critic_model) if cfg.critic_model else (paths["reward"] or paths["policy"])
+    tokenizer_dir = str(paths["policy"])
+    resume = ppo_state.find(out_dir / "checkpoint")
+    if resume is not None:  # the trainers and engines start from the checkpoint's weights
+        paths["policy"] = resume / "policy"
+        if (resume / "critic").is_dir():
+            paths["critic"] = resume / "critic"
+    tokenizer = load_tokenizer(cfg.model)
+    train_prompts, _, task = load_prompts(cfg, tokenizer)
+    gold_scorer(cfg, task), load_rule(cfg.rule_reward)  # refuse a bad module:function before actors start
+    check_same_config(out_dir / "ppo_config.json", to_dict(cfg))
+    recover_dir(out_dir / "best_gold")  # a kill mid-swap left the previous best at best_gold.old
+    init_ray(address)
+    threads = max(1, (os.cpu_count() or 1) // max(1, cfg.train.num_workers))
+    groups, placement = build_groups(cfg, paths, tokenizer.pad_token_id, threads)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
+              else FixedKLController(cfg.kl_coef))
+    watch = HackingWatch(cfg.hacking_window, z=cfg.hacking_z)
+    reporter = Reporter("ppo", cfg.iterations, str(out_dir / "tensorboard"))
+    history, best_gold, start, state = [], float("-inf"), 0, None
+    if resume is not None:
+        controller = ppo_state.load_controller(resume)
+        groups["policy"].call("load_checkpoint", str(resume / "policy"))
+        if "critic" in groups:
+            groups["critic"].call("load_checkpoint", str(resume / "critic"))
+        kl_ctl.load_state_dict(controller["kl"])
+        watch.load_state_dict(controller["watch"])
+        history, best_gold, start = controller["history"], controller["best_gold"], controller["iteration"]
+        progress(f"ppo: resuming from {resume} at iteration {start + 1} of {cfg.iterations}")
+    try:
+        has_gold = gold_scorer(cfg, task) is not None
+        specs = ray.get(join_weight_group(groups)) if cfg.weight_sync == "collective" else None
+        for it in range(start, cfg.iterations):
+            if inject_engine_failure_at == it:
+                ray.kill(groups["engines"].actors[0], no_restart=False)
+            # The batch is a pure function of (seed, iteration): a resumed run draws what the first would have.
+            batch = random.Random(cfg.data.seed * 1_000_003 + it).sample(
+                train_prompts, min(cfg.prompts_per_iter, len(train_prompts)))
+            metrics, state = ppo_iteration(cfg, groups, batch, task, tokenizer, kl_ctl, it, state, specs)
+            check_finite("ppo", it + 1, metrics)  # before anything is saved: the last checkpoint stays good
+            metrics |= watch.update(metrics["ppo/proxy_mean"], metrics["ppo/gold_mean"], metrics["ppo/proxy_std"],
+                                    metrics["ppo/gold_std"], len(batch) * cfg.samples_per_prompt)
+            history.append(metrics | {"iteration": it + 1})
+            reporter.line(it + 1, metrics)
+            write_json_atomic(out_dir / "history.json", history)
+            if has_gold and metrics["ppo/gold_mean"] > best_gold:
+                best_gold = metrics["ppo/gold_mean"]
+                save_policy(groups, out_dir / "best_gold", tokenizer_dir)
+            stop = bool(metrics["watch/hacking"]) and cfg.stop_on_hacking
+            if metrics["watch/hacking"]:
+                log.warning("reward hacking suspected at iteration %d: the proxy reward rises while the gold reward "
+                            "falls (z %+.1f and %+.1f)%s", it + 1, metrics["watch/proxy_z"], metrics["watch/gold_z"],
+                            "; stopping (stop_on_hacking)" if stop else "")
+            every = cfg.train.checkpoint_every
+            if every and (it + 1) % every == 0 and it + 1 < cfg.iterations and not stop:
+                ppo_state.save(out_dir / "checkpoint", groups, tokenizer_dir,
+                               {"iteration": it + 1, "history": history, "best_gold": best_gold,
+                                "kl": kl_ctl.state_dict(), "watch": watch.state_dict()})
+            if inject_stop_at == it + 1:
+                raise RuntimeError(f"ppo: injected stop after iteration {it + 1} (test hook)")
+            if stop:
+                break
+        save_policy(groups, out_dir / "final", tokenizer_dir)
+        write_json_atomic(out_dir / "history.json", history)
+        result = {"stage": "ppo", "config": to_dict(cfg), "metrics": history[-1], "checkpoint": str(out_dir / "final"),
+                  "best_gold_checkpoint": str(out_dir / "best_gold") if best_gold > float("-inf") else None,
+                  "stopped_on_hacking": bool(history[-1]["watch/hacking"]) and cfg.stop_on_hacking,
+                  "resumed_at_iteration": start if resume is not None else None,
+                  "train_examples": len(train_prompts), "eval_examples": 0, "seconds": round(time.time() - started, 1)}
+        write_result(out_dir, result)
+    finally:  # a failed or stopped run must not leave its actors holding the cluster's resources
+        reporter.close()
+        for group in groups.values():
+            group.kill()
+        ray.util.remove_placement_group(placement)
+    return result

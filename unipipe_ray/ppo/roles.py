@@ -1,0 +1,250 @@
+"""PPO's model roles as plain classes (``runtime.actors.ActorGroup`` makes them Ray actors).
+
+    PolicyTrainer   the policy: old log-probs, clipped-ratio updates, its full state dict for weight sync
+    CriticTrainer   the value model: per-token values, clipped value updates
+    ReferenceModel  frozen KL reference: per-token log-probs
+    RewardScorer    the reward model: one scalar per sequence (head at the last real token)
+
+Trainers of one group form a process group (rank/world given at construction), so their updates are
+data-parallel through ``runtime.engine.TrainingEngine`` (DDP or DeepSpeed ZeRO, like the other stages).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from unipipe_ray.core.losses import masked_sum, ppo_policy_loss, reduce_loss, value_loss
+from unipipe_ray.core.sequences import (
+    gather_response,
+    logits_to_keep,
+    model_inputs,
+    response_grid_entropy,
+    response_grid_logps,
+    response_mask,
+    to_batch,
+)
+from unipipe_ray.runtime import distributed as dist
+from unipipe_ray.runtime.engine import TrainingEngine
+
+
+def _setup(threads: int | None, seed: int, rank: int, world: int, master) -> tuple | None:
+    """Threads, seed, and (``master``: the group's meeting point, runtime.actors.Meeting) the process group,
+    hosted by rank 0 on its own node. Returns the (address, port) the group met at."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed + rank)
+    if master is None:
+        return None
+    from unipipe_ray.runtime.actors import meet
+
+    address = meet(master, rank)
+    dist.init_group(rank, world, *address)
+    return address
+
+
+def _minibatches(n: int, size: int, epoch: int, seed: int) -> list[list[int]]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
+def _select(samples, idx):
+    return [samples[i] for i in idx]
+
+
+class PolicyTrainer:
+    def __init__(self, model_path: str, lr: float, pad_id: int, temperature: float, clip_eps: float,
+                 max_grad_norm: float = 1.0, total_updates: int = 1000, backend: str = "ddp", zero_stage: int = 0,
+                 seed: int = 0, threads: int | None = None, rank: int = 0, world: int = 1, master=None):
+        from transformers import AutoModelForCausalLM
+
+        self.group_address = _setup(threads, seed, rank, world, master)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
+        model.config.use_cache = False
+        self.engine = TrainingEngine(model, lr, 0.0, max_grad_norm, total_updates, warmup_steps=0, backend=backend,
+                                  zero_stage=zero_stage)
+        self.pad_id, self.temperature, self.clip_eps, self.seed = pad_id, temperature, clip_eps, seed
+
+    def _forward(self, model, batch):
+        """Logits / temperature of the last R + 1 positions only: the LM head never runs over the prompt."""
+        return model(**model_inputs(batch), logits_to_keep=logits_to_keep(batch)).logits / self.temperature
+
+    @torch.no_grad()
+    def logps(self, samples) -> torch.Tensor:
+        """(N, R) log-probs of the responses under the current policy (PPO's old log-probs)."""
+        batch = to_batch(samples, self.pad_id)
+        return response_grid_logps(self._forward(self.engine.module, batch), batch)
+
+    def update(self, samples, old_logps, advantages, epochs: int, minibatch_size: int, iteration: int) -> dict:
+        """PPO epochs over minibatches of this worker's samples; returns means over all workers."""
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, clipped, entropy, approx_kl (token sums)
+        tokens = 0.0
+        for epoch in range(epochs):
+            for idx in _minibatches(len(samples), minibatch_size, epoch, self.seed + iteration):
+                batch = to_batch(_select(samples, idx), self.pad_id)
+                mask = response_mask(batch)
+                old, adv = old_logps[idx, :mask.shape[1]], advantages[idx, :mask.shape[1]]
+                n_tokens = float(dist.all_reduce_sum(float(mask.sum())))
+                logits = self._forward(self.engine, batch)
+                logps = response_grid_logps(logits, batch)
+                losses, clipped = ppo_policy_loss(logps, old, adv, self.clip_eps)
+                # Token sum / (global tokens / world): the gradient mean over workers is the global token mean.
+                self.engine.backward(reduce_loss(losses, mask, mode="token", normalizer=n_tokens / dist.world_size()))
+                info = self.engine.step()
+                with torch.no_grad():
+                    entropy = response_grid_entropy(logits.detach(), batch)
+                    sums += torch.stack([masked_sum(losses, mask), masked_sum(clipped, mask),
+                                         masked_sum(entropy, mask), masked_sum(old - logps, mask)]).double()
+                tokens += float(mask.sum())
+        sums, tokens = dist.all_reduce_sum(sums), float(dist.all_reduce_sum(tokens))
+        loss, clipfrac, entropy, approx_kl = (sums / max(tokens, 1.0)).tolist()
+        return {"ppo/policy_loss": loss, "ppo/clip_fraction": clipfrac, "ppo/entropy": entropy,
+                "ppo/approx_kl": approx_kl, "ppo/grad_norm": info["grad_norm"]}
+
+    def state_dict(self) -> dict | None:
+        """The full policy state dict on rank 0 (what the rollout engines load); None on other ranks."""
+        return self.engine.full_state_dict()
+
+    def weight_specs(self) -> list:
+        from unipipe_ray.ppo.weight_sync import weight_specs
+
+        return weight_specs(self.engine.module.state_dict())
+
+    def placement(self) -> tuple[str, tuple | None]:
+        """(this actor's node IP, the address its process group met at): where a group really formed."""
+        import ray
+
+        return ray.util.get_node_ip_address(), self.group_address
+
+    def meeting_point(self) -> tuple[str, int]:
+        """(this node's IP, a port free on it): where this rank can host a group the engines join."""
+        import ray
+
+        return ray.util.get_node_ip_address(), dist.free_port()
+
+    def join_weight_group(self, host: str, port: int, world_size: int) -> None:
+        """Rank 0 becomes rank 0 of the engines' weight group (ppo.weight_sync)."""
+        if dist.is_main():
+            from unipipe_ray.ppo.weight_sync import WeightSender
+
+            device = next(self.engine.module.parameters()).device
+            self.sender = WeightSender(host, port, world_size, device)
+
+    def send_weights(self) -> None:
+        """Every rank gathers (collective under ZeRO-3); rank 0 broadcasts to the engines."""
+        full = self.engine.full_state_dict()
+        if dist.is_main():
+            self.sender.send(full)
+
+    def save(self, directory: str, tokenizer_dir: str) -> None:
+        _save_pretrained(self.engine, directory, tokenizer_dir)
+
+    def save_checkpoint(self, directory: str, tokenizer_dir: str) -> None:
+        """Weights (Hugging Face format, the init of a resumed trainer) plus optimizer and schedule state."""
+        _save_pretrained(self.engine, directory, tokenizer_dir)
+        self.engine.save_state(f"{directory}/engine")
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Optimizer and schedule state from save_checkpoint (the weights came in through model_path)."""
+        self.engine.load_state(f"{directory}/engine")
+
+
+def _save_pretrained(engine, directory: str, tokenizer_dir: str) -> None:
+    from transformers import AutoTokenizer
+
+    full = engine.full_state_dict()  # collective: every rank calls it
+    if dist.is_main():
+        engine.module.save_pretrained(directory, state_dict=full)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+
+
+class CriticTrainer:
+    """Values V(s) per response token from a sequence classifier's head applied at every position."""
+
+    def __init__(self, model_path: str, lr: float, pad_id: int, clip_eps: float, max_grad_norm: float = 1.0,
+                 total_updates: int = 1000, seed: int = 0, threads: int | None = None, rank: int = 0,
+                 world: int = 1, master=None):
+        from transformers import AutoModelForSequenceClassification
+
+        self.group_address = _setup(threads, seed, rank, world, master)
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32,
+                                                                   use_safetensors=True)
+        model.config.pad_token_id = pad_id
+        self.engine = TrainingEngine(model, lr, 0.0, max_grad_norm, total_updates, warmup_steps=0)
+        self.pad_id, self.clip_eps, self.seed = pad_id, clip_eps, seed
+
+    def _values(self, model, batch) -> torch.Tensor:
+        out = model(**model_inputs(batch), output_hidden_states=True)
+        states = gather_response(out.hidden_states[-1], batch)
+        return self.engine.module.score(states).squeeze(-1).float()
+
+    @torch.no_grad()
+    def values(self, samples) -> torch.Tensor:
+        batch = to_batch(samples, self.pad_id)
+        return self._values(self.engine.module, batch).masked_fill(~response_mask(batch), 0.0)
+
+    def update(self, samples, old_values, returns, epochs: int, minibatch_size: int, iteration: int) -> dict:
+        total, tokens = torch.zeros((), dtype=torch.float64), 0.0
+        for epoch in range(epochs):
+            for idx in _minibatches(len(samples), minibatch_size, epoch, self.seed + iteration):
+                batch = to_batch(_select(samples, idx), self.pad_id)
+                mask = response_mask(batch)
+                r = mask.shape[1]
+                n_tokens = float(dist.all_reduce_sum(float(mask.sum())))
+                losses = value_loss(self._values(self.engine, batch), old_values[idx, :r], returns[idx, :r],
+                                    self.clip_eps)
+                self.engine.backward(reduce_loss(losses, mask, mode="token", normalizer=n_tokens / dist.world_size()))
+                self.engine.step()
+                total += masked_sum(losses.detach(), mask).double()
+                tokens += float(mask.sum())
+        return {"ppo/value_loss": float(dist.all_reduce_sum(total)) / max(float(dist.all_reduce_sum(tokens)), 1.0)}
+
+    save_checkpoint = PolicyTrainer.save_checkpoint
+    load_checkpoint = PolicyTrainer.load_checkpoint
+
+
+class ReferenceModel:
+    def __init__(self, model_path: str, pad_id: int, temperature: float, threads: int | None = None):
+        from transformers import AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True).eval()
+        self.pad_id, self.temperature = pad_id, temperature
+
+    @torch.no_grad()
+    def logps(self, samples) -> torch.Tensor:
+        batch = to_batch(samples, self.pad_id)
+        logits = self.model(**model_inputs(batch), logits_to_keep=logits_to_keep(batch)).logits
+        return response_grid_logps(logits / self.temperature, batch)
+
+
+class RewardScorer:
+    def __init__(self, model_path: str, pad_id: int, threads: int | None = None, batch_size: int = 32,
+                 seed: int = 0):
+        from transformers import AutoModelForSequenceClassification
+
+        if threads:
+            torch.set_num_threads(threads)
+        # Seeded: a checkpoint without a trained score head gets a random one, and every reward actor (and a
+        # restarted one) must draw the same head, or they would score the same text differently.
+        torch.manual_seed(seed)
+        self.model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=1, dtype=torch.float32, use_safetensors=True, output_loading_info=True)
+        self.model.eval()
+        if info["missing_keys"]:
+            logging.getLogger(__name__).warning(
+                "reward model %s has no trained weights for %s: randomly initialised (seed %d); train one with "
+                "the rm stage", model_path, ", ".join(info["missing_keys"]), seed)
+        self.pad_id, self.batch_size = pad_id, batch_size
+
+    @torch.no_grad()
+    def score(self, samples) -> list[float]:
+        from unipipe_ray.core.reward_head import rewards
+
+        out = []
+        for i in range(0, len(samples), self.batch_size):
+            batch = to_batch(samples[i:i + self.batch_size], self.pad_id)
+            out.extend(rewards(self.model, self.model, batch).tolist())
+        return out

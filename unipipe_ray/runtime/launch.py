@@ -1,0 +1,194 @@
+"""The stage launcher (driver side): load and check the data once, start Ray Train's TorchTrainer on the
+workers, draw progress from their reports, write the result.
+
+Plain functions, not a base class: a stage module is its worker loop plus a call to ``run_stage``. The data
+comes from data/stage_data.py, Ray and the workers' resources from cluster.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+from unipipe_ray.config import ConfigError, result_differences, to_dict
+from unipipe_ray.data.stage_data import load_stage_data
+from unipipe_ray.runtime.cluster import init_ray, scaling
+from unipipe_ray.runtime.files import write_json_atomic
+
+
+def check_same_config(path: Path, config: dict) -> None:
+    """Resuming into ``output_dir`` is only safe with the config that started the run: refuse otherwise.
+    Called once the stage's model and data have loaded, so a typo that stopped a run is not recorded."""
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:  # not ours (our writes are atomic): say which file, do not guess
+            raise ConfigError("", f"{path} is not valid JSON ({e}); move it away to start this stage afresh") from None
+        diffs = [f"{key}: {a!r} -> {b!r}" for key, a, b in result_differences(old, config)]
+        if diffs:
+            raise ConfigError("", f"{path.parent} holds a run started with a different config ({'; '.join(diffs)}); "
+                                  f"resuming it would mix the two. Use another output_dir, or delete that one.")
+    else:
+        write_json_atomic(path, config)
+
+
+def write_result(output_dir: str | Path, result: dict) -> Path:
+    return write_json_atomic(Path(output_dir) / "result.json", result, default=str)
+
+
+class _Progress:
+    """Latest (step, total, metrics) from rank 0, polled by the driver's progress bar, and every held-out
+    evaluation (kept whole: a 1 s poll would miss most of them)."""
+
+    def __init__(self):
+        self.state = (0, 0, {})
+        self.evals: list[tuple[int, dict]] = []
+        self.stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        self.stop_reason = reason
+
+    def stopped(self) -> str | None:
+        return self.stop_reason
+
+    def update(self, step: int, total: int, metrics: dict) -> None:
+        self.state = (step, total, metrics)
+        if any("/eval_" in k for k in metrics):
+            self.evals.append((step, metrics))
+
+    def get(self) -> tuple:
+        return self.state
+
+    def evals_from(self, i: int) -> list[tuple[int, dict]]:
+        return self.evals[i:]
+
+
+_eval_listeners: list = []  # fn(stage, step, metrics) per held-out evaluation of a running stage (Tune trials)
+
+
+@contextlib.contextmanager
+def eval_listener(fn):
+    """Call ``fn(stage, step, metrics)`` on the driver for every periodic evaluation of the stages run inside."""
+    _eval_listeners.append(fn)
+    try:
+        yield
+    finally:
+        _eval_listeners.remove(fn)
+
+
+def _pass_evals(progress, stage: str, seen: int) -> int:
+    import ray
+
+    if not _eval_listeners:
+        return seen
+    for step, metrics in ray.get(progress.evals_from.remote(seen)):
+        for fn in list(_eval_listeners):
+            fn(stage, step, metrics)
+        seen += 1
+    return seen
+
+
+def _fit_with_progress(trainer, progress, stage: str):
+    """Run trainer.fit() in a thread while the driver draws a progress bar from the workers' reports."""
+    import ray
+    from tqdm import tqdm
+
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=_capture(trainer.fit)), daemon=True)
+    thread.start()
+    # Without a terminal (ray job logs, CI) the rank-0 progress lines say the same without redraw noise.
+    bar = tqdm(desc=stage, unit="step", dynamic_ncols=True, disable=not sys.stderr.isatty())
+    seen = 0
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        seen = _pass_evals(progress, stage, seen)
+        step, total, metrics = ray.get(progress.get.remote())
+        if total:
+            bar.total = total
+            bar.n = step
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
+                             if k.endswith(("loss", "accuracy", "tokens_per_s"))}, refresh=False)
+            bar.refresh()
+    bar.close()
+    outcome = box["result"]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def _capture(fn):
+    try:
+        return fn()
+    except BaseException as e:  # re-raised on the driver's main thread
+        return e
+
+
+def _stoppable(loop):
+    """The loop as Ray Train runs it: a NonFiniteLoss ends every worker's loop normally (a retry from the
+    last checkpoint would meet the same numbers) and leaves the reason with the driver, which raises it."""
+    def train_func(loop_config: dict) -> None:
+        from unipipe_ray.runtime import distributed as dist
+        from unipipe_ray.runtime.loop import NonFiniteLoss
+
+        try:
+            loop(loop_config)
+        except NonFiniteLoss as e:
+            if dist.is_main():
+                import ray
+
+                ray.get(loop_config["progress"].stop.remote(str(e)))
+    return train_func
+
+
+def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extra: dict | None = None,
+              inject_failure_at: int | None = None, inject_nan_at: int | None = None) -> dict:
+    """Load and check the stage's data on the driver, then run ``loop`` on Ray Train workers.
+
+    The run is named after the stage under ``cfg.output_dir``: running the same command again resumes
+    from its latest checkpoint, and a worker failure restarts the group from it (``train.max_failures``).
+    ``inject_failure_at`` (tests) kills the last worker once, in the step after that step's checkpoint;
+    ``inject_nan_at`` (tests) makes a weight NaN before that step, which stops the stage (NonFiniteLoss).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from unipipe_ray.core.models import load_tokenizer, resolve_model
+
+    started = time.time()
+    output_dir = Path(cfg.output_dir).resolve()
+    model_path = resolve_model(cfg.model)  # convert/download once here, before the workers race for it
+    tokenizer = load_tokenizer(cfg.model)
+    train_feats, eval_feats, _ = load_stage_data(cfg.data, kind, tokenizer)
+    check_same_config(output_dir / f"{stage}_config.json", to_dict(cfg))
+    init_ray(address)
+    scaling_config, threads = scaling(cfg.train)
+    progress = ray.remote(num_cpus=0)(_Progress).remote()
+    loop_config = {"config": cfg, "model_path": model_path, "train_ref": ray.put(train_feats),
+                   "eval_ref": ray.put(eval_feats), "tokenizer": tokenizer, "threads": threads,
+                   "tensorboard_dir": str(output_dir / "tensorboard"), "progress": progress,
+                   "inject_failure": (inject_failure_at, str(output_dir / f".{stage}_failure_injected")),
+                   "inject_nan_at": inject_nan_at, "staging_dir": str(output_dir / ".staging"),
+                   **(extra or {})}
+    trainer = TorchTrainer(
+        _stoppable(loop), train_loop_config=loop_config, scaling_config=scaling_config,
+        run_config=RunConfig(name=stage, storage_path=str(output_dir),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result = _fit_with_progress(trainer, progress, stage)
+    reason = ray.get(progress.stopped.remote())
+    if reason:
+        from unipipe_ray.runtime.loop import NonFiniteLoss
+
+        kept = result.checkpoint.path if result.checkpoint else "none (no checkpoint was saved before it)"
+        raise NonFiniteLoss(f"{reason}. Last good checkpoint: {kept}")
+    out = {"stage": stage, "config": to_dict(cfg), "metrics": result.metrics,
+           "checkpoint": result.checkpoint.path if result.checkpoint else None,
+           "train_examples": len(train_feats), "eval_examples": len(eval_feats),
+           "seconds": round(time.time() - started, 1)}
+    write_result(output_dir, out)
+    return out
