@@ -67,6 +67,7 @@ def test_chain_stops_in_ppo_resumes_there_and_reruns_only_a_changed_dpo(ray_clus
     out = run_pipeline(cfg, given_keys(str(path), overrides))
     log = capsys.readouterr().out
     assert "sft: skip" in log and "rm: skip" in log and "ppo: resume" in log and "dpo: run" in log
+    assert "resuming from its last checkpoint (iteration 2)" in log
     stages = manifest(run_dir)
     assert all(stages[s]["status"] == "done" for s in ("sft", "rm", "ppo", "dpo"))
     ppo_result = json.loads((run_dir / "ppo" / "result.json").read_text())

@@ -79,7 +79,7 @@ def test_a_uri_run_continues_on_a_fresh_machine_from_what_reached_the_uri(ray_cl
     capsys.readouterr()
     out = run_pipeline(cfg, given)
     log = capsys.readouterr().out
-    assert "sft: skip" in log and "dpo: resume" in log, log
+    assert "sft: skip" in log and "dpo: resume" in log and "from its last checkpoint (step 1)" in log, log
     assert out["uri"] == bare and out["run_dir"].startswith(str(tmp_path / "machine-b"))
     assert out["checkpoints"]["dpo"].startswith(out["run_dir"])  # local, loadable
     assert remote_json(uri, "dpo/result.json")["metrics"]["resumed_at_step"] == 1  # continued at the URI's checkpoint

@@ -151,3 +151,25 @@ def test_driver_killed_inside_a_checkpoint_save_resumes_from_the_last_complete_o
     for key in ("ppo/rule_mean", "ppo/response_length", "ppo/policy_loss", "ppo/approx_kl", "ppo/grad_norm"):
         assert rows[done][key] == before[done][key], key
     assert not partial.exists()
+
+
+def test_a_dead_policy_trainer_and_a_dead_reward_actor_are_rebuilt_from_the_last_checkpoint(ray_cluster, tmp_path):
+    """Two policy trainers (one process group) and a reward-model actor; policy rank 1 is killed before
+    iteration 2 and the reward actor before iteration 3. Each death is seen at the next call (not after a
+    collective's timeout), every group is rebuilt from the last checkpoint, and the finished run's
+    iterations equal an uninterrupted run's. (Waiting for a collective's timeout, 30 min, would overrun the
+    test's timeout.)"""
+    tiny = str(tiny_model_dir())
+    overrides = BASE + [f"model={tiny}", f"reward_model={tiny}", "estimator=grpo", "iterations=4",
+                        "train.num_workers=2", "train.lr=1e-3", "ppo_epochs=1", "train.checkpoint_every=1",
+                        "train.max_failures=2"]
+    result = run_ppo(load_config(PPOConfig, overrides=overrides + [f"output_dir={tmp_path / 'killed'}"]),
+                     inject_role_failures={1: ("policy", 1), 2: ("reward", 0)})
+    assert result["restarts"] == 2 and result["resumed_at_iteration"] == 2
+    rows = history(tmp_path / "killed")
+    whole = run_ppo(load_config(PPOConfig, overrides=overrides + [f"output_dir={tmp_path / 'whole'}"]))
+    assert whole["restarts"] == 0
+    expected = history(tmp_path / "whole")
+    assert [h["iteration"] for h in rows] == [h["iteration"] for h in expected] == [1, 2, 3, 4]
+    for key in ("ppo/proxy_mean", "ppo/reward_std", "ppo/policy_loss", "ppo/approx_kl", "ppo/grad_norm"):
+        assert [h[key] for h in rows] == pytest.approx([h[key] for h in expected], rel=1e-5, abs=1e-7), key

@@ -18,8 +18,10 @@ def test_sft_two_workers_loss_falls_and_checkpoint_loads(ray_cluster, tmp_path):
     cfg = load_config(SFTConfig, overrides=[
         "model=tiny", f"output_dir={tmp_path}", "data.task_size=120", "data.eval_size=8",
         "data.max_length=96", "train.num_workers=2", "train.batch_size=2", "train.max_steps=8",
-        "train.lr=3e-3", "train.warmup_ratio=0"])
+        "train.lr=3e-3", "train.warmup_ratio=0", "train.checkpoint_minutes=1e-6"])
     result = run_sft(cfg)
+    # checkpoint_minutes (tiny here) saved after steps 1-7 besides the final save; Ray Train keeps the last 2
+    assert len([p for p in (tmp_path / "sft").glob("checkpoint_*") if p.is_dir()]) == 2
     m = result["metrics"]
     assert m["step"] == 8 and m["sft/eval_loss"] < 10.0  # random init starts at ln(49152) = 10.8
     assert json.loads((tmp_path / "result.json").read_text())["checkpoint"] == result["checkpoint"]

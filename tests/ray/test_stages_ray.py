@@ -125,6 +125,17 @@ def test_killed_worker_resumes_to_the_same_weights(uninterrupted_two_workers, tm
     assert_identical(weights(result["checkpoint"]), uninterrupted_two_workers)
 
 
+def test_a_worker_killed_inside_a_checkpoint_report_resumes_to_the_same_weights(uninterrupted_two_workers, tmp_path):
+    """Rank 1 of 2 dies while it writes and reports step 2's checkpoint (a timer, 0.2 s into the save, no
+    pause to let the report finish). Whether that checkpoint was registered or lost, the restarted group
+    resumes from a complete one and ends on the uninterrupted run's weights, bit for bit."""
+    cfg = load_config(SFTConfig, overrides=DATA + [f"output_dir={tmp_path}"] + TWO_WORKERS)
+    result = run_sft(cfg, inject_report_death_at=2)
+    assert (tmp_path / ".sft_report_death_injected").exists(), "the failure really happened"
+    assert result["metrics"]["resumed_at_step"] in (1, 2)
+    assert_identical(weights(result["checkpoint"]), uninterrupted_two_workers)
+
+
 def test_lora_sft_saves_a_merged_model_and_the_adapter(ray_cluster, tmp_path):
     cfg = load_config(SFTConfig, overrides=DATA + [f"output_dir={tmp_path}", "train.batch_size=4", "train.max_steps=2",
                                                    "train.lr=1e-2", "train.lora.enabled=true", "train.lora.r=4"])

@@ -64,3 +64,24 @@ def test_operational_keys_neither_rerun_a_done_stage_nor_block_a_resume(tmp_path
     lr = load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}", "sft.train.lr=2e-5"])
     assert plan(m, "sft", to_dict(stage_config(lr, "sft", {}, set())), False) == \
         ("run", "config changed (train.lr)")
+
+
+def test_the_resume_line_says_from_where_or_that_the_stage_starts_over(tmp_path):
+    cfg = load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}"])
+    m = Manifest(tmp_path)
+    for stage in ("sft", "ppo"):
+        conf = to_dict(stage_config(cfg, stage, {}, set()))
+        m.start(stage, conf)
+        assert plan(m, stage, conf, False) == ("resume", "stopped earlier (running): no checkpoint was saved, so "
+                                                         "it starts over")
+    import torch
+
+    for name, step in (("checkpoint_2026-12-05_07-03-38", 3), ("checkpoint_2026-12-05_07-03-37", 2)):
+        (tmp_path / "sft" / "sft" / name).mkdir(parents=True)
+        torch.save({"step": step}, tmp_path / "sft" / "sft" / name / "trainer_state.pt")
+    (tmp_path / "sft" / "sft" / "checkpoint_manager_snapshot.json").write_text("{}")
+    (tmp_path / "ppo" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "ppo" / "checkpoint" / "controller.json").write_text('{"iteration": 6}')
+    sft, ppo = (to_dict(stage_config(cfg, s, {}, set())) for s in ("sft", "ppo"))
+    assert plan(m, "sft", sft, False)[1].endswith("resuming from its last checkpoint (step 3)")
+    assert plan(m, "ppo", ppo, False)[1].endswith("resuming from its last checkpoint (iteration 6)")

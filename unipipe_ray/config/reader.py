@@ -259,7 +259,8 @@ def config_differences(old, new, prefix: str = "") -> list[tuple[str, object, ob
 
 # Keys that change how a run is operated, not what it computes (checkpoints resume bit for bit, evals and logs
 # do not touch the weights): changing them neither re-runs a finished stage nor blocks a resume.
-OPERATIONAL_KEYS = ("train.max_failures", "train.log_every", "train.eval_every", "train.checkpoint_every")
+OPERATIONAL_KEYS = ("train.max_failures", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                    "train.checkpoint_minutes")
 
 
 def result_differences(old, new) -> list[tuple[str, object, object]]:

@@ -97,6 +97,8 @@ class TrainConfig:
     eval_every: int = 0            # evaluate on the held-out split every k steps (0: only at the end)
     log_every: int = 1             # report metrics every k steps
     checkpoint_every: int = 0      # save a resumable checkpoint every k steps (0: only at the end)
+    checkpoint_minutes: float = 10.0  # also save once this many minutes passed since the last save (0: off):
+                                   # a dead worker or job loses at most about this much work
     max_failures: int = 2          # worker-group restarts (from the last checkpoint) before giving up
     cpus_per_worker: float | None = None  # CPU tokens per worker; None: the workers share the whole cluster
                                    # (a Tune sweep sets it so that several trials fit side by side)
@@ -122,7 +124,7 @@ class TrainConfig:
                "needs backend: deepspeed")
         check(self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker",
                f"must be > 0 or null, got {self.cpus_per_worker}")
-        for key in ("checkpoint_every", "max_failures", "logps_chunk_size"):
+        for key in ("checkpoint_every", "max_failures", "logps_chunk_size", "checkpoint_minutes"):
             check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
 
 

@@ -36,7 +36,27 @@ def plan(manifest: Manifest, stage: str, config: dict, inputs_ran: bool) -> tupl
         if not Path(entry["checkpoint"]).exists():
             return "run", f"done earlier, but its checkpoint {entry['checkpoint']} is gone"
         return "skip", f"done earlier (checkpoint {entry['checkpoint']})"
-    return "resume", f"stopped earlier ({entry['status']}): resuming from its last checkpoint"
+    saved = last_checkpoint(stage, Path(entry["config"]["output_dir"]))
+    return "resume", f"stopped earlier ({entry['status']}): " + (
+        f"resuming from its last checkpoint ({saved})" if saved else "no checkpoint was saved, so it starts over")
+
+
+def last_checkpoint(stage: str, output_dir: Path) -> str | None:
+    """What a resumed stage will start from, in words: PPO's iteration, or the latest Ray Train checkpoint."""
+    import json
+
+    if stage == "ppo":
+        for candidate in ("checkpoint", "checkpoint.old"):
+            controller = output_dir / candidate / "controller.json"
+            if controller.is_file():
+                return f"iteration {json.loads(controller.read_text())['iteration']}"
+        return None
+    import torch
+
+    # Ray Train names checkpoints by time; our state file in each says its step
+    steps = [torch.load(p / "trainer_state.pt", weights_only=True)["step"]
+             for p in (output_dir / stage).glob("checkpoint_*") if (p / "trainer_state.pt").is_file()]
+    return f"step {max(steps)}" if steps else None
 
 
 def run_pipeline(cfg: PipelineConfig, given: set[str], address: str | None = None,

@@ -129,36 +129,64 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list, list, object]:
 
 
 def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at: int | None = None,
-            inject_stop_at: int | None = None) -> dict:
+            inject_stop_at: int | None = None, inject_role_failures: dict | None = None) -> dict:
     """PPO on a Ray cluster (local when no address). Resumes from ``output_dir/checkpoint`` when one exists
-    (``train.checkpoint_every`` iterations apart). Test hooks: ``inject_engine_failure_at`` kills a rollout
-    actor before that iteration's generation (Ray restarts it, the controller re-syncs its weights);
-    ``inject_stop_at`` raises after that many iterations, as a stopped job would end."""
-    import ray
+    (``train.checkpoint_every`` iterations apart). A dead trainer, critic, reference or reward actor breaks
+    its group: every group is rebuilt and the run resumes from the last checkpoint, up to
+    ``train.max_failures`` times (a rollout engine is restarted by Ray alone and re-synced).
+
+    Test hooks: ``inject_engine_failure_at`` kills a rollout actor before that iteration's generation;
+    ``inject_stop_at`` raises after that many iterations, as a stopped job would end;
+    ``inject_role_failures`` {iteration: (role, index)} kills that actor before that iteration, once."""
+    from ray.exceptions import RayActorError
 
     from unipipe_ray.core.models import load_tokenizer, resolve_model
-    from unipipe_ray.ppo import state as ppo_state
+    from unipipe_ray.runtime.actors import RoleDied
     from unipipe_ray.runtime.cluster import init_ray
     from unipipe_ray.runtime.launch import check_same_config, write_result
-    from unipipe_ray.runtime.loop import Reporter, check_finite
 
     started = time.time()
     out_dir = Path(cfg.output_dir).resolve()
     paths = {"policy": resolve_model(cfg.model), "reference": resolve_model(cfg.ref_model or cfg.model),
              "reward": resolve_model(cfg.reward_model) if cfg.reward_model else None}
     paths["critic"] = resolve_model(cfg.critic_model) if cfg.critic_model else (paths["reward"] or paths["policy"])
-    tokenizer_dir = str(paths["policy"])
-    resume = ppo_state.find(out_dir / "checkpoint")
-    if resume is not None:  # the trainers and engines start from the checkpoint's weights
-        paths["policy"] = resume / "policy"
-        if (resume / "critic").is_dir():
-            paths["critic"] = resume / "critic"
     tokenizer = load_tokenizer(cfg.model)
     train_prompts, _, task = load_prompts(cfg, tokenizer)
     gold_scorer(cfg, task), load_rule(cfg.rule_reward)  # refuse a bad module:function before actors start
     check_same_config(out_dir / "ppo_config.json", to_dict(cfg))
     recover_dir(out_dir / "best_gold")  # a kill mid-swap left the previous best at best_gold.old
     init_ray(address)
+    hooks = {"engine": {inject_engine_failure_at: ("engines", 0)} if inject_engine_failure_at is not None else {},
+             "roles": dict(inject_role_failures or {})}
+    for attempt in range(cfg.train.max_failures + 1):
+        try:
+            result = _train(cfg, paths, tokenizer, train_prompts, task, out_dir, hooks, inject_stop_at)
+            result |= {"restarts": attempt, "seconds": round(time.time() - started, 1)}
+            write_result(out_dir, result)
+            return result
+        except (RoleDied, RayActorError) as e:
+            if attempt == cfg.train.max_failures:
+                raise
+            log.warning("ppo: %s; rebuilding every actor group from the last checkpoint (restart %d of %d)",
+                        e, attempt + 1, cfg.train.max_failures)
+    raise AssertionError("unreachable")
+
+
+def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, out_dir: Path, hooks: dict,
+           inject_stop_at: int | None) -> dict:
+    """One attempt: the groups from the last checkpoint (or the inputs), the iterations, the final save."""
+    import ray
+
+    from unipipe_ray.ppo import state as ppo_state
+    from unipipe_ray.runtime.loop import Reporter, check_finite
+
+    tokenizer_dir = str(paths["policy"])
+    paths = dict(paths)
+    resume = ppo_state.find(out_dir / "checkpoint")
+    if resume is not None:  # the trainers and engines start from the checkpoint's weights
+        paths["policy"] = resume / "policy"
+        if (resume / "critic").is_dir():
+            paths["critic"] = resume / "critic"
     threads = max(1, (os.cpu_count() or 1) // max(1, cfg.train.num_workers))
     groups, placement = build_groups(cfg, paths, tokenizer.pad_token_id, threads)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
@@ -166,21 +194,24 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
     watch = HackingWatch(cfg.hacking_window, z=cfg.hacking_z)
     reporter = Reporter("ppo", cfg.iterations, str(out_dir / "tensorboard"))
     history, best_gold, start, state = [], float("-inf"), 0, None
-    if resume is not None:
-        controller = ppo_state.load_controller(resume)
-        groups["policy"].call("load_checkpoint", str(resume / "policy"))
-        if "critic" in groups:
-            groups["critic"].call("load_checkpoint", str(resume / "critic"))
-        kl_ctl.load_state_dict(controller["kl"])
-        watch.load_state_dict(controller["watch"])
-        history, best_gold, start = controller["history"], controller["best_gold"], controller["iteration"]
-        progress(f"ppo: resuming from {resume} at iteration {start + 1} of {cfg.iterations}")
+    last_save = time.monotonic()
     try:
+        if resume is not None:
+            controller = ppo_state.load_controller(resume)
+            groups["policy"].call("load_checkpoint", str(resume / "policy"))
+            if "critic" in groups:
+                groups["critic"].call("load_checkpoint", str(resume / "critic"))
+            kl_ctl.load_state_dict(controller["kl"])
+            watch.load_state_dict(controller["watch"])
+            history, best_gold, start = controller["history"], controller["best_gold"], controller["iteration"]
+            progress(f"ppo: resuming from {resume} at iteration {start + 1} of {cfg.iterations}")
         has_gold = gold_scorer(cfg, task) is not None
         specs = ray.get(join_weight_group(groups)) if cfg.weight_sync == "collective" else None
         for it in range(start, cfg.iterations):
-            if inject_engine_failure_at == it:
-                ray.kill(groups["engines"].actors[0], no_restart=False)
+            for kind in ("engine", "roles"):  # test hooks, each once
+                if it in hooks[kind]:
+                    role, index = hooks[kind].pop(it)
+                    ray.kill(groups[role].actors[index], no_restart=kind == "roles")
             # The batch is a pure function of (seed, iteration): a resumed run draws what the first would have.
             batch = random.Random(cfg.data.seed * 1_000_003 + it).sample(
                 train_prompts, min(cfg.prompts_per_iter, len(train_prompts)))
@@ -199,8 +230,10 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
                 log.warning("reward hacking suspected at iteration %d: the proxy reward rises while the gold reward "
                             "falls (z %+.1f and %+.1f)%s", it + 1, metrics["watch/proxy_z"], metrics["watch/gold_z"],
                             "; stopping (stop_on_hacking)" if stop else "")
-            every = cfg.train.checkpoint_every
-            if every and (it + 1) % every == 0 and it + 1 < cfg.iterations and not stop:
+            every, minutes = cfg.train.checkpoint_every, cfg.train.checkpoint_minutes
+            due = (every and (it + 1) % every == 0) or (minutes and time.monotonic() - last_save >= minutes * 60)
+            if due and it + 1 < cfg.iterations and not stop:
+                last_save = time.monotonic()
                 ppo_state.save(out_dir / "checkpoint", groups, tokenizer_dir,
                                {"iteration": it + 1, "history": history, "best_gold": best_gold,
                                 "kl": kl_ctl.state_dict(), "watch": watch.state_dict()})
@@ -214,8 +247,7 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
                   "best_gold_checkpoint": str(out_dir / "best_gold") if best_gold > float("-inf") else None,
                   "stopped_on_hacking": bool(history[-1]["watch/hacking"]) and cfg.stop_on_hacking,
                   "resumed_at_iteration": start if resume is not None else None,
-                  "train_examples": len(train_prompts), "eval_examples": 0, "seconds": round(time.time() - started, 1)}
-        write_result(out_dir, result)
+                  "train_examples": len(train_prompts), "eval_examples": 0}
     finally:  # a failed or stopped run must not leave its actors holding the cluster's resources
         reporter.close()
         for group in groups.values():

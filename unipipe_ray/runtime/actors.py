@@ -7,8 +7,9 @@
 ``distributed=True`` gives each actor ``rank``, ``world`` and a shared ``master`` (a Meeting) so the group
 forms its own torch process group, hosted by rank 0 on its own node: rank 0 picks its node's IP and a port
 free there, the others wait for it (the driver's address would be wrong on a cluster, where rank 0 runs on
-another node). Actors restart after a crash (``max_restarts``); ``call`` retries
-once on a restarted actor after ``on_restart(actor)`` (e.g. to push current weights).
+another node). Calls wait on every actor at once. A group with ``max_restarts`` (rollout engines) retries
+on the restarted actor after ``on_restart(actor)`` (e.g. to push current weights); a group without raises
+RoleDied at the first death, whatever the other ranks are doing, so the caller can rebuild.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def placement_bundles(groups: dict[str, int], cpus_per_actor: float, gpus_per_ac
     return pg, offsets
 
 
+class RoleDied(RuntimeError):
+    """An actor of a group Ray does not restart died (a PPO trainer, critic, reference or reward actor): its
+    process group is broken, so the caller rebuilds every group from the last checkpoint."""
+
+
 class ActorGroup:
     def __init__(self, cls, n: int, kwargs: dict, *, num_cpus: float = 1, num_gpus: float = 0, placement=None,
                  bundles: list[int] | None = None, distributed: bool = False, max_restarts: int = 0,
@@ -75,7 +81,7 @@ class ActorGroup:
         remote = ray.remote(cls)
         self.meeting = ray.remote(num_cpus=0)(Meeting).remote() if distributed and n > 1 else None
         master = self.meeting
-        self.actors, self.name = [], cls.__name__
+        self.actors, self.name, self.max_restarts = [], cls.__name__, max_restarts
         for rank in range(n):
             options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": max_restarts,
                        "runtime_env": {"env_vars": env_vars or {}}}
@@ -90,32 +96,44 @@ class ActorGroup:
 
     def call(self, method: str, *args, on_restart=None, **kwargs) -> list:
         """Call ``method`` on every actor with the same arguments; wait for all."""
-        refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
-        return [self._get(a, ref, method, args, kwargs, on_restart) for a, ref in zip(self.actors, refs, strict=True)]
+        return self._gather(method, [(args, kwargs)] * len(self.actors), on_restart)
 
     def call_split(self, method: str, items: list, *args, on_restart=None, **kwargs) -> list:
         """Split ``items`` into contiguous shards, one per actor, and concatenate the per-actor results."""
         shards = split(items, len(self.actors))
-        refs = [getattr(a, method).remote(shard, *args, **kwargs) for a, shard in zip(self.actors, shards, strict=True)]
-        out = []
-        for a, ref, shard in zip(self.actors, refs, shards, strict=True):
-            out.extend(self._get(a, ref, method, (shard, *args), kwargs, on_restart))
-        return out
+        results = self._gather(method, [((shard, *args), kwargs) for shard in shards], on_restart)
+        return [x for part in results for x in part]
 
     def call_each(self, method: str, per_actor_args: list[tuple], on_restart=None) -> list:
         """Call ``method`` on actor i with ``per_actor_args[i]`` (e.g. each trainer's own shard)."""
-        refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_actor_args, strict=True)]
-        return [self._get(a, ref, method, args, {}, on_restart)
-                for a, ref, args in zip(self.actors, refs, per_actor_args, strict=True)]
+        return self._gather(method, [(args, {}) for args in per_actor_args], on_restart)
 
-    def _get(self, actor, ref, method, args, kwargs, on_restart, wait_s: float = 120.0):
+    def _gather(self, method: str, calls: list[tuple[tuple, dict]], on_restart) -> list:
+        """Results in actor order, waiting on all at once: a death is seen as soon as it happens, even while
+        another rank blocks in a collective with the dead one (waiting in order would sit there until the
+        process-group timeout)."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
-        try:
-            return ray.get(ref)
-        except (RayActorError, ActorUnavailableError):
-            log.warning("%s actor died during %s; retrying on the restarted actor", self.name, method)
+        refs = {getattr(a, method).remote(*args, **kw): i
+                for i, (a, (args, kw)) in enumerate(zip(self.actors, calls, strict=True))}
+        out: list = [None] * len(self.actors)
+        while refs:
+            (ready,), _ = ray.wait(list(refs), num_returns=1)
+            i = refs.pop(ready)
+            try:
+                out[i] = ray.get(ready)
+            except (RayActorError, ActorUnavailableError) as e:
+                if not self.max_restarts:
+                    raise RoleDied(f"{self.name} actor {i} of {len(self.actors)} died during {method}") from e
+                log.warning("%s actor %d died during %s; retrying on the restarted actor", self.name, i, method)
+                out[i] = self._retry(self.actors[i], method, *calls[i], on_restart)
+        return out
+
+    def _retry(self, actor, method, args, kwargs, on_restart, wait_s: float = 120.0):
+        import ray
+        from ray.exceptions import ActorUnavailableError
+
         # Ray restarts the actor (max_restarts); until it is up, calls fail as "unavailable". Once it answers,
         # bring it up to date (on_restart, e.g. push the current weights) and retry the call.
         deadline = time.monotonic() + wait_s

@@ -145,13 +145,16 @@ def _stoppable(loop):
 
 
 def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extra: dict | None = None,
-              inject_failure_at: int | None = None, inject_nan_at: int | None = None) -> dict:
+              inject_failure_at: int | None = None, inject_nan_at: int | None = None,
+              inject_report_death_at: int | None = None) -> dict:
     """Load and check the stage's data on the driver, then run ``loop`` on Ray Train workers.
 
     The run is named after the stage under ``cfg.output_dir``: running the same command again resumes
     from its latest checkpoint, and a worker failure restarts the group from it (``train.max_failures``).
     ``inject_failure_at`` (tests) kills the last worker once, in the step after that step's checkpoint;
-    ``inject_nan_at`` (tests) makes a weight NaN before that step, which stops the stage (NonFiniteLoss).
+    ``inject_nan_at`` (tests) makes a weight NaN before that step, which stops the stage (NonFiniteLoss);
+    ``inject_report_death_at`` (tests) kills the last worker once while it saves and reports that step's
+    checkpoint.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -173,6 +176,8 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
                    "tensorboard_dir": str(output_dir / "tensorboard"), "progress": progress,
                    "inject_failure": (inject_failure_at, str(output_dir / f".{stage}_failure_injected")),
                    "inject_nan_at": inject_nan_at, "staging_dir": str(output_dir / ".staging"),
+                   "inject_report_death": (inject_report_death_at,
+                                           str(output_dir / f".{stage}_report_death_injected")),
                    **(extra or {})}
     trainer = TorchTrainer(
         _stoppable(loop), train_loop_config=loop_config, scaling_config=scaling_config,

@@ -12,8 +12,9 @@ import math
 import os
 import random
 import resource
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -162,6 +163,8 @@ class Run:
     resumed_extra: dict    # what the loop's extra_state returned at the checkpoint resumed from (rank 0)
     inject_failure: tuple = (None, None)  # (step, marker file): tests only
     inject_nan_at: int | None = None  # tests only: a parameter becomes NaN before this step's forward
+    inject_report_death: tuple = (None, None)  # tests only: (step, marker file), a death inside that report
+    last_save: float = field(default_factory=time.monotonic)  # when this attempt last saved (or started)
     staging_dir: str | None = None  # where checkpoint files are written before Ray Train copies them
     extra_state: object = dict  # () -> dict of loop state saved in checkpoints (rank 0), e.g. the scheduler
 
@@ -210,8 +213,10 @@ def start_run(stage: str, loop_config: dict, kind: str = "causal", configure=Non
         start, metrics, extra = restore_state(engine, resume)
     reporter = Reporter(stage, steps, loop_config["tensorboard_dir"], loop_config["progress"])
     return Run(cfg, train, train_feats, eval_feats, loop_config["tokenizer"], device, world, dist.rank(), steps,
-               start, engine, reporter, metrics, extra, loop_config.get("inject_failure", (None, None)),
-               loop_config.get("inject_nan_at"), loop_config.get("staging_dir"))
+               start, engine, reporter, metrics, extra,
+               inject_failure=loop_config.get("inject_failure", (None, None)),
+               inject_nan_at=loop_config.get("inject_nan_at"), staging_dir=loop_config.get("staging_dir"),
+               inject_report_death=loop_config.get("inject_report_death", (None, None)))
 
 
 def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
@@ -228,10 +233,22 @@ def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
         metrics.update(evaluate())
     if done % train.log_every == 0:
         run.reporter.line(done, metrics)
-    if train.checkpoint_every and done % train.checkpoint_every == 0:
+    if (train.checkpoint_every and done % train.checkpoint_every == 0) or _minutes_since_save_due(run):
+        _maybe_die_inside_report(run, done)
         save_and_report(run.engine, done, metrics, run.tokenizer, train.lora, run.extra_state(), run.staging_dir)
+        run.last_save = time.monotonic()
     elif done % train.log_every == 0:
         ray.train.report(metrics)
+
+
+def _minutes_since_save_due(run: Run) -> bool:
+    """train.checkpoint_minutes passed since the last save, by rank 0's clock: every rank must take part in
+    a save, so rank 0 decides for all (one scalar all-reduce per step)."""
+    minutes = run.train.checkpoint_minutes
+    if not minutes:
+        return False
+    late = float(dist.is_main() and time.monotonic() - run.last_save >= minutes * 60)
+    return bool(dist.all_reduce_sum(late) > 0)
 
 
 def _stop_if_non_finite(run: Run, done: int, metrics: dict) -> None:
@@ -255,6 +272,20 @@ def _maybe_inject_failure(run: Run, done: int) -> None:
         time.sleep(2.0)
         log.warning("%s: injected failure in step %d (test hook)", run.reporter.stage, done)
         os._exit(1)
+
+
+# Long enough for the save to start, short enough to land inside it: a tiny model's save and report take
+# ~0.5-2 s here, so the death falls in the write, the copy to storage or the registration.
+REPORT_DEATH_DELAY_S = 0.2
+
+
+def _maybe_die_inside_report(run: Run, done: int) -> None:
+    """Test hook: the last rank dies hard once, from a timer, while it saves and reports checkpoint ``done``."""
+    at, marker = run.inject_report_death
+    if at is not None and done == at and run.rank == run.world - 1 and not Path(marker).exists():
+        Path(marker).touch()
+        log.warning("%s: injected death inside the report of step %d (test hook)", run.reporter.stage, done)
+        threading.Timer(REPORT_DEATH_DELAY_S, os._exit, args=(1,)).start()
 
 
 def finish(run: Run, metrics: dict, evaluate) -> None:
