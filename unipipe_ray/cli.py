@@ -52,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, RunLocked)
 
 
+def _run_or_explain(command: str, fn, *args) -> tuple[object, int]:
+    """(fn's result, 0), or (None, exit code) after a one-line message: 2 for a user error, 1 for a stop."""
+    try:
+        return fn(*args), 0
+    except USER_ERRORS as e:
+        print(f"unipipe {command}: {e}", file=sys.stderr)
+        return None, 2
+    except NonFiniteLoss as e:
+        print(f"unipipe {command}: stopped: {e}", file=sys.stderr)
+        return None, 1
+
+
 def _run_pipeline(args) -> int:
     from unipipe_ray.config import PipelineConfig, load_config_with_keys
     from unipipe_ray.pipeline.run import run_pipeline
@@ -61,14 +73,9 @@ def _run_pipeline(args) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"unipipe: {e}", file=sys.stderr)
         return 2
-    try:
-        out = run_pipeline(cfg, given, args.address)
-    except USER_ERRORS as e:
-        print(f"unipipe run: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"unipipe run: stopped: {e}", file=sys.stderr)
-        return 1
+    out, rc = _run_or_explain("run", run_pipeline, cfg, given, args.address)
+    if rc:
+        return rc
     print("\n== unipipe run: done ==")
     print(f"run directory: {out['run_dir']}  manifest: {out['manifest']}")
     if out.get("uri"):
@@ -111,14 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"unipipe: {e}", file=sys.stderr)
         return 2
-    try:
-        result = stage.run(cfg, args.address)
-    except USER_ERRORS as e:
-        print(f"unipipe {args.command}: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"unipipe {args.command}: stopped: {e}", file=sys.stderr)
-        return 1
+    result, rc = _run_or_explain(args.command, stage.run, cfg, args.address)
+    if rc:
+        return rc
     print(f"\n== unipipe {args.command}: done ==")
     print(f"model: {cfg.model}  data: {cfg.data.task if not cfg.data.sources else 'user sources'} "
           f"({result['train_examples']} train / {result['eval_examples']} held out)")
