@@ -165,10 +165,11 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError("", "is a directory, not a YAML file" if p.is_dir() else "is not a regular file",
                           source)
+    raw = p.read_bytes()
     try:
-        text = p.read_bytes().decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = p.read_bytes()[:e.start].count(b"\n") + 1
+        line = raw[:e.start].count(b"\n") + 1
         raise ConfigError("", f"is not UTF-8 text (line {line}: {e.reason})", source) from None
     loader = yaml.SafeLoader(text)
     try:
