@@ -8,6 +8,16 @@ import logging
 import os
 
 BUCKET = "unipipe-test"
+# Dummy credentials, and no lookups of an EC2 metadata service that is not there. Ray's processes (Train's
+# controller, the workers) inherit the environment their node started with: a test cluster that must reach the
+# server is started with these set (use_credentials), as a real cluster's nodes each have their own.
+CREDENTIALS = dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
+                   AWS_EC2_METADATA_DISABLED="true")
+
+
+def use_credentials() -> None:
+    for key, value in CREDENTIALS.items():
+        os.environ.setdefault(key, value)
 
 
 @contextlib.contextmanager
@@ -17,9 +27,7 @@ def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    # Dummy credentials, and no lookups of an EC2 metadata service that is not there.
-    env = dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
-               AWS_EC2_METADATA_DISABLED="true")
+    env = CREDENTIALS
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

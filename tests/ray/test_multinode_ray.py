@@ -26,6 +26,10 @@ def nodes():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from ray.cluster_utils import Cluster
 
+    from tests.s3_local import use_credentials
+
+    use_credentials()  # the nodes' processes reach the local S3 server with them
+
     def start():
         cluster = Cluster(initialize_head=True, connect=False,
                           head_node_args={"num_cpus": 0, "include_dashboard": False})

@@ -1,9 +1,11 @@
 """The pipeline with an s3:// run_dir (moto's local S3 server): SFT -> DPO, DPO fails after its step-1
 checkpoint; on a fresh machine (the staging copy deleted, another cache dir) the same command skips SFT and
-resumes DPO from the checkpoint at the URI; a third machine finds both done. Tiny model, built-in arith task."""
+resumes DPO from the checkpoint at the URI; a third machine finds both done. Ray Train writes the checkpoints
+to the URI itself: none is ever in the driver's staging copy. Tiny model, built-in arith task."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -72,7 +74,9 @@ def test_a_uri_run_continues_on_a_fresh_machine_from_what_reached_the_uri(ray_cl
     assert stages["sft"]["status"] == "done" and stages["dpo"]["status"] == "failed"
     assert stages["sft"]["checkpoint"].startswith(f"{bare}/sft/sft/checkpoint_")  # named by the URI
     assert stages["dpo"]["config"]["model"] == stages["sft"]["checkpoint"]
-    assert any(p.startswith("dpo/dpo/checkpoint_") for p in remote_listing(uri))  # pushed when DPO failed
+    assert any(p.startswith("dpo/dpo/checkpoint_") for p in remote_listing(uri))  # Ray Train wrote it there
+    staging = tmp_path / "machine-a"
+    assert list(staging.glob("**/sft_config.json")) and not list(staging.glob("**/checkpoint_*"))  # none on the driver
 
     shutil.rmtree(tmp_path / "machine-a")  # a fresh machine: no staging copy, and its own cache dir
     monkeypatch.setattr(rundir, "cache_dir", lambda: tmp_path / "machine-b")
@@ -81,7 +85,8 @@ def test_a_uri_run_continues_on_a_fresh_machine_from_what_reached_the_uri(ray_cl
     log = capsys.readouterr().out
     assert "sft: skip" in log and "dpo: resume" in log and "from its last checkpoint (step 1)" in log, log
     assert out["uri"] == bare and out["run_dir"].startswith(str(tmp_path / "machine-b"))
-    assert out["checkpoints"]["dpo"].startswith(out["run_dir"])  # local, loadable
+    assert out["checkpoints"]["dpo"].startswith(f"{bare}/dpo/dpo/checkpoint_")  # at the URI, where any node reads it
+    assert not list(Path(out["run_dir"]).glob("**/checkpoint_*"))
     assert remote_json(uri, "dpo/result.json")["metrics"]["resumed_at_step"] == 1  # continued at the URI's checkpoint
     stages = remote_json(uri, "manifest.json")["stages"]
     assert stages["dpo"]["status"] == "done" and stages["dpo"]["checkpoint"].startswith(f"{bare}/dpo/dpo/")

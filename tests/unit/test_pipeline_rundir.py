@@ -1,6 +1,7 @@
-"""A URI run_dir: the staging copy pushed to and pulled from the URI through pyarrow.fs, on a file:// URI (the
-real LocalFileSystem) and on s3:// (moto's local S3 server). "Another machine" is another cache dir, so its
-staging copy has another path and the paths in the run's JSON files must follow."""
+"""A URI run_dir: the staging copy of the driver's files pushed to and pulled from the URI through pyarrow.fs,
+beside the checkpoints the stages write there themselves, on a file:// URI (the real LocalFileSystem) and on
+s3:// (moto's local S3 server). "Another machine" is another cache dir, so its staging copy has another path
+and the paths in the run's JSON files must follow, while checkpoints stay named by their URI."""
 
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from unipipe_ray.config import PipelineConfig, load_config
+from unipipe_ray.core import storage
 from unipipe_ray.pipeline import rundir
 from unipipe_ray.pipeline.manifest import Manifest
 from unipipe_ray.pipeline.run import run_pipeline
@@ -54,29 +56,38 @@ def remote_files(uri: str) -> dict[str, bytes]:
 
 
 def finished_sft(run: RunDir, checkpoint: str = "checkpoint_1") -> Manifest:
-    """A done sft stage in the staging copy: a checkpoint, the stage's config file and its manifest entry."""
+    """A done sft stage as the stage leaves it: its checkpoint written to the URI (by Ray Train, from a
+    worker's node), its config file and tensorboard events in the staging copy, its manifest entry."""
     stage = run.local / "sft"
-    (stage / "sft" / checkpoint).mkdir(parents=True)
-    (stage / "sft" / checkpoint / "model.safetensors").write_bytes(b"\x00weights" * 100)
+    (stage / "tensorboard").mkdir(parents=True, exist_ok=True)
+    (stage / "tensorboard" / "events.out").write_bytes(b"events")
     (stage / "sft_config.json").write_text(json.dumps({"output_dir": str(stage), "model": "tiny"}))
+    where = storage.join(run.storage("sft"), "sft", checkpoint)
+    fs, path = storage.open_uri(where)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/model.safetensors") as f:
+        f.write(b"\x00weights" * 100)
     manifest = Manifest(run.local)
     if manifest.stage("sft") is None:  # else the attempt that started earlier ends now
         manifest.start("sft", {"output_dir": str(stage)})
-    manifest.finish("sft", {"checkpoint": str(stage / "sft" / checkpoint), "seconds": 1.0})
+    manifest.finish("sft", {"checkpoint": where, "seconds": 1.0})
     return manifest
 
 
-def test_push_names_checkpoints_by_uri_and_another_machine_pulls_them_to_its_own_paths(uri, machine):
+def test_push_names_the_staging_copy_by_uri_and_another_machine_pulls_it_to_its_own_paths(uri, machine):
     a = RunDir(uri)
     assert a.uri == uri.split("?")[0] and a.local.is_relative_to(Path(rundir.cache_dir()))
+    assert a.storage("sft") == storage.join(uri, "sft")  # the query (an S3 endpoint) stays at the end
     finished_sft(a)
-    (a.local / "report.md").write_text(f"Run directory `{a.local}`; sft: `{a.local}/sft/sft/checkpoint_1`\n")
+    (a.local / "report.md").write_text(f"Run directory `{a.local}`\n")
     a.push("sft", "manifest.json", "report.md")
     files = remote_files(uri)
-    assert set(files) == {"manifest.json", "report.md", "sft/sft_config.json", "sft/sft/checkpoint_1/model.safetensors"}
-    assert files["report.md"].decode() == f"Run directory `{a.uri}`; sft: `{a.uri}/sft/sft/checkpoint_1`\n"
+    assert set(files) == {"manifest.json", "report.md", "sft/sft_config.json", "sft/tensorboard/events.out",
+                          "sft/sft/checkpoint_1/model.safetensors"}
+    assert files["report.md"].decode() == f"Run directory `{a.uri}`\n"
     entry = json.loads(files["manifest.json"])["stages"]["sft"]
-    assert entry["checkpoint"] == f"{a.uri}/sft/sft/checkpoint_1" and entry["config"]["output_dir"] == f"{a.uri}/sft"
+    checkpoint = storage.join(uri, "sft/sft/checkpoint_1")
+    assert entry["checkpoint"] == checkpoint and entry["config"]["output_dir"] == f"{a.uri}/sft"
     assert json.loads(files["sft/sft_config.json"])["output_dir"] == f"{a.uri}/sft"
 
     machine("machine-b")
@@ -84,21 +95,25 @@ def test_push_names_checkpoints_by_uri_and_another_machine_pulls_them_to_its_own
     assert b.local != a.local
     b.pull(("sft", "dpo"))
     entry = Manifest(b.local).stage("sft")
-    assert entry["checkpoint"] == str(b.local / "sft" / "sft" / "checkpoint_1")
+    assert entry["checkpoint"] == checkpoint  # a checkpoint stays at the URI: the next stage reads it there
+    assert entry["config"]["output_dir"] == str(b.local / "sft")
     assert json.loads((b.local / "sft" / "sft_config.json").read_text())["output_dir"] == str(b.local / "sft")
-    assert (b.local / "sft/sft/checkpoint_1/model.safetensors").read_bytes() == b"\x00weights" * 100
+    assert (b.local / "sft/tensorboard/events.out").read_bytes() == b"events"
+    assert not (b.local / "sft" / "sft").exists()  # the stage's checkpoints are not copied to the driver
     assert not (b.local / "dpo").exists()
 
 
-def test_push_mirrors_deletions_and_replaced_outputs_move_aside_at_the_uri_too(uri, machine):
+def test_push_mirrors_the_drivers_files_and_leaves_the_stages_checkpoints_alone(uri, machine):
     run = RunDir(uri)
     finished_sft(run)
     run.push("sft", "manifest.json")
-    # the stage rotated its checkpoints: the URI follows (nothing else is deleted)
-    old = run.local / "sft" / "sft" / "checkpoint_1"
-    old.rename(old.with_name("checkpoint_2"))
+    (run.local / "sft" / "tensorboard" / "events.out").unlink()  # the driver's own files: the URI follows
+    finished_sft(run, "checkpoint_2")
+    (run.local / "sft" / "tensorboard" / "events.out").unlink()
     run.push("sft")
-    assert set(remote_files(uri)) == {"manifest.json", "sft/sft_config.json", "sft/sft/checkpoint_2/model.safetensors"}
+    assert set(remote_files(uri)) == {"manifest.json", "sft/sft_config.json",
+                                      "sft/sft/checkpoint_1/model.safetensors",
+                                      "sft/sft/checkpoint_2/model.safetensors"}
 
     moved = run.set_aside("sft")
     assert moved.parent == run.local / "replaced" and not (run.local / "sft").exists()
@@ -108,7 +123,7 @@ def test_push_mirrors_deletions_and_replaced_outputs_move_aside_at_the_uri_too(u
     assert f"replaced/{moved.name}/sft_config.json" in files
     finished_sft(run, "checkpoint_3")  # the stage runs again, into directories the move deleted at the URI
     run.push("sft")
-    assert "sft/sft/checkpoint_3/model.safetensors" in remote_files(uri)
+    assert {"sft/sft/checkpoint_3/model.safetensors", "sft/sft_config.json"} <= set(remote_files(uri))
 
 
 def test_pull_keeps_a_staging_copy_further_along_and_sets_aside_an_older_attempt(uri, machine):
@@ -120,7 +135,7 @@ def test_pull_keeps_a_staging_copy_further_along_and_sets_aside_an_older_attempt
     a.pull(("sft",))  # the same attempt, further along: kept, and the URI catches up
     assert Manifest(a.local).stage("sft") == entry
     assert json.loads(remote_files(uri)["manifest.json"])["stages"]["sft"]["status"] == "done"
-    assert "sft/sft/checkpoint_1/model.safetensors" in remote_files(uri)
+    assert "sft/sft_config.json" in remote_files(uri)
 
     machine("machine-b")  # another machine runs sft again (a new attempt) and pushes it
     b = RunDir(uri)
@@ -135,8 +150,8 @@ def test_pull_keeps_a_staging_copy_further_along_and_sets_aside_an_older_attempt
     machine("machine-a")  # back on the first machine: the URI's attempt wins, the old copy is kept aside
     a = RunDir(uri)
     a.pull(("sft",))
-    assert Manifest(a.local).stage("sft")["started"].startswith("2999")
-    assert (a.local / "sft/sft/checkpoint_9").is_dir() and not (a.local / "sft/sft/checkpoint_1").exists()
+    entry = Manifest(a.local).stage("sft")
+    assert entry["started"].startswith("2999") and entry["checkpoint"].split("?")[0].endswith("/checkpoint_9")
     stale = [p.name for p in (a.local / "replaced").iterdir()]
     assert len(stale) == 1 and stale[0].startswith("sft-") and stale[0].endswith("-stale")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from unipipe_ray.config import DEFAULT_MODEL
+from unipipe_ray.core.storage import is_uri, localize
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,11 @@ def resolve_model(spec: str) -> str:
         return str(convert_gguf(smollm2_gguf_path()))
     if spec == TINY_MODEL:
         return str(tiny_model_dir())
+    if is_uri(spec):  # a checkpoint in cluster storage: downloaded once per node
+        path = Path(localize(spec))
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model spec {spec!r}: no config.json there (not a HF checkpoint)")
+        return str(path)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -164,6 +170,12 @@ def resolve_model(spec: str) -> str:
     if len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir()):
         raise FileNotFoundError(f"model spec {spec!r}: no such checkpoint directory (relative to {Path.cwd()})")
     return spec  # a hub id: from_pretrained will fetch it when online and say so clearly when not
+
+
+def shareable_model(spec: str) -> str:
+    """What the driver hands to workers that may run on other nodes: a URI as it is (each node downloads it
+    once, ``storage.localize``), anything else resolved here (converted or checked once, not per worker)."""
+    return spec if is_uri(spec) else resolve_model(spec)
 
 
 def _tokenizer_source(spec: str) -> str:

@@ -1,6 +1,7 @@
 """Run the chain: per stage skip (done, same config), resume (interrupted, same config) or run (new, or its
 config or an input stage changed: then every later stage runs again too), recording it in the manifest.
-run_dir is a local path or a URI (s3://, gs://, file://: rundir.py keeps a local staging copy in step with it).
+run_dir is a local path or a URI (s3://, gs://, file://): there the stages keep their checkpoints at the URI
+and rundir.py keeps a local staging copy of the driver's files in step with it.
 
     unipipe run --config FILE [--address ADDR] [key.sub=value ...]
 """
@@ -12,18 +13,22 @@ import logging
 from pathlib import Path
 
 from unipipe_ray.config import PipelineConfig, result_differences, to_dict
+from unipipe_ray.core import storage
 from unipipe_ray.pipeline.chain import stage_config
 from unipipe_ray.pipeline.manifest import Manifest
 from unipipe_ray.pipeline.registry import REGISTRY
 from unipipe_ray.pipeline.rundir import RunDir
+from unipipe_ray.ppo import state as ppo_state
 from unipipe_ray.runtime.files import run_lock
 from unipipe_ray.runtime.logs import progress
 
 log = logging.getLogger(__name__)
 
 
-def plan(manifest: Manifest, stage: str, config: dict, inputs_ran: bool) -> tuple[str, str]:
-    """(action, why) for one stage: action is skip, resume or run."""
+def plan(manifest: Manifest, stage: str, config: dict, inputs_ran: bool,
+         where: str | None = None) -> tuple[str, str]:
+    """(action, why) for one stage: action is skip, resume or run. ``where``: the stage's checkpoint storage
+    (a URI) when it has one."""
     entry = manifest.stage(stage)
     if entry is None:
         return "run", "first run"
@@ -33,30 +38,58 @@ def plan(manifest: Manifest, stage: str, config: dict, inputs_ran: bool) -> tupl
     if changed:
         return "run", f"config changed ({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''})"
     if entry["status"] == "done":
-        if not Path(entry["checkpoint"]).exists():
+        if not _exists(entry["checkpoint"]):
             return "run", f"done earlier, but its checkpoint {entry['checkpoint']} is gone"
         return "skip", f"done earlier (checkpoint {entry['checkpoint']})"
-    saved = last_checkpoint(stage, Path(entry["config"]["output_dir"]))
+    saved = last_checkpoint(stage, Path(entry["config"]["output_dir"]), where)
     return "resume", f"stopped earlier ({entry['status']}): " + (
         f"resuming from its last checkpoint ({saved})" if saved else "no checkpoint was saved, so it starts over")
 
 
-def last_checkpoint(stage: str, output_dir: Path) -> str | None:
-    """What a resumed stage will start from, in words: PPO's iteration, or the latest Ray Train checkpoint."""
+def _exists(path: str) -> bool:
+    return storage.exists(path) if storage.is_uri(path) else Path(path).exists()
+
+
+def last_checkpoint(stage: str, output_dir: Path, where: str | None = None) -> str | None:
+    """What a resumed stage will start from, in words: PPO's iteration, or the latest Ray Train checkpoint
+    (in ``output_dir``, or in ``where`` when the stage keeps its checkpoints in cluster storage)."""
     import json
 
     if stage == "ppo":
+        if where:
+            found = ppo_state.find(storage.join(where, "checkpoint"))
+            return f"iteration {ppo_state.load_controller(found)['iteration']}" if found else None
         for candidate in ("checkpoint", "checkpoint.old"):
             controller = output_dir / candidate / "controller.json"
             if controller.is_file():
                 return f"iteration {json.loads(controller.read_text())['iteration']}"
         return None
+    # Ray Train names checkpoints by time; our state file in each says its step
+    if where:
+        runs = storage.join(where, stage)
+        states = [storage.join(runs, name, "trainer_state.pt") for name in storage.children(runs)
+                  if name.startswith("checkpoint_")]
+    else:
+        states = [str(p / "trainer_state.pt") for p in (output_dir / stage).glob("checkpoint_*")]
+    steps = [state["step"] for state in map(_trainer_state, states) if state]
+    return f"step {max(steps)}" if steps else None
+
+
+def _trainer_state(path: str) -> dict | None:
+    """A checkpoint's trainer_state.pt (loaded as weights_only), None when it has none."""
+    import io
+
     import torch
 
-    # Ray Train names checkpoints by time; our state file in each says its step
-    steps = [torch.load(p / "trainer_state.pt", weights_only=True)["step"]
-             for p in (output_dir / stage).glob("checkpoint_*") if (p / "trainer_state.pt").is_file()]
-    return f"step {max(steps)}" if steps else None
+    if storage.is_uri(path):
+        fs, inner = storage.open_uri(path)
+        try:
+            with fs.open_input_file(inner) as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return torch.load(io.BytesIO(data), weights_only=True)
+    return torch.load(path, weights_only=True) if Path(path).is_file() else None
 
 
 def run_pipeline(cfg: PipelineConfig, given: set[str], address: str | None = None,
@@ -65,7 +98,8 @@ def run_pipeline(cfg: PipelineConfig, given: set[str], address: str | None = Non
     (config.load_config_with_keys). ``inject`` (tests): {stage: kwargs for its run function}, e.g. a stop in PPO.
 
     A URI run_dir (s3://...) is checked here, before any training, and the run works in its local staging
-    copy, pulled first and pushed as stages end (rundir.py). The run holds ``<run_dir>/.lock`` throughout: a
+    copy of the driver's files, pulled first and pushed as stages end, while the stages write their checkpoints
+    to the URI (rundir.py). The run holds ``<run_dir>/.lock`` throughout: a
     second driver on the same run_dir stops with RunLocked, naming the first, and touches nothing."""
     run_dir = RunDir(cfg.run_dir)
     with run_lock(run_dir.local, "pipeline run"):
@@ -83,7 +117,7 @@ def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: s
     for i, stage in enumerate(cfg.stages):
         stage_cfg = stage_config(cfg, stage, checkpoints, given)
         config = to_dict(stage_cfg)
-        action, why = plan(manifest, stage, config, inputs_ran)
+        action, why = plan(manifest, stage, config, inputs_ran, run_dir.storage(stage))
         progress(f"pipeline: stage {i + 1}/{len(cfg.stages)} {stage}: {action} - {why}")
         if action == "skip":
             checkpoints[stage] = manifest.stage(stage)["checkpoint"]
@@ -95,7 +129,7 @@ def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: s
             manifest.forget_after(list(cfg.stages[i:]))
         checkpoints[stage] = _run_stage(stage, stage_cfg, config, manifest, run_dir, address, inject)
         inputs_ran = True
-    # Local paths (a URI run's staging copy), loadable as they are; "uri" names the run_dir they mirror.
+    # Local paths, or for a URI run_dir URIs in it (resolve_model downloads them); "uri" names that run_dir.
     out = {"run_dir": str(run_dir.local), "checkpoints": checkpoints, "manifest": str(manifest.path)}
     if run_dir.uri:
         out["uri"] = run_dir.uri
@@ -119,12 +153,13 @@ def _run_stage(stage: str, stage_cfg, config: dict, manifest: Manifest, run_dir:
     manifest.start(stage, config)
     run_dir.push("manifest.json")
     try:
-        result = REGISTRY[stage].run(stage_cfg, address, **(inject or {}).get(stage, {}))
+        where = {"storage": run_dir.storage(stage)} if run_dir.spec else {}
+        result = REGISTRY[stage].run(stage_cfg, address, **where, **(inject or {}).get(stage, {}))
     except BaseException as e:
         manifest.fail(stage, e)
         log.error("%s failed (%s: %s); run the same command again to resume it", stage, type(e).__name__, e)
         try:
-            run_dir.push(stage, "manifest.json")  # its checkpoints, so that another machine can resume it
+            run_dir.push(stage, "manifest.json")  # its driver files, so that another machine can resume it
         except Exception as push_error:  # the stage's own error is the one to raise; the staging copy keeps all
             log.warning("pushing %s to %s failed too (%s); the next run pushes it", stage, run_dir.uri, push_error)
         raise

@@ -1,24 +1,29 @@
 """The run directory: a local path, or a URI of any filesystem pyarrow supports (s3://, gs://, hdfs://, file://).
 
-The stages read and write local paths (Ray Train's storage, PPO's checkpoints, the next stage's model), so a
-URI run works in a local staging copy, ``<cache_dir>/runs/<uri>-<hash>`` (``UNIPIPE_CACHE``), mirrored to the
-URI through ``pyarrow.fs``:
+With a URI, the work is split by who writes what. The stages write their checkpoints to the URI themselves,
+from whichever node they run on (Ray Train through ``RunConfig(storage_path, storage_filesystem)``, PPO's
+trainers by uploading; see core/storage.py and ppo/state.py): a worker restarted on another node, or a run
+continued on another machine, reads them there. The driver's own files (the manifest, each stage's config,
+result and history, tensorboard, the report) are written in a local staging copy,
+``<cache_dir>/runs/<uri>-<hash>`` (``UNIPIPE_CACHE``), mirrored to the URI through ``pyarrow.fs``:
 
-    before the run     pull the manifest and the run's stage directories (not replaced/, report, plots)
+    before the run     pull the manifest and the stages' driver files (not replaced/, report, plots)
     a stage starts     push the manifest
-    a stage ends       push its directory, then the manifest (done, or failed: any exception, Ctrl-C included)
-    outputs replaced   push them to <uri>/replaced/<stage>-<time>, then delete <uri>/<stage>
+    a stage ends       push its driver files, then the manifest (done, or failed: any exception, Ctrl-C too)
+    outputs replaced   move <uri>/<stage> to <uri>/replaced/<stage>-<time> (its checkpoints too)
     after the report   push report.md, report.json, plots/, then the manifest
 
-A push mirrors: afterwards <uri>/<name> holds exactly the staging copy's files (checkpoints a stage rotated out
-go there too). On pull, per stage, the staging copy wins when it holds the same attempt as the URI (the same
-``started`` in both manifests: it is as far along or further, e.g. after a push that failed, and is pushed
-then); otherwise the URI's copy wins, and a stale staging copy moves to <staging>/replaced/ first.
+In a stage directory the mirror owns the files at its top and under tensorboard/; what the stage wrote to
+the URI itself (``<stage>/<stage>/`` of Ray Train, PPO's ``checkpoint/``, ``final-*``, ``best_gold-*``) is
+neither downloaded nor deleted by it. On pull, per stage, the staging copy wins when it holds the same
+attempt as the URI (the same ``started`` in both manifests: it is as far along or further, e.g. after a push
+that failed, and is pushed then); otherwise the URI's copy wins, and a stale staging copy moves to
+<staging>/replaced/ first.
 
-Paths in the small files at the top of the run and of each stage directory (manifest.json, <stage>/*.json,
-report.*) are stored at the URI with the URI in place of the staging directory: the manifest there names
-checkpoints by their URI, and a run continued on another machine (another staging directory) reads the same
-configs, so its finished stages are skipped and a failed one resumes.
+The driver's small JSON and markdown files name the staging copy's paths (``output_dir``, ``run_dir``): at
+the URI they name the URI instead, and a run continued on another machine (another staging directory)
+reads them back as its own paths, so its finished stages are skipped and a failed one resumes. Checkpoints
+are named by their URI everywhere.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import re
 import shutil
 from pathlib import Path
 
+from unipipe_ray.core import storage
 from unipipe_ray.core.models import cache_dir
 from unipipe_ray.pipeline.manifest import Manifest
 from unipipe_ray.runtime.files import write_text_atomic
@@ -61,15 +67,15 @@ def set_aside(path: Path, run_dir: Path, suffix: str = "") -> Path | None:
 
 
 class RunDir:
-    """``local``: where the run works. For a URI run_dir also ``uri`` (without its ?query) and the remote copy
-    that ``pull`` and ``push`` keep in step; for a local one both are no-ops."""
+    """``local``: where the run works. For a URI run_dir also ``uri`` (without its ?query), ``spec`` (with it)
+    and the remote copy that ``pull`` and ``push`` keep in step; for a local one both are no-ops."""
 
     def __init__(self, run_dir: str):
-        self.fs = self.uri = None
+        self.fs = self.uri = self.spec = None
         if not is_uri(run_dir):
             self.local = Path(run_dir).resolve()
             return
-        self.uri = run_dir.split("?", 1)[0].rstrip("/")
+        self.uri, self.spec = run_dir.split("?", 1)[0].rstrip("/"), run_dir
         self.fs, self.root = _open(run_dir)
         self.local = staging_dir(self.uri)
 
@@ -77,13 +83,29 @@ class RunDir:
         """A path in the run as the user knows it: under the URI for a URI run_dir."""
         return _swap(str(path), str(self.local), self.uri) if self.uri else str(path)
 
+    def storage(self, stage: str) -> str | None:
+        """Where a stage writes its checkpoints itself: ``<uri>/<stage>`` (query kept), None for a local run."""
+        return storage.join(self.spec, stage) if self.spec else None
+
     def set_aside(self, stage: str) -> Path | None:
-        """A stage's outputs that are about to be replaced go to replaced/, here and at the URI."""
+        """A stage's outputs that are about to be replaced go to replaced/, here and at the URI (checkpoints
+        included: copied within the store first, so an interrupted move loses nothing)."""
+        import pyarrow.fs as pafs
+
         moved = set_aside(self.local / stage, self.local)
-        if moved and self.fs is not None:
-            self.push(moved.relative_to(self.local).as_posix())  # copied first: an interrupted move loses nothing
-            if self._list(stage):
-                self.fs.delete_dir(f"{self.root}/{stage}")
+        if self.fs is not None and self._list(stage):
+            name = moved.name if moved else f"{stage}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            made: set[str] = set()
+            for rel, kind in self._list(stage):
+                if kind == pafs.FileType.File:
+                    dst = f"{self.root}/replaced/{name}/{rel[len(stage) + 1:]}"
+                    if dst.rsplit("/", 1)[0] not in made:
+                        self.fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+                        made.add(dst.rsplit("/", 1)[0])
+                    self.fs.copy_file(f"{self.root}/{rel}", dst)
+            self.fs.delete_dir(f"{self.root}/{stage}")
+            if moved is None:
+                moved = self.local / "replaced" / name
         return moved
 
     def pull(self, stages: list[str] | tuple[str, ...]) -> None:
@@ -120,7 +142,8 @@ class RunDir:
         for name in names:
             src = self.local / name
             files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
-            keep = [p.relative_to(self.local).as_posix() for p in files]
+            keep = [rel for rel in (p.relative_to(self.local).as_posix() for p in files) if _mirrored(rel)]
+            files = [self.local / rel for rel in keep]
             made: set[str] = set()  # directories made in this push (deletes come after the uploads)
             for rel in keep:
                 self._put(rel, made)
@@ -141,7 +164,7 @@ class RunDir:
             made.add(parent)
         if _holds_paths(rel):
             with self.fs.open_output_stream(dst) as f:
-                f.write(_relocate(rel, (self.local / rel).read_text(), str(self.local), self.uri).encode())
+                f.write(_relocate(rel, (self.local / rel).read_text(), str(self.local), self.uri, _ALL).encode())
         else:
             pafs.copy_files(str(self.local / rel), dst, destination_filesystem=self.fs)
 
@@ -150,7 +173,7 @@ class RunDir:
         import pyarrow.fs as pafs
 
         missing = [rel for rel, kind in self._list(name)
-                   if kind == pafs.FileType.File and not (self.local / rel).exists()]
+                   if kind == pafs.FileType.File and _mirrored(rel) and not (self.local / rel).exists()]
         for rel in missing:
             target = self.local / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +189,8 @@ class RunDir:
 
         entries = sorted(self._list(name), key=lambda e: (e[1] != pafs.FileType.File, -e[0].count("/")))
         for rel, kind in entries:
+            if not _mirrored(rel if kind == pafs.FileType.File else f"{rel}/-"):  # the stage's own, at the URI
+                continue
             if kind == pafs.FileType.File and rel not in keep:
                 self.fs.delete_file(f"{self.root}/{rel}")
             elif kind == pafs.FileType.Directory and not any(k.startswith(rel + "/") for k in keep):
@@ -192,7 +217,7 @@ class RunDir:
                 text = f.read().decode()
         except FileNotFoundError:
             return None
-        return _relocate(rel, text, self.uri, str(self.local)) if _holds_paths(rel) else text
+        return _relocate(rel, text, self.uri, str(self.local), _DRIVER_KEYS) if _holds_paths(rel) else text
 
 
 def _open(run_dir: str):
@@ -225,24 +250,35 @@ def _holds_paths(rel: str) -> bool:
     return rel.count("/") <= 1 and rel.endswith((".json", ".md"))
 
 
-def _relocate(rel: str, text: str, old: str, new: str) -> str:
-    """``text`` with every path under ``old`` moved under ``new`` (JSON: string values; markdown: the text)."""
+_ALL = None
+_DRIVER_KEYS = frozenset({"output_dir", "run_dir", "manifest"})  # the JSON keys that name the staging copy
+
+
+def _mirrored(rel: str) -> bool:
+    """Files the mirror copies: anything outside a stage directory; in one, its top files and tensorboard/."""
+    parts = rel.split("/")
+    return len(parts) <= 2 or parts[0] in ("replaced", "plots") or parts[1] == "tensorboard"
+
+
+def _relocate(rel: str, text: str, old: str, new: str, keys: frozenset | None) -> str:
+    """``text`` with paths under ``old`` moved under ``new`` (markdown: the text; JSON: string values, only
+    those under ``keys`` when given: on the way back from the URI, checkpoint URIs must stay URIs)."""
     if rel.endswith(".md"):
         return text.replace(old, new)
     try:
         data = json.loads(text)
     except ValueError:  # not JSON after all: leave it as it is
         return text
-    return json.dumps(_walk(data, old, new), indent=2)
+    return json.dumps(_walk(data, old, new, keys, keys is None), indent=2)
 
 
-def _walk(node, old: str, new: str):
+def _walk(node, old: str, new: str, keys: frozenset | None, inside: bool):
     if isinstance(node, str):
-        return _swap(node, old, new)
+        return _swap(node, old, new) if inside else node
     if isinstance(node, dict):
-        return {k: _walk(v, old, new) for k, v in node.items()}
+        return {k: _walk(v, old, new, keys, inside or k in keys) for k, v in node.items()}
     if isinstance(node, list):
-        return [_walk(v, old, new) for v in node]
+        return [_walk(v, old, new, keys, inside) for v in node]
     return node
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from unipipe_ray.config import PPOConfig, to_dict
+from unipipe_ray.core import storage
 from unipipe_ray.core.rl import AdaptiveKLController, FixedKLController, kl_penalty
 from unipipe_ray.core.watch import HackingWatch
 from unipipe_ray.ppo.groups import build_groups, join_weight_group, sync_weights
@@ -110,10 +111,23 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
         **{f"time/{k}_s": v for k, v in seconds.items()}}, state
 
 
-def save_policy(groups: dict, directory: Path, tokenizer_dir: str) -> None:
-    """The policy's weights (Hugging Face format) swapped in whole: a kill mid-save keeps the previous copy."""
-    replace_dir(directory, lambda new: groups["policy"].call("save", str(new), tokenizer_dir),
-                complete="config.json")
+def save_policy(groups: dict, out: Path | str, name: str, tokenizer_dir: str, iteration: int) -> str:
+    """The policy's weights (Hugging Face format) as ``out/name``, swapped in whole: a kill mid-save keeps the
+    previous copy. Cluster storage has no rename: each save there is a new ``name-<iteration>`` directory, and
+    the older ones are deleted once it is complete. Returns where it went."""
+    if not storage.is_uri(out):
+        directory = Path(out) / name
+        replace_dir(directory, lambda new: groups["policy"].call("save", str(new), tokenizer_dir),
+                    complete="config.json")
+        return str(directory)
+    fresh = f"{name}-{iteration:06d}"
+    target = storage.join(str(out), fresh)
+    storage.delete(target)  # what an interrupted save of the same iteration left
+    groups["policy"].call("save", target, tokenizer_dir)
+    for other in storage.children(str(out)):
+        if other.startswith(f"{name}-") and other != fresh:
+            storage.delete(storage.join(str(out), other))
+    return target
 
 
 def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list, list, object]:
@@ -129,7 +143,8 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list, list, object]:
 
 
 def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at: int | None = None,
-            inject_stop_at: int | None = None, inject_role_failures: dict | None = None) -> dict:
+            inject_stop_at: int | None = None, inject_role_failures: dict | None = None,
+            inject_commit_failure_at: int | None = None, storage: str | None = None) -> dict:
     """PPO on a Ray cluster (local when no address). Resumes from ``output_dir/checkpoint`` when one exists
     (``train.checkpoint_every`` iterations apart). A dead trainer, critic, reference or reward actor breaks
     its group: every group is rebuilt and the run resumes from the last checkpoint, up to
@@ -137,19 +152,25 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
 
     Test hooks: ``inject_engine_failure_at`` kills a rollout actor before that iteration's generation;
     ``inject_stop_at`` raises after that many iterations, as a stopped job would end;
-    ``inject_role_failures`` {iteration: (role, index)} kills that actor before that iteration, once."""
+    ``inject_role_failures`` {iteration: (role, index)} kills that actor before that iteration, once;
+    ``inject_commit_failure_at`` fails the checkpoint after that iteration once its parts are written, before
+    it is committed.
+
+    ``storage``: a URI (s3://, gs://, ...) for the checkpoints, the final and the best-gold policy, which the
+    trainers upload from their own nodes (for clusters without a shared filesystem; ppo/state.py says how a
+    checkpoint is committed there). ``output_dir`` keeps the driver's own files."""
     from ray.exceptions import RayActorError
 
-    from unipipe_ray.core.models import load_tokenizer, resolve_model
+    from unipipe_ray.core.models import load_tokenizer, shareable_model
     from unipipe_ray.runtime.actors import RoleDied
     from unipipe_ray.runtime.cluster import init_ray
     from unipipe_ray.runtime.launch import check_same_config, write_result
 
     started = time.time()
     out_dir = Path(cfg.output_dir).resolve()
-    paths = {"policy": resolve_model(cfg.model), "reference": resolve_model(cfg.ref_model or cfg.model),
-             "reward": resolve_model(cfg.reward_model) if cfg.reward_model else None}
-    paths["critic"] = resolve_model(cfg.critic_model) if cfg.critic_model else (paths["reward"] or paths["policy"])
+    paths = {"policy": shareable_model(cfg.model), "reference": shareable_model(cfg.ref_model or cfg.model),
+             "reward": shareable_model(cfg.reward_model) if cfg.reward_model else None}
+    paths["critic"] = shareable_model(cfg.critic_model) if cfg.critic_model else (paths["reward"] or paths["policy"])
     tokenizer = load_tokenizer(cfg.model)
     train_prompts, _, task = load_prompts(cfg, tokenizer)
     gold_scorer(cfg, task), load_rule(cfg.rule_reward)  # refuse a bad module:function before actors start
@@ -157,7 +178,7 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
     recover_dir(out_dir / "best_gold")  # a kill mid-swap left the previous best at best_gold.old
     init_ray(address)
     hooks = {"engine": {inject_engine_failure_at: ("engines", 0)} if inject_engine_failure_at is not None else {},
-             "roles": dict(inject_role_failures or {})}
+             "roles": dict(inject_role_failures or {}), "commit": inject_commit_failure_at, "storage": storage}
     for attempt in range(cfg.train.max_failures + 1):
         try:
             result = _train(cfg, paths, tokenizer, train_prompts, task, out_dir, hooks, inject_stop_at)
@@ -182,11 +203,12 @@ def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, ou
 
     tokenizer_dir = str(paths["policy"])
     paths = dict(paths)
-    resume = ppo_state.find(out_dir / "checkpoint")
+    out = hooks["storage"] or out_dir  # where checkpoints and policies go: cluster storage or output_dir
+    checkpoints = storage.join(out, "checkpoint") if hooks["storage"] else out_dir / "checkpoint"
+    resume = ppo_state.find(checkpoints)
     if resume is not None:  # the trainers and engines start from the checkpoint's weights
-        paths["policy"] = resume / "policy"
-        if (resume / "critic").is_dir():
-            paths["critic"] = resume / "critic"
+        paths["policy"] = ppo_state.part(resume, "policy")
+        paths["critic"] = ppo_state.part(resume, "critic") or paths["critic"]
     threads = max(1, (os.cpu_count() or 1) // max(1, cfg.train.num_workers))
     groups, placement = build_groups(cfg, paths, tokenizer.pad_token_id, threads)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
@@ -194,13 +216,15 @@ def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, ou
     watch = HackingWatch(cfg.hacking_window, z=cfg.hacking_z)
     reporter = Reporter("ppo", cfg.iterations, str(out_dir / "tensorboard"))
     history, best_gold, start, state = [], float("-inf"), 0, None
+    best_dir = str(out_dir / "best_gold") if not hooks["storage"] else None
     last_save = time.monotonic()
     try:
         if resume is not None:
             controller = ppo_state.load_controller(resume)
-            groups["policy"].call("load_checkpoint", str(resume / "policy"))
+            groups["policy"].call("load_checkpoint", str(paths["policy"]))
             if "critic" in groups:
-                groups["critic"].call("load_checkpoint", str(resume / "critic"))
+                groups["critic"].call("load_checkpoint", str(paths["critic"]))
+            best_dir = controller.get("best_dir", best_dir)
             kl_ctl.load_state_dict(controller["kl"])
             watch.load_state_dict(controller["watch"])
             history, best_gold, start = controller["history"], controller["best_gold"], controller["iteration"]
@@ -224,7 +248,7 @@ def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, ou
             write_json_atomic(out_dir / "history.json", history)
             if has_gold and metrics["ppo/gold_mean"] > best_gold:
                 best_gold = metrics["ppo/gold_mean"]
-                save_policy(groups, out_dir / "best_gold", tokenizer_dir)
+                best_dir = save_policy(groups, out, "best_gold", tokenizer_dir, it + 1)
             stop = bool(metrics["watch/hacking"]) and cfg.stop_on_hacking
             if metrics["watch/hacking"]:
                 log.warning("reward hacking suspected at iteration %d: the proxy reward rises while the gold reward "
@@ -234,17 +258,19 @@ def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, ou
             due = (every and (it + 1) % every == 0) or (minutes and time.monotonic() - last_save >= minutes * 60)
             if due and it + 1 < cfg.iterations and not stop:
                 last_save = time.monotonic()
-                ppo_state.save(out_dir / "checkpoint", groups, tokenizer_dir,
-                               {"iteration": it + 1, "history": history, "best_gold": best_gold,
-                                "kl": kl_ctl.state_dict(), "watch": watch.state_dict()})
+                fail = (RuntimeError(f"ppo: injected failure before committing checkpoint {it + 1} (test hook)")
+                        if hooks["commit"] == it + 1 else None)
+                ppo_state.save(checkpoints, groups, tokenizer_dir,
+                               {"iteration": it + 1, "history": history, "best_gold": best_gold, "best_dir": best_dir,
+                                "kl": kl_ctl.state_dict(), "watch": watch.state_dict()}, fail_before_commit=fail)
             if inject_stop_at == it + 1:
                 raise RuntimeError(f"ppo: injected stop after iteration {it + 1} (test hook)")
             if stop:
                 break
-        save_policy(groups, out_dir / "final", tokenizer_dir)
+        final = save_policy(groups, out, "final", tokenizer_dir, len(history))
         write_json_atomic(out_dir / "history.json", history)
-        result = {"stage": "ppo", "config": to_dict(cfg), "metrics": history[-1], "checkpoint": str(out_dir / "final"),
-                  "best_gold_checkpoint": str(out_dir / "best_gold") if best_gold > float("-inf") else None,
+        result = {"stage": "ppo", "config": to_dict(cfg), "metrics": history[-1], "checkpoint": final,
+                  "best_gold_checkpoint": best_dir if best_gold > float("-inf") else None,
                   "stopped_on_hacking": bool(history[-1]["watch/hacking"]) and cfg.stop_on_hacking,
                   "resumed_at_iteration": start if resume is not None else None,
                   "train_examples": len(train_prompts), "eval_examples": 0}

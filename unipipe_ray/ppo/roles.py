@@ -25,6 +25,7 @@ from unipipe_ray.core.sequences import (
     response_mask,
     to_batch,
 )
+from unipipe_ray.core.storage import localize, writing_to
 from unipipe_ray.runtime import distributed as dist
 from unipipe_ray.runtime.engine import TrainingEngine
 
@@ -57,6 +58,7 @@ class PolicyTrainer:
     def __init__(self, model_path: str, lr: float, pad_id: int, temperature: float, clip_eps: float,
                  max_grad_norm: float = 1.0, total_updates: int = 1000, backend: str = "ddp", zero_stage: int = 0,
                  seed: int = 0, threads: int | None = None, rank: int = 0, world: int = 1, master=None):
+        model_path = localize(model_path)  # a checkpoint in cluster storage: downloaded once per node
         from transformers import AutoModelForCausalLM
 
         self.group_address = _setup(threads, seed, rank, world, master)
@@ -138,16 +140,19 @@ class PolicyTrainer:
             self.sender.send(full)
 
     def save(self, directory: str, tokenizer_dir: str) -> None:
-        _save_pretrained(self.engine, directory, tokenizer_dir)
+        """The weights in Hugging Face format, to a path or a URI (each rank uploads what it wrote)."""
+        with writing_to(directory) as local:
+            _save_pretrained(self.engine, local, tokenizer_dir)
 
     def save_checkpoint(self, directory: str, tokenizer_dir: str) -> None:
         """Weights (Hugging Face format, the init of a resumed trainer) plus optimizer and schedule state."""
-        _save_pretrained(self.engine, directory, tokenizer_dir)
-        self.engine.save_state(f"{directory}/engine")
+        with writing_to(directory) as local:
+            _save_pretrained(self.engine, local, tokenizer_dir)
+            self.engine.save_state(f"{local}/engine")
 
     def load_checkpoint(self, directory: str) -> None:
         """Optimizer and schedule state from save_checkpoint (the weights came in through model_path)."""
-        self.engine.load_state(f"{directory}/engine")
+        self.engine.load_state(f"{localize(directory)}/engine")
 
 
 def _save_pretrained(engine, directory: str, tokenizer_dir: str) -> None:
@@ -156,7 +161,7 @@ def _save_pretrained(engine, directory: str, tokenizer_dir: str) -> None:
     full = engine.full_state_dict()  # collective: every rank calls it
     if dist.is_main():
         engine.module.save_pretrained(directory, state_dict=full)
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+        AutoTokenizer.from_pretrained(localize(tokenizer_dir)).save_pretrained(directory)
 
 
 class CriticTrainer:
@@ -165,6 +170,7 @@ class CriticTrainer:
     def __init__(self, model_path: str, lr: float, pad_id: int, clip_eps: float, max_grad_norm: float = 1.0,
                  total_updates: int = 1000, seed: int = 0, threads: int | None = None, rank: int = 0,
                  world: int = 1, master=None):
+        model_path = localize(model_path)  # a checkpoint in cluster storage: downloaded once per node
         from transformers import AutoModelForSequenceClassification
 
         self.group_address = _setup(threads, seed, rank, world, master)
@@ -206,6 +212,7 @@ class CriticTrainer:
 
 class ReferenceModel:
     def __init__(self, model_path: str, pad_id: int, temperature: float, threads: int | None = None):
+        model_path = localize(model_path)  # a checkpoint in cluster storage: downloaded once per node
         from transformers import AutoModelForCausalLM
 
         if threads:
@@ -223,6 +230,7 @@ class ReferenceModel:
 class RewardScorer:
     def __init__(self, model_path: str, pad_id: int, threads: int | None = None, batch_size: int = 32,
                  seed: int = 0):
+        model_path = localize(model_path)  # a checkpoint in cluster storage: downloaded once per node
         from transformers import AutoModelForSequenceClassification
 
         if threads:

@@ -220,6 +220,9 @@ class VLLMEngine:
 
 
 def make_rollout_engine(kind: str, model_path: str, **kwargs):
+    from unipipe_ray.core.storage import localize
+
+    model_path = localize(model_path)  # a checkpoint in cluster storage: downloaded once per node
     if kind == "hf":
         return HFEngine(model_path, **kwargs)
     if kind == "vllm":

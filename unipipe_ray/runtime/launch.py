@@ -131,9 +131,13 @@ def _stoppable(loop):
     """The loop as Ray Train runs it: a NonFiniteLoss ends every worker's loop normally (a retry from the
     last checkpoint would meet the same numbers) and leaves the reason with the driver, which raises it."""
     def train_func(loop_config: dict) -> None:
+        from unipipe_ray.core.storage import is_uri, localize
         from unipipe_ray.runtime import distributed as dist
         from unipipe_ray.runtime.loop import NonFiniteLoss
 
+        for key in ("model_path", "ref_path"):  # models in cluster storage: downloaded once per node
+            if is_uri(loop_config.get(key)):
+                loop_config = {**loop_config, key: localize(loop_config[key])}
         try:
             loop(loop_config)
         except NonFiniteLoss as e:
@@ -146,7 +150,7 @@ def _stoppable(loop):
 
 def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extra: dict | None = None,
               inject_failure_at: int | None = None, inject_nan_at: int | None = None,
-              inject_report_death_at: int | None = None) -> dict:
+              inject_report_death_at: int | None = None, storage: str | None = None) -> dict:
     """Load and check the stage's data on the driver, then run ``loop`` on Ray Train workers.
 
     The run is named after the stage under ``cfg.output_dir``: running the same command again resumes
@@ -155,16 +159,21 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
     ``inject_nan_at`` (tests) makes a weight NaN before that step, which stops the stage (NonFiniteLoss);
     ``inject_report_death_at`` (tests) kills the last worker once while it saves and reports that step's
     checkpoint.
+
+    ``storage``: a URI (s3://, gs://, ...) where Ray Train keeps the checkpoints instead of ``output_dir``, for
+    clusters without a shared filesystem: a worker restarted on another node resumes from there, and the
+    stage's checkpoint is that URI. ``output_dir`` keeps the driver's own files (config, result, tensorboard).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from unipipe_ray.core.models import load_tokenizer, resolve_model
+    from unipipe_ray.core.models import load_tokenizer, shareable_model
+    from unipipe_ray.core.storage import open_uri
 
     started = time.time()
     output_dir = Path(cfg.output_dir).resolve()
-    model_path = resolve_model(cfg.model)  # convert/download once here, before the workers race for it
+    model_path = shareable_model(cfg.model)  # convert/download once here, before the workers race for it
     tokenizer = load_tokenizer(cfg.model)
     train_feats, eval_feats, _ = load_stage_data(cfg.data, kind, tokenizer)
     check_same_config(output_dir / f"{stage}_config.json", to_dict(cfg))
@@ -179,9 +188,13 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
                    "inject_report_death": (inject_report_death_at,
                                            str(output_dir / f".{stage}_report_death_injected")),
                    **(extra or {})}
+    where = {"storage_path": str(output_dir)}
+    if storage:
+        fs, path = open_uri(storage)
+        where = {"storage_path": path, "storage_filesystem": fs}
     trainer = TorchTrainer(
         _stoppable(loop), train_loop_config=loop_config, scaling_config=scaling_config,
-        run_config=RunConfig(name=stage, storage_path=str(output_dir),
+        run_config=RunConfig(name=stage, **where,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = _fit_with_progress(trainer, progress, stage)
@@ -189,11 +202,23 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
     if reason:
         from unipipe_ray.runtime.loop import NonFiniteLoss
 
-        kept = result.checkpoint.path if result.checkpoint else "none (no checkpoint was saved before it)"
+        kept = _checkpoint_path(result, storage) or "none (no checkpoint was saved before it)"
         raise NonFiniteLoss(f"{reason}. Last good checkpoint: {kept}")
     out = {"stage": stage, "config": to_dict(cfg), "metrics": result.metrics,
-           "checkpoint": result.checkpoint.path if result.checkpoint else None,
+           "checkpoint": _checkpoint_path(result, storage),
            "train_examples": len(train_feats), "eval_examples": len(eval_feats),
            "seconds": round(time.time() - started, 1)}
     write_result(output_dir, out)
     return out
+
+
+def _checkpoint_path(result, storage: str | None) -> str | None:
+    """The result's checkpoint as the next stage loads it: a local path, or its URI under ``storage``."""
+    if result.checkpoint is None:
+        return None
+    if not storage:
+        return result.checkpoint.path
+    from unipipe_ray.core.storage import join, open_uri
+
+    root = open_uri(storage)[1]
+    return join(storage, result.checkpoint.path[len(root):])

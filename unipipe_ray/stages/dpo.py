@@ -107,10 +107,12 @@ def train_loop(loop_config: dict) -> None:
     loop.finish(run, metrics, evaluate_now)
 
 
-def run_dpo(cfg: DPOConfig, address: str | None = None, inject_failure_at: int | None = None) -> dict:
+def run_dpo(cfg: DPOConfig, address: str | None = None, inject_failure_at: int | None = None,
+           storage: str | None = None) -> dict:
     """DPO on a Ray cluster (local when no address); return metrics and the checkpoint path."""
-    from unipipe_ray.core.models import resolve_model
+    from unipipe_ray.core.models import shareable_model
 
-    ref_path = resolve_model(cfg.ref_model or cfg.model)
+    ref_path = shareable_model(cfg.ref_model or cfg.model)
     return launch.run_stage("dpo", train_loop, cfg, "preference", address, extra={"ref_path": ref_path},
-                            inject_failure_at=inject_failure_at)
+                            inject_failure_at=inject_failure_at,
+                            storage=storage)

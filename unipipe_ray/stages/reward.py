@@ -64,6 +64,8 @@ def train_loop(loop_config: dict) -> None:
     loop.finish(run, metrics, evaluate_now)
 
 
-def run_rm(cfg: RMConfig, address: str | None = None, inject_failure_at: int | None = None) -> dict:
+def run_rm(cfg: RMConfig, address: str | None = None, inject_failure_at: int | None = None,
+           storage: str | None = None) -> dict:
     """Reward-model training on a Ray cluster (local when no address); return metrics and the checkpoint."""
-    return launch.run_stage("rm", train_loop, cfg, "preference", address, inject_failure_at=inject_failure_at)
+    return launch.run_stage("rm", train_loop, cfg, "preference", address, inject_failure_at=inject_failure_at,
+                            storage=storage)

@@ -97,7 +97,9 @@ def train_loop(loop_config: dict) -> None:
 
 
 def run_sft(cfg: SFTConfig, address: str | None = None, inject_failure_at: int | None = None,
-            inject_nan_at: int | None = None, inject_report_death_at: int | None = None) -> dict:
+            inject_nan_at: int | None = None, inject_report_death_at: int | None = None,
+           storage: str | None = None) -> dict:
     """Train on a Ray cluster (local when no address); return metrics and the checkpoint path."""
     return launch.run_stage("sft", train_loop, cfg, "sft", address, inject_failure_at=inject_failure_at,
-                            inject_nan_at=inject_nan_at, inject_report_death_at=inject_report_death_at)
+                            inject_nan_at=inject_nan_at, inject_report_death_at=inject_report_death_at,
+                            storage=storage)
