@@ -113,3 +113,70 @@ def test_ppo_groups_meet_at_rank_0s_node_and_sync_weights_across_nodes(nodes, tm
     from tests.floors import LOGP_ATOL
 
     assert all(d < LOGP_ATOL for d in out["logp_diff"])  # the engine got the trainer's weights each time
+
+
+def test_sft_with_checkpoints_in_s3_resumes_on_another_node_when_its_node_dies(nodes, tmp_path):
+    """No shared filesystem needed: the only copy of the checkpoints is in the bucket (moto's S3 server), the
+    worker's node is removed from the cluster after a checkpoint, and Ray Train restarts the worker on the
+    other node, which reads that checkpoint from the bucket."""
+    pytest.importorskip("moto")
+    from tests.s3_local import s3_endpoint
+
+    with s3_endpoint() as s3:
+        uri = s3("multinode/sft")
+        seen = tmp_path / "worker_ips.json"
+        script = textwrap.dedent(f"""
+            import json, threading, time, ray
+            ray.init(address={nodes.address!r})
+            from ray._private import state
+            from unipipe_ray.config import SFTConfig, load_config
+            from unipipe_ray.stages.sft import run_sft
+            ips = []
+            def watch():  # the nodes the training worker ran on, in order
+                while True:
+                    for a in state.actors().values():
+                        ip = a["Address"]["IPAddress"]
+                        if "RayTrainWorker" in a["ActorClassName"] and a["State"] == "ALIVE" and ip not in ips:
+                            ips.append(ip)
+                            open({str(seen)!r}, "w").write(json.dumps(ips))
+                    time.sleep(0.2)
+            threading.Thread(target=watch, daemon=True).start()
+            result = run_sft(load_config(SFTConfig, overrides=[
+                "model=tiny", "output_dir={tmp_path}/sft", "data.task_size=200", "data.eval_size=4",
+                "data.max_length=64", "train.num_workers=1", "train.batch_size=2", "train.max_steps=60",
+                "train.checkpoint_every=5", "train.max_failures=2"]), storage={uri!r})
+            open({str(tmp_path / "out.json")!r}, "w").write(json.dumps(result, default=str))
+        """)
+        driver = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        removed = None
+        try:
+            import time
+
+            import pyarrow.fs as pafs
+
+            fs, root = pafs.FileSystem.from_uri(uri)
+            deadline = time.time() + 300
+            while time.time() < deadline and driver.poll() is None:
+                listed = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+                names = [i.path for i in listed]
+                if seen.exists() and any(n.endswith("trainer_state.pt") for n in names):
+                    break
+                time.sleep(0.2)
+            first_ip = json.loads(seen.read_text())[0]
+            removed = next(n for n in nodes.worker_nodes if n.node_ip_address == first_ip)
+            nodes.remove_node(removed)  # the node and every process on it die
+            log, _ = driver.communicate(timeout=480)
+            assert driver.returncode == 0, log[-4000:]
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+            if removed is not None:  # the other tests of this module expect both worker nodes
+                nodes.add_node(num_cpus=2, node_ip_address=removed.node_ip_address)
+                nodes.wait_for_nodes()
+        result = json.loads((tmp_path / "out.json").read_text())
+        ips = json.loads(seen.read_text())
+    assert len(ips) == 2 and ips[0] == first_ip  # the worker ran on one node, then on the other
+    assert result["metrics"]["step"] == 60 and result["metrics"]["resumed_at_step"] >= 5
+    assert result["checkpoint"].startswith(uri.split("?")[0] + "/sft/checkpoint_")
+    assert not list(tmp_path.glob("**/checkpoint_*"))  # nothing was kept on a local disk

@@ -167,6 +167,7 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from unipipe_ray.core.models import load_tokenizer, shareable_model
     from unipipe_ray.core.storage import open_uri
@@ -179,7 +180,9 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
     check_same_config(output_dir / f"{stage}_config.json", to_dict(cfg))
     init_ray(address)
     scaling_config, threads = scaling(cfg.train)
-    progress = ray.remote(num_cpus=0)(_Progress).remote()
+    # On the driver's node: the driver polls it, and a worker node that dies must not take it along.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    progress = ray.remote(num_cpus=0, scheduling_strategy=here)(_Progress).remote()
     loop_config = {"config": cfg, "model_path": model_path, "train_ref": ray.put(train_feats),
                    "eval_ref": ray.put(eval_feats), "tokenizer": tokenizer, "threads": threads,
                    "tensorboard_dir": str(output_dir / "tensorboard"), "progress": progress,

@@ -1,0 +1,58 @@
+"""PPO with its checkpoints in S3 (moto's local server) and no shared filesystem assumed: two policy
+trainers upload their parts of each checkpoint themselves; a save stopped after every part is uploaded but
+before its commit leaves the previous checkpoint in force; a fresh machine (another directory for the
+driver's files, another cache) resumes from that one and repeats the stopped run's iterations."""
+
+import pytest
+
+from unipipe_ray.config import PPOConfig, load_config
+from unipipe_ray.core import models, storage
+from unipipe_ray.core.models import tiny_model_dir
+from unipipe_ray.ppo import state as ppo_state
+from unipipe_ray.ppo.controller import run_ppo
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+
+
+@pytest.fixture
+def s3():
+    pytest.importorskip("moto")
+    from tests.s3_local import s3_endpoint
+
+    with s3_endpoint() as uri:
+        yield uri
+
+
+def test_ppo_in_s3_resumes_on_a_fresh_machine_from_the_last_committed_checkpoint(ray_cluster, s3, tmp_path,
+                                                                                  monkeypatch):
+    import json
+
+    uri = s3("run/ppo")
+    overrides = ["data.task_size=100", "data.eval_size=4", "max_new_tokens=8", "prompts_per_iter=8",
+                 "samples_per_prompt=4", "minibatch_size=16", "estimator=grpo", "ppo_epochs=2", "train.lr=3e-2",
+                 "kl_coef=0", "rule_reward=tests.ray.rules:low_id_share", "iterations=4",
+                 "train.checkpoint_every=1", "train.num_workers=2",
+                 f"model={tiny_model_dir(tie_word_embeddings=False)}"]
+    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path / "machine-a" / "cache")
+    first = load_config(PPOConfig, overrides=overrides + [f"output_dir={tmp_path / 'machine-a' / 'ppo'}"])
+    with pytest.raises(RuntimeError, match="before committing checkpoint 3"):
+        run_ppo(first, storage=uri, inject_commit_failure_at=3)
+    stopped = json.loads((tmp_path / "machine-a" / "ppo" / "history.json").read_text())
+    checkpoints = storage.join(uri, "checkpoint")
+    assert len(stopped) == 3
+    assert ppo_state.find(checkpoints) == storage.join(checkpoints, "iteration-000002")  # 3 was not committed
+    assert "iteration-000003" in storage.children(checkpoints)  # complete, but never named by the pointer
+
+    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path / "machine-b" / "cache")
+    fresh = load_config(PPOConfig, overrides=overrides + [f"output_dir={tmp_path / 'machine-b' / 'ppo'}"])
+    result = run_ppo(fresh, storage=uri)
+    rows = json.loads((tmp_path / "machine-b" / "ppo" / "history.json").read_text())
+    assert result["resumed_at_iteration"] == 2
+    assert [h["iteration"] for h in rows] == [1, 2, 3, 4]
+    # iteration 3 again, from checkpoint 2's weights and optimizer state (two ranks' shards, from the bucket)
+    for key in ("ppo/rule_mean", "ppo/policy_loss", "ppo/approx_kl", "ppo/grad_norm"):
+        assert rows[2][key] == pytest.approx(stopped[2][key], rel=1e-5, abs=1e-7), key
+    assert storage.children(checkpoints) == ["iteration-000003", "latest.json"]  # rewritten and committed
+    assert result["checkpoint"] == storage.join(uri, "final-000004")
+    assert (models.Path(models.resolve_model(result["checkpoint"])) / "config.json").is_file()
+    assert not list(tmp_path.glob("machine-*/ppo/**/controller.json"))  # nothing of it on a driver's disk
