@@ -136,3 +136,13 @@ def test_a_ppo_checkpoint_in_storage_is_committed_by_its_pointer_and_never_mixed
     assert ppo_state.find(where) == storage.join(where, "iteration-000006")
     assert storage.children(where) == ["iteration-000006", "latest.json"]  # ...and clears older and partial ones
     assert ppo_state.part(ppo_state.find(where), "critic") is None
+
+
+def test_a_worker_never_asks_for_more_cpus_than_one_node_has():
+    from unipipe_ray.runtime.cluster import worker_cpus
+
+    assert worker_cpus(2, 2, 2) == 0.9  # 2 workers on a 2-core machine, the controller beside them
+    assert worker_cpus(4, 4, 1) == 3.9  # one node: the worker takes it
+    assert worker_cpus(4, 2, 1) == 1.9  # two 2-CPU nodes: 3.9 fits on neither; 1.9 fits on the survivor too
+    assert worker_cpus(4, 2, 2) == 1.9
+    assert worker_cpus(64, 16, 8) == 7.9

@@ -39,8 +39,15 @@ def scaling(train: TrainConfig):
     if train.cpus_per_worker is not None:
         return ScalingConfig(num_workers=train.num_workers, resources_per_worker={"CPU": train.cpus_per_worker}), \
             max(1, round(train.cpus_per_worker))
-    cpus = ray.cluster_resources().get("CPU", 1)
-    # 0.9 leaves room for Ray Train's controller so 2 workers fit on a 2-core machine.
-    per_worker = max(0.9, math.floor(cpus / train.num_workers * 10) / 10 - 0.1)
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    per_worker = worker_cpus(ray.cluster_resources().get("CPU", 1), largest, train.num_workers)
     return ScalingConfig(num_workers=train.num_workers, resources_per_worker={"CPU": per_worker}), \
         max(1, int(per_worker + 0.1))
+
+
+def worker_cpus(cluster_cpus: float, largest_node_cpus: float, num_workers: int) -> float:
+    """Each worker's CPU share: the cluster's CPUs split evenly, less 0.1 (room for Ray Train's controller,
+    so 2 workers fit on a 2-core machine), at least 0.9, and never more than one node has: a worker runs on
+    one node, and one restarted after its node died must fit on another."""
+    share = math.floor(cluster_cpus / num_workers * 10) / 10 - 0.1
+    return max(0.9, min(share, largest_node_cpus - 0.1))
