@@ -17,6 +17,7 @@ import json
 import sys
 
 from unipipe_ray.config import ConfigError, SFTConfig, load_config
+from unipipe_ray.core import storage
 from unipipe_ray.data.records import DataError
 from unipipe_ray.eval import cli as eval_cli
 from unipipe_ray.pipeline.registry import REGISTRY
@@ -62,6 +63,26 @@ def _run_or_explain(command: str, fn, *args) -> tuple[object, int]:
     except NonFiniteLoss as e:
         print(f"unipipe {command}: stopped: {e}", file=sys.stderr)
         return None, 1
+
+
+def _in_storage(cfg, run):
+    """A stage whose output_dir is a URI (s3://...) writes its checkpoints there itself, from the nodes it runs
+    on; its driver files (config, result, history, tensorboard) go to a local copy, uploaded at the end, failed
+    or not. Returns (the config to run, the runner, a function that uploads)."""
+    import dataclasses
+    import functools
+
+    if not storage.is_uri(cfg.output_dir):
+        return cfg, run, lambda: None
+    from unipipe_ray.pipeline.rundir import RunDir
+
+    uri = cfg.output_dir
+    local = RunDir(uri).local  # checked by writing a file there: a bad URI stops here (ValueError)
+
+    def upload():
+        if local.is_dir():
+            storage.upload_dir(local, uri)
+    return dataclasses.replace(cfg, output_dir=str(local)), functools.partial(run, storage=uri), upload
 
 
 def _run_pipeline(args) -> int:
@@ -118,7 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"unipipe: {e}", file=sys.stderr)
         return 2
-    result, rc = _run_or_explain(args.command, stage.run, cfg, args.address)
+    shown = cfg.output_dir
+    try:
+        cfg, run, upload = _in_storage(cfg, stage.run)
+    except ValueError as e:
+        print(f"unipipe: {str(e).replace('run_dir', 'output_dir', 1)}", file=sys.stderr)
+        return 2
+    try:
+        result, rc = _run_or_explain(args.command, run, cfg, args.address)
+    finally:
+        upload()
     if rc:
         return rc
     print(f"\n== unipipe {args.command}: done ==")
@@ -135,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         for when, a in acc.items():
             print(f"answer accuracy {when} SFT: {a['accuracy']:.3f} on {a['n']} held-out prompts "
                   f"(first answer: {a['example'][:120]!r})")
-    print(f"result record: {cfg.output_dir}/result.json")
+    print(f"result record: {storage.join(shown, 'result.json') if storage.is_uri(shown) else shown + '/result.json'}")
     return 0
 
 

@@ -56,3 +56,25 @@ def test_ppo_in_s3_resumes_on_a_fresh_machine_from_the_last_committed_checkpoint
     assert result["checkpoint"] == storage.join(uri, "final-000004")
     assert (models.Path(models.resolve_model(result["checkpoint"])) / "config.json").is_file()
     assert not list(tmp_path.glob("machine-*/ppo/**/controller.json"))  # nothing of it on a driver's disk
+
+
+def test_a_stage_command_with_an_s3_output_dir_keeps_everything_in_the_bucket(ray_cluster, s3, tmp_path, monkeypatch,
+                                                                               capsys):
+    """`unipipe sft output_dir=s3://...`: Ray Train writes the checkpoints to the bucket, the driver's files
+    (config, result, tensorboard) are uploaded at the end, and the checkpoint loads from its URI."""
+    import json
+
+    from unipipe_ray.cli import main
+    from unipipe_ray.pipeline import rundir
+
+    monkeypatch.setattr(rundir, "cache_dir", lambda: tmp_path / "cache")
+    uri = s3("standalone/sft")
+    assert main(["sft", "model=tiny", f"output_dir={uri}", "data.task_size=40", "data.eval_size=4",
+                 "data.max_length=64", "train.batch_size=4", "train.max_steps=2"]) == 0
+    assert f"result record: {storage.join(uri, 'result.json')}" in capsys.readouterr().out
+    files = [rel for rel, _, _ in storage.listing(uri)]
+    assert {"sft_config.json", "result.json"} <= set(files) and any(f.startswith("tensorboard/") for f in files)
+    result = json.loads(storage.read_text(storage.join(uri, "result.json")))
+    assert result["checkpoint"].startswith(uri.split("?")[0] + "/sft/checkpoint_")
+    assert (models.Path(models.resolve_model(result["checkpoint"])) / "model.safetensors").is_file()
+    assert not list((tmp_path / "cache").glob("**/checkpoint_*"))  # none on the driver's disk

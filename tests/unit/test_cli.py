@@ -20,3 +20,8 @@ def test_unknown_stage_is_an_argparse_error():
     with pytest.raises(SystemExit) as e:
         main(["ppo-typo"])
     assert e.value.code == 2
+
+
+def test_an_unusable_output_dir_uri_is_named_before_anything_runs(capsys):
+    assert main(["sft", "model=tiny", "output_dir=nosuch://bucket/sft"]) == 2
+    assert "output_dir 'nosuch://bucket/sft' is not usable" in capsys.readouterr().err

@@ -180,9 +180,11 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
     check_same_config(output_dir / f"{stage}_config.json", to_dict(cfg))
     init_ray(address)
     scaling_config, threads = scaling(cfg.train)
-    # On the driver's node: the driver polls it, and a worker node that dies must not take it along.
+    # On the driver's node where it can be (the driver polls it); restarted if its node dies all the same
+    # (a progress bar that starts over beats a stage that fails with it).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    progress = ray.remote(num_cpus=0, scheduling_strategy=here)(_Progress).remote()
+    progress = ray.remote(num_cpus=0, scheduling_strategy=here, max_restarts=-1,
+                          max_task_retries=-1)(_Progress).remote()
     loop_config = {"config": cfg, "model_path": model_path, "train_ref": ray.put(train_feats),
                    "eval_ref": ray.put(eval_feats), "tokenizer": tokenizer, "threads": threads,
                    "tensorboard_dir": str(output_dir / "tensorboard"), "progress": progress,
