@@ -78,3 +78,46 @@ def test_a_stage_command_with_an_s3_output_dir_keeps_everything_in_the_bucket(ra
     assert result["checkpoint"].startswith(uri.split("?")[0] + "/sft/checkpoint_")
     assert (models.Path(models.resolve_model(result["checkpoint"])) / "model.safetensors").is_file()
     assert not list((tmp_path / "cache").glob("**/checkpoint_*"))  # none on the driver's disk
+
+
+def test_a_tune_sweep_in_s3_keeps_its_trials_and_report_there_and_restores_from_there(ray_cluster, s3, tmp_path,
+                                                                                      monkeypatch):
+    """storage_path=s3://...: Tune keeps its experiment in the bucket (RunConfig storage_filesystem), each
+    trial's stage run is a pipeline with a run_dir in the bucket, the report is written from a local copy of
+    the small files and uploaded; the same command again restores the finished sweep from the bucket."""
+    from unipipe_ray.pipeline import rundir
+    from unipipe_ray.tune.config import TuneConfig
+    from unipipe_ray.tune.run import run_tune
+
+    monkeypatch.setattr(rundir, "cache_dir", lambda: tmp_path / "cache")
+    path = tmp_path / "sweep.yaml"
+    path.write_text("""
+name: grid
+base:
+  model: tiny
+  stages: [sft]
+  eval_size: 4
+  eval_max_new_tokens: 8
+  sft:
+    data: {task: arith, task_size: 40, eval_size: 4, max_length: 64}
+    train: {batch_size: 4, max_steps: 2, lr: 2.0e-3, log_every: 1}
+space:
+  sft.train.lr: {grid: [1.0e-3, 2.0e-3]}
+max_concurrent_trials: 2
+""")
+    cfg = load_config(TuneConfig, path, [f"storage_path={s3('tune')}"])
+    exp = run_tune(cfg, given=set())
+    assert exp == storage.join(s3("tune"), "grid")
+    files = [rel for rel, _, _ in storage.listing(exp)]
+    trials = [f for f in files if f.endswith("/params.json") and not f.startswith("stages/")]
+    assert len(trials) == 2 and "unipipe_tune.json" in files and "sweep_report.md" in files
+    checkpoints = {f.split("/")[1] for f in files if f.startswith("stages/") and "/sft/sft/checkpoint_" in f}
+    assert len(checkpoints) == 2  # each trial's SFT checkpoint, in the bucket
+    assert "2 finished" in storage.read_text(storage.join(exp, "sweep_report.md"))
+    results = {f: storage.read_text(storage.join(exp, f)) for f in files if f.endswith("/result.json")
+               and not f.startswith("stages/")}
+    assert not list(tmp_path.glob("cache/**/checkpoint_*"))
+
+    again = run_tune(cfg, given=set())  # restored from the bucket: the finished trials do not run again
+    assert again == exp
+    assert {f: storage.read_text(storage.join(exp, f)) for f in results} == results

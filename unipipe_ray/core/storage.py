@@ -107,6 +107,13 @@ def write_text(uri: str, text: str) -> None:
     fs.move(tmp, path)
 
 
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = open_uri(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
 def upload_dir(local: str | Path, uri: str) -> int:
     """Copy every file under ``local`` to ``uri`` (same relative paths); returns how many."""
     import pyarrow.fs as pafs
@@ -121,6 +128,19 @@ def upload_dir(local: str | Path, uri: str) -> int:
             fs.create_dir(parent, recursive=True)
             made.add(parent)
         pafs.copy_files(str(f), dst, destination_filesystem=fs)
+    return len(files)
+
+
+def download(uri: str, target: str | Path, skip: tuple[str, ...] = ()) -> int:
+    """Copy the files under ``uri`` into ``target`` (same relative paths, overwriting), except those whose
+    path starts with one of ``skip``; returns how many."""
+    import pyarrow.fs as pafs
+
+    fs, path = open_uri(uri)
+    files = [rel for rel, _, _ in listing(uri) if not rel.startswith(skip)]
+    for rel in files:
+        (Path(target) / rel).parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(f"{path}/{rel}", str(Path(target) / rel), source_filesystem=fs)
     return len(files)
 
 

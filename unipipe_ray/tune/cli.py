@@ -22,7 +22,7 @@ def add_parsers(sub) -> None:
     t.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="dotted overrides, e.g. name=try2 base.dpo.beta=0.5")
     r = sub.add_parser("sweep-report", help="write sweep_report.md + PNGs from a Tune experiment directory")
-    r.add_argument("experiment_dir", help="<storage_path>/<name> of a sweep")
+    r.add_argument("experiment_dir", help="<storage_path>/<name> of a sweep (a path or a URI)")
     r.add_argument("--metric", default="accuracy", help="the metric to rank trials by (default accuracy)")
     r.add_argument("--mode", default="max", choices=("max", "min"))
 
@@ -37,10 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from unipipe_ray.config import ConfigError, load_config_with_keys
 
     if args.command == "sweep-report":
-        from unipipe_ray.tune.report import write_sweep_report
+        from unipipe_ray.tune.run import sweep_report
 
         try:
-            print(f"sweep report: {write_sweep_report(args.experiment_dir, metric=args.metric, mode=args.mode)}")
+            print(f"sweep report: {sweep_report(args.experiment_dir, args.metric, args.mode)}")
         except (FileNotFoundError, ValueError) as e:
             print(f"unipipe sweep-report: {e}", file=sys.stderr)
             return 2

@@ -54,7 +54,7 @@ class AshaConfig:
 @dataclass(frozen=True)
 class TuneConfig:
     name: str = "allocation"              # experiment name: results in <storage_path>/<name>
-    storage_path: str = "runs/tune"       # Tune's storage (a local or shared path)
+    storage_path: str = "runs/tune"       # Tune's storage: a local or shared path, or a URI (s3://, gs://)
     base: PipelineConfig = field(default_factory=_default_base)  # what every trial runs before its overrides
     space: dict[str, Any] = field(default_factory=dict)  # searched keys (see the module docstring)
     search: str = "grid"                  # grid | random
@@ -84,8 +84,6 @@ class TuneConfig:
         return data
 
     def __post_init__(self):
-        check("://" not in self.storage_path, "storage_path", f"must be a local or shared path, got "
-               f"{self.storage_path!r} (the trials' stage runs and checkpoints are written there directly)")
         one_of(self.search, "search", ("grid", "random"))
         one_of(self.scheduler, "scheduler", ("fifo", "asha"))
         one_of(self.mode, "mode", ("max", "min"))

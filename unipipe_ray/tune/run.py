@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 from unipipe_ray.config import TrainConfig, config_differences, to_dict
+from unipipe_ray.core import storage
 from unipipe_ray.runtime.files import write_json_atomic
 from unipipe_ray.runtime.logs import progress
 from unipipe_ray.tune.config import TuneConfig
@@ -26,8 +27,33 @@ log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01  # the trial actor: it only waits on Ray Train and generates the held-out answers
 
 
-def experiment_dir(cfg: TuneConfig) -> Path:
+def experiment_dir(cfg: TuneConfig) -> Path | str:
+    """<storage_path>/<name>: a local path, or a URI when storage_path is one."""
+    if storage.is_uri(cfg.storage_path):
+        return storage.join(cfg.storage_path, cfg.name)
     return Path(cfg.storage_path).resolve() / cfg.name
+
+
+def _under(exp_dir: Path | str, name: str) -> Path | str:
+    return storage.join(exp_dir, name) if storage.is_uri(exp_dir) else Path(exp_dir) / name
+
+
+def sweep_report(exp_dir: Path | str, metric: str, mode: str) -> Path | str:
+    """The sweep report of an experiment directory; for a URI written in a local copy of its small files
+    (the trials' stage runs, with their checkpoints, stay at the URI) and uploaded beside them."""
+    from unipipe_ray.tune.report import write_sweep_report
+
+    if not storage.is_uri(exp_dir):
+        return write_sweep_report(exp_dir, metric=metric, mode=mode)
+    from unipipe_ray.pipeline.rundir import staging_dir
+
+    local = staging_dir(exp_dir)
+    if not storage.download(exp_dir, local, skip=("stages/",)):
+        raise FileNotFoundError(f"experiment directory {exp_dir} holds no files")
+    path = write_sweep_report(local, metric=metric, mode=mode)
+    for f in sorted(local.glob("sweep_*")):
+        storage.write_bytes(_under(exp_dir, f.name), f.read_bytes())
+    return _under(exp_dir, path.name)
 
 
 def trial_demand(cfg: TuneConfig) -> tuple[float, int]:
@@ -109,14 +135,19 @@ def base_tree(cfg: TuneConfig) -> dict:
     return tree
 
 
-def _check_same_sweep(path: Path, config: dict, compare: bool) -> None:
+def _check_same_sweep(path: Path | str, config: dict, compare: bool) -> None:
     """Restoring runs the stored search; a changed YAML would silently not apply, so refuse and say what."""
-    if compare and path.exists():
-        old = json.loads(path.read_text())
-        diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in config_differences(old, config) if not k.startswith("report")]
+    uri = storage.is_uri(path)
+    stored = (storage.read_text(path) if uri else path.read_text() if path.exists() else None) if compare else None
+    if stored is not None:
+        diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in config_differences(json.loads(stored), config)
+                 if not k.startswith("report")]
         if diffs:
-            raise ValueError(f"{path.parent} holds a sweep started with another config ({'; '.join(diffs[:8])}); "
+            where = storage.split(path)[0].rsplit("/", 1)[0] if uri else path.parent
+            raise ValueError(f"{where} holds a sweep started with another config ({'; '.join(diffs[:8])}); "
                              "restoring it would ignore the change. Use another name, or move that directory.")
+    elif uri:
+        storage.write_text(path, json.dumps(config, indent=2))
     else:
         write_json_atomic(path, config)
 
@@ -136,16 +167,19 @@ def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, injec
     parallel = concurrency(cfg, ray.cluster_resources())
     cpus, _ = trial_demand(cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, base=base_tree(cfg), given=sorted(given), stages_root=str(exp_dir / "stages"),
-                             metric=cfg.metric, engine=cfg.eval_engine, eval_resources=eval_resources(cfg),
+        tune.with_parameters(tune_trial, base=base_tree(cfg), given=sorted(given),
+                             stages_root=str(_under(exp_dir, "stages")), metric=cfg.metric,
+                             engine=cfg.eval_engine, eval_resources=eval_resources(cfg),
                              inject=inject),
         {"CPU": TRIAL_CPU})
-    restoring = tune.Tuner.can_restore(str(exp_dir))
+    # A URI: Tune keeps its experiment there through a pyarrow filesystem, as Ray Train does for the stages.
+    fs, where = storage.open_uri(str(exp_dir)) if storage.is_uri(exp_dir) else (None, str(exp_dir))
+    restoring = tune.Tuner.can_restore(where, storage_filesystem=fs)
     # Written once the sweep starts (a sweep that never started can be re-run with a fixed config).
-    _check_same_sweep(exp_dir / "unipipe_tune.json", to_dict(cfg), compare=restoring)
+    _check_same_sweep(_under(exp_dir, "unipipe_tune.json"), to_dict(cfg), compare=restoring)
     if restoring:
         progress(f"tune: resuming {exp_dir}: finished trials are kept, errored and unfinished ones run")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(where, trainable, resume_errored=True, storage_filesystem=fs)
     else:
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.asha.max_t,
                                    grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor,
@@ -156,13 +190,12 @@ def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, injec
             trainable, param_space=param_space(cfg),
             tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
                                         num_samples=cfg.num_samples, max_concurrent_trials=parallel),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=str(exp_dir.parent)))
+            run_config=tune.RunConfig(name=cfg.name, storage_path=where.rsplit("/", 1)[0],
+                                      storage_filesystem=fs))
     results = tuner.fit()
     errors = [r for r in results if r.error is not None]
     progress(f"tune: {len(results)} trials, {len(errors)} errored" +
              (" (run the same command again to retry them)" if errors else ""))
     if cfg.report:
-        from unipipe_ray.tune.report import write_sweep_report
-
-        progress(f"tune: report {write_sweep_report(exp_dir, metric=cfg.metric, mode=cfg.mode)}")
+        progress(f"tune: report {sweep_report(exp_dir, cfg.metric, cfg.mode)}")
     return exp_dir

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from unipipe_ray.config import ConfigError, PipelineConfig, build_config, set_dotted
+from unipipe_ray.core import storage
 
 POOL_KEYS = ("task", "task_path", "task_size", "sources", "eval_size", "seed")  # what makes the shared pool
 
@@ -175,7 +176,8 @@ def tune_trial(params: dict, base: dict, given: list[str], stages_root: str, met
     from unipipe_ray.runtime.launch import eval_listener
 
     # Tune's trial id (kept on restore) tells repeats of the same parameters apart (num_samples > 1).
-    run_dir = Path(stages_root) / f"{trial_key(params)}_{tune.get_context().get_trial_id()}"
+    name = f"{trial_key(params)}_{tune.get_context().get_trial_id()}"
+    run_dir = storage.join(stages_root, name) if storage.is_uri(stages_root) else Path(stages_root) / name
     cfg = trial_config(base, params, str(run_dir))
     fail = inject["before"] if inject and all(params.get(k) == v for k, v in inject["params"].items()) else None
     reported = []
