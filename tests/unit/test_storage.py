@@ -78,6 +78,22 @@ def test_localize_downloads_once_per_node_and_again_when_the_files_change(root, 
     assert storage.localize(str(src)) == str(src)  # a local path is left as it is
 
 
+def test_models_cross_to_other_nodes_as_uris_or_names_never_as_the_drivers_cache_paths(root, node, tmp_path):
+    """The driver's cache path of a converted or generated model does not exist on another node: a built-in
+    name and a URI are handed to workers as themselves and made locally on each node."""
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    where = storage.join(root, "models/m")
+    storage.upload_dir(str(src), where)
+    assert models.shareable_model(where) == where and models.shareable_model(models.TINY_MODEL) == "tiny"
+    assert models.shareable_model(str(src)) == str(src)  # a local directory must be on every node
+    node("node-b")
+    assert Path(models.node_model(where)).is_relative_to(tmp_path / "node-b")
+    assert Path(models.node_model("tiny")).is_relative_to(tmp_path / "node-b")  # generated here, not read there
+    assert models.node_model(str(src)) == str(src) and models.node_model("org/name") == "org/name"
+
+
 def test_a_missing_uri_is_named(root, node):
     with pytest.raises(FileNotFoundError, match="nothing is stored under that URI"):
         storage.localize(storage.join(root, "no/such/checkpoint"))

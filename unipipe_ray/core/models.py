@@ -14,6 +14,7 @@ Checkpoints are loaded as safetensors and never with ``trust_remote_code`` unles
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -77,14 +78,40 @@ def _gguf_key(gguf: Path) -> str:
     return _GGUF_KEYS[memo]
 
 
-def _atomic_build(target: Path, build) -> Path:
-    """Build a directory in a temp sibling and rename it into place, so a crash never leaves half a model."""
-    if (target / "config.json").exists() or (target / "tokenizer_config.json").exists():
+def _save_model_here(model, out: Path) -> None:
+    """``save_pretrained`` on this process whatever its rank. transformers writes nothing on a process-group
+    rank other than 0 (its rule for checkpoints that rank 0 saves for everyone), but a node's cache is built by
+    whichever worker of that node gets there, often rank 1 inside Ray Train: it used to be left with the
+    tokenizer alone and taken for a model."""
+    model.should_save_on_this_rank = lambda is_main_process: True
+    model.save_pretrained(out)
+    if not any(out.glob("*.safetensors")):
+        raise RuntimeError(f"saving a model to {out} wrote no weights (transformers {_transformers_version()})")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _atomic_build(target: Path, build, done: str = "config.json") -> Path:
+    """Build a directory in a temp sibling and rename it into place, so a crash never leaves half a model.
+    ``done``: the file whose presence says the directory is complete."""
+    if (target / done).exists():
         return target
+    if target.exists():  # builds appear whole (the rename below): this one is from an older, broken build
+        log.warning("%s is incomplete (no %s); building it again", target, done)
+        stale = Path(tempfile.mkdtemp(prefix=target.name + ".stale.", dir=target.parent))
+        with contextlib.suppress(OSError):  # another process may be doing the same
+            target.rename(stale / "old")
+        shutil.rmtree(stale, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         build(tmp)
+        if not (tmp / done).exists():
+            raise RuntimeError(f"building {target.name} left no {done}")
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; its copy is as good as ours
@@ -102,7 +129,7 @@ def gguf_tokenizer_dir(gguf: Path) -> Path:
     def build(out: Path) -> None:
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
 
-    return _atomic_build(cache_dir() / f"{_gguf_key(gguf)}-tokenizer", build)
+    return _atomic_build(cache_dir() / f"{_gguf_key(gguf)}-tokenizer", build, done="tokenizer_config.json")
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -119,7 +146,7 @@ def convert_gguf(gguf: Path) -> Path:
         config = AutoConfig.for_model(**config.to_dict())
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(loaded.state_dict())
-        plain.save_pretrained(out)
+        _save_model_here(plain, out)
         AutoTokenizer.from_pretrained(gguf_tokenizer_dir(gguf)).save_pretrained(out)
 
     return _atomic_build(cache_dir() / _gguf_key(gguf), build)
@@ -135,7 +162,7 @@ def tiny_model_dir(seed: int = 0, tie_word_embeddings: bool = True) -> Path:
                              tie_word_embeddings=tie_word_embeddings, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **TINY_SIZES)
         torch.manual_seed(seed)
-        LlamaForCausalLM(config).save_pretrained(out)
+        _save_model_here(LlamaForCausalLM(config), out)
         tok.save_pretrained(out)
 
     suffix = "" if tie_word_embeddings else "-untied"
@@ -173,9 +200,22 @@ def resolve_model(spec: str) -> str:
 
 
 def shareable_model(spec: str) -> str:
-    """What the driver hands to workers that may run on other nodes: a URI as it is (each node downloads it
-    once, ``storage.localize``), anything else resolved here (converted or checked once, not per worker)."""
-    return spec if is_uri(spec) else resolve_model(spec)
+    """What the driver hands to workers that may run on other nodes. A URI and a built-in model name stay
+    as they are, so that each node makes its own local copy (``node_model``): the driver's cache path would
+    not exist on another node. They are resolved here once all the same, so that a bad spec fails before any
+    worker starts and the driver's node has its copy. A local directory is passed as its path: it must be on
+    every node (a shared filesystem), or given as a URI instead; a hub id is fetched by each node."""
+    resolved = resolve_model(spec)
+    return spec if is_uri(spec) or spec in (DEFAULT_MODEL, TINY_MODEL) else resolved
+
+
+def node_model(spec: str) -> str:
+    """The local directory of a model handed over by ``shareable_model``, on the node that calls this: a URI
+    is downloaded once per node, a built-in name converted or generated once per node (deterministic, so
+    every node gets the same weights); a path or hub id is returned as it is."""
+    if is_uri(spec) or spec in (DEFAULT_MODEL, TINY_MODEL):
+        return resolve_model(spec)
+    return spec
 
 
 def _tokenizer_source(spec: str) -> str:

@@ -214,7 +214,7 @@ def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, ou
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
               else FixedKLController(cfg.kl_coef))
     watch = HackingWatch(cfg.hacking_window, z=cfg.hacking_z)
-    reporter = Reporter("ppo", cfg.iterations, str(out_dir / "tensorboard"))
+    reporter = Reporter("ppo", cfg.iterations, str(out_dir / "tensorboard"), run=str(out_dir))
     history, best_gold, start, state = [], float("-inf"), 0, None
     best_dir = str(out_dir / "best_gold") if not hooks["storage"] else None
     last_save = time.monotonic()

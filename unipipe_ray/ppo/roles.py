@@ -16,6 +16,7 @@ import logging
 import torch
 
 from unipipe_ray.core.losses import masked_sum, ppo_policy_loss, reduce_loss, value_loss
+from unipipe_ray.core.models import node_model
 from unipipe_ray.core.sequences import (
     gather_response,
     logits_to_keep,
@@ -58,7 +59,7 @@ class PolicyTrainer:
     def __init__(self, model_path: str, lr: float, pad_id: int, temperature: float, clip_eps: float,
                  max_grad_norm: float = 1.0, total_updates: int = 1000, backend: str = "ddp", zero_stage: int = 0,
                  seed: int = 0, threads: int | None = None, rank: int = 0, world: int = 1, master=None):
-        model_path = localize(model_path)  # a checkpoint in cluster storage: downloaded once per node
+        model_path = node_model(model_path)  # this node's copy (core.models.shareable_model)
         from transformers import AutoModelForCausalLM
 
         self.group_address = _setup(threads, seed, rank, world, master)
@@ -170,7 +171,7 @@ class CriticTrainer:
     def __init__(self, model_path: str, lr: float, pad_id: int, clip_eps: float, max_grad_norm: float = 1.0,
                  total_updates: int = 1000, seed: int = 0, threads: int | None = None, rank: int = 0,
                  world: int = 1, master=None):
-        model_path = localize(model_path)  # a checkpoint in cluster storage: downloaded once per node
+        model_path = node_model(model_path)  # this node's copy (core.models.shareable_model)
         from transformers import AutoModelForSequenceClassification
 
         self.group_address = _setup(threads, seed, rank, world, master)
@@ -212,7 +213,7 @@ class CriticTrainer:
 
 class ReferenceModel:
     def __init__(self, model_path: str, pad_id: int, temperature: float, threads: int | None = None):
-        model_path = localize(model_path)  # a checkpoint in cluster storage: downloaded once per node
+        model_path = node_model(model_path)  # this node's copy (core.models.shareable_model)
         from transformers import AutoModelForCausalLM
 
         if threads:
@@ -230,7 +231,7 @@ class ReferenceModel:
 class RewardScorer:
     def __init__(self, model_path: str, pad_id: int, threads: int | None = None, batch_size: int = 32,
                  seed: int = 0):
-        model_path = localize(model_path)  # a checkpoint in cluster storage: downloaded once per node
+        model_path = node_model(model_path)  # this node's copy (core.models.shareable_model)
         from transformers import AutoModelForSequenceClassification
 
         if threads:

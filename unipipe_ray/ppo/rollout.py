@@ -220,9 +220,9 @@ class VLLMEngine:
 
 
 def make_rollout_engine(kind: str, model_path: str, **kwargs):
-    from unipipe_ray.core.storage import localize
+    from unipipe_ray.core.models import node_model
 
-    model_path = localize(model_path)  # a checkpoint in cluster storage: downloaded once per node
+    model_path = node_model(model_path)  # this node's copy (core.models.shareable_model)
     if kind == "hf":
         return HFEngine(model_path, **kwargs)
     if kind == "vllm":

@@ -22,9 +22,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # sets with ours ("Failed to merge the Job's runtime env"): pass only what the job leaves unset.
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}) or {}
     taken = set(job_env.get("env_vars") or {})
-    runtime_env = {"env_vars": {k: os.environ[k] for k in ("UNIPIPE_CACHE", "UNIPIPE_SMOLLM2_GGUF",
-                                                          "UNIPIPE_SHARED_DATA", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-                                if k in os.environ and k not in taken}}
+    env = {k: os.environ[k] for k in ("UNIPIPE_CACHE", "UNIPIPE_SMOLLM2_GGUF", "UNIPIPE_SHARED_DATA",
+                                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "UNIPIPE_RAY_METRICS")
+           if k in os.environ}
+    # Weight-loading and saving bars from every worker fill the job log with redraws; the progress lines
+    # already say what happens. HF_HUB_DISABLE_PROGRESS_BARS=0 in the driver's environment keeps them.
+    env["HF_HUB_DISABLE_PROGRESS_BARS"] = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    runtime_env = {"env_vars": {k: v for k, v in env.items() if k not in taken}}
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env,
              num_cpus=num_cpus, log_to_driver=True)
 

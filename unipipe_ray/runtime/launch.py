@@ -18,6 +18,8 @@ from unipipe_ray.config import ConfigError, result_differences, to_dict
 from unipipe_ray.data.stage_data import load_stage_data
 from unipipe_ray.runtime.cluster import init_ray, scaling
 from unipipe_ray.runtime.files import write_json_atomic
+from unipipe_ray.runtime.logs import ProgressLines
+from unipipe_ray.runtime.logs import progress as log_progress
 
 
 def check_same_config(path: Path, config: dict) -> None:
@@ -100,14 +102,18 @@ def _fit_with_progress(trainer, progress, stage: str):
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(result=_capture(trainer.fit)), daemon=True)
     thread.start()
-    # Without a terminal (ray job logs, CI) the rank-0 progress lines say the same without redraw noise.
-    bar = tqdm(desc=stage, unit="step", dynamic_ncols=True, disable=not sys.stderr.isatty())
+    # Without a terminal (ray job logs, CI) a bar's redraws are noise: the same figures come as lines.
+    terminal = sys.stderr.isatty()
+    bar = tqdm(desc=stage, unit="step", dynamic_ncols=True, disable=not terminal)
+    lines = ProgressLines(stage)
     seen = 0
     while thread.is_alive():
         thread.join(timeout=1.0)
         seen = _pass_evals(progress, stage, seen)
         step, total, metrics = ray.get(progress.get.remote())
-        if total:
+        if not terminal and (text := lines.line(step, total, metrics)):
+            log_progress(text)
+        if total and terminal:
             bar.total = total
             bar.n = step
             bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
@@ -131,13 +137,13 @@ def _stoppable(loop):
     """The loop as Ray Train runs it: a NonFiniteLoss ends every worker's loop normally (a retry from the
     last checkpoint would meet the same numbers) and leaves the reason with the driver, which raises it."""
     def train_func(loop_config: dict) -> None:
-        from unipipe_ray.core.storage import is_uri, localize
+        from unipipe_ray.core.models import node_model
         from unipipe_ray.runtime import distributed as dist
         from unipipe_ray.runtime.loop import NonFiniteLoss
 
-        for key in ("model_path", "ref_path"):  # models in cluster storage: downloaded once per node
-            if is_uri(loop_config.get(key)):
-                loop_config = {**loop_config, key: localize(loop_config[key])}
+        for key in ("model_path", "ref_path"):  # a copy on this worker's node (core.models.shareable_model)
+            if loop_config.get(key):
+                loop_config = {**loop_config, key: node_model(loop_config[key])}
         try:
             loop(loop_config)
         except NonFiniteLoss as e:
@@ -187,7 +193,7 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
                           max_task_retries=-1)(_Progress).remote()
     loop_config = {"config": cfg, "model_path": model_path, "train_ref": ray.put(train_feats),
                    "eval_ref": ray.put(eval_feats), "tokenizer": tokenizer, "threads": threads,
-                   "tensorboard_dir": str(output_dir / "tensorboard"), "progress": progress,
+                   "tensorboard_dir": str(output_dir / "tensorboard"), "progress": progress, "run": str(output_dir),
                    "inject_failure": (inject_failure_at, str(output_dir / f".{stage}_failure_injected")),
                    "inject_nan_at": inject_nan_at, "staging_dir": str(output_dir / ".staging"),
                    "inject_report_death": (inject_report_death_at,

@@ -58,3 +58,50 @@ _PROGRESS = _progress_logger()
 def progress(message: str) -> None:
     """One progress line on stdout (see the module docstring)."""
     _PROGRESS.info(message)
+
+
+def main_metric(metrics: dict) -> tuple[str, float] | None:
+    """The figure a progress line leads with: the training loss, else any loss or accuracy."""
+    for suffix in ("/loss", "loss", "accuracy"):
+        for key, value in metrics.items():
+            if key.endswith(suffix) and "eval" not in key and isinstance(value, int | float):
+                return key.split("/")[-1], float(value)
+    return None
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class ProgressLines:
+    """The driver's progress bar as lines, for a log with no terminal (``ray job logs``, CI): at most one line
+    every ``every_s`` seconds, and the last step always, each with the step, the percentage, an ETA from the
+    steps seen so far (a resumed run counts from where it resumed) and the main metric."""
+
+    def __init__(self, stage: str, every_s: float = 10.0, clock=None):
+        import time
+
+        self.stage, self.every_s, self.clock = stage, every_s, clock or time.monotonic
+        self.first: tuple[int, float] | None = None
+        self.last_step, self.last_time = -1, float("-inf")
+
+    def line(self, step: int, total: int, metrics: dict) -> str | None:
+        now = self.clock()
+        if not total:  # the workers have not reported yet
+            return None
+        if self.first is None:
+            self.first = (step, now)
+        if step == self.last_step or (now - self.last_time < self.every_s and step < total):
+            return None
+        self.last_step, self.last_time = step, now
+        parts = [f"{self.stage}: step {step}/{total} ({100 * step / total:.0f}%)"]
+        done, since = step - self.first[0], now - self.first[1]
+        if step < total and done > 0 and since > 0:
+            parts.append(f"eta {duration(since / done * (total - step))}")
+        shown = main_metric(metrics)
+        if shown:
+            parts.append(f"{shown[0]} {shown[1]:.4g}")
+        return ", ".join(parts)

@@ -24,6 +24,7 @@ from unipipe_ray.runtime import distributed as dist
 from unipipe_ray.runtime.checkpoint import load_trainable, restore_state, save_and_report
 from unipipe_ray.runtime.engine import TrainingEngine
 from unipipe_ray.runtime.logs import quiet_ray_train_logs
+from unipipe_ray.runtime.metrics import export as export_metrics
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,8 @@ def peak_memory_mb(device: torch.device) -> float:
 class Reporter:
     """Metrics out: rank-0 progress line, TensorBoard (rank 0), the driver's progress bar, Ray Train."""
 
-    def __init__(self, stage: str, steps: int, tensorboard_dir: str | None, progress=None):
-        self.stage, self.steps, self.progress = stage, steps, progress
+    def __init__(self, stage: str, steps: int, tensorboard_dir: str | None, progress=None, run: str = ""):
+        self.stage, self.steps, self.progress, self.run = stage, steps, progress, run
         self.t, self.tokens = time.perf_counter(), 0.0
         self.writer = None
         if tensorboard_dir and dist.is_main():
@@ -137,6 +138,8 @@ class Reporter:
             self.writer.flush()
         if self.progress is not None and dist.is_main():
             self.progress.update.remote(step, self.steps, metrics)
+        if dist.is_main():  # Ray's metrics endpoint: the dashboard, Grafana, Prometheus (runtime/metrics.py)
+            export_metrics(metrics | {"step": step}, self.run, self.stage, dist.rank())
 
     def close(self) -> None:
         if self.writer:
@@ -211,7 +214,8 @@ def start_run(stage: str, loop_config: dict, kind: str = "causal", configure=Non
             configure(model)
         engine = make_training_engine(model, train, steps)
         start, metrics, extra = restore_state(engine, resume)
-    reporter = Reporter(stage, steps, loop_config["tensorboard_dir"], loop_config["progress"])
+    reporter = Reporter(stage, steps, loop_config["tensorboard_dir"], loop_config["progress"],
+                        run=loop_config.get("run", ""))
     return Run(cfg, train, train_feats, eval_feats, loop_config["tokenizer"], device, world, dist.rank(), steps,
                start, engine, reporter, metrics, extra,
                inject_failure=loop_config.get("inject_failure", (None, None)),
