@@ -97,6 +97,8 @@ def test_launcher_config_passes_rays_validation_and_matches_the_project():
     assert any(t["resources"].get("GPU", 0) > 0 for t in types.values())
     assert any("pip install" in c and " -e " in c and "[vllm]" in c for c in cfg["setup_commands"])
     assert f"-v {SHARED}:{SHARED}" in cfg["docker"]["run_options"]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):  # the port cluster/README.md names
+        assert any("ray start" in c and "--metrics-export-port=8080" in c for c in cfg[key]), key
     for local in cfg["file_mounts"].values():
         if not local.startswith("~"):  # ~/.ray/auth_token lives on the user's machine
             assert (ROOT / local).exists(), local

@@ -50,3 +50,15 @@ def test_metric_names_and_values_fit_prometheus():
     assert exportable({"watch/hacking": True, "ppo/kl": 0.5, "step": 3, "x": math.nan, "note": "text",
                        "ppo/inf": math.inf}) == {"unipipe_watch_hacking": 1.0, "unipipe_ppo_kl": 0.5,
                                                   "unipipe_step": 3.0}
+
+
+def test_ray_trains_per_report_lines_are_kept_out_of_the_log():
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from unipipe_ray.runtime.logs import quiet_ray_train_logs
+
+    quiet_ray_train_logs()
+    assert not context.logger.isEnabledFor(logging.INFO)  # "Reporting training result N: TrainingReport(...)"
+    assert context.logger.isEnabledFor(logging.WARNING)

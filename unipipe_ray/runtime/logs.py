@@ -25,8 +25,17 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def quiet_ray_train_logs() -> None:
-    """Ray Train logs every report() call at INFO; our rank-0 progress line already says it."""
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    """Ray Train logs every report() call at INFO (``Reporting training result N: TrainingReport(...)``, the
+    whole metrics dict); our rank-0 progress line already says it. Its logger is named by the module's file
+    path (``logging.getLogger(__file__)``), not its dotted name."""
+    import importlib
+
+    try:
+        context = importlib.import_module("ray.train.v2._internal.execution.context")
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    for name in (context.__name__, context.__file__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class _Stdout(logging.StreamHandler):

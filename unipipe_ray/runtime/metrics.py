@@ -4,8 +4,9 @@ Every figure a stage reports (loss, learning rate, tokens/s, peak memory, PPO's 
 statistics and verdict, phase times, the engine-vs-trainer log-prob check, DPO and SamS figures) becomes a
 gauge named ``unipipe_<key>`` (``sft/loss`` -> ``unipipe_sft_loss``), tagged with the run (its output
 directory), the stage and the reporting rank, plus ``unipipe_step``. Ray's metrics agent on each node serves
-them at the node's metrics export port in Prometheus' text format; the rank-0 worker of a Ray Train stage and
-PPO's controller (the driver) report them.
+them at the node's metrics export port in Prometheus' text format, with Ray's ``ray_`` prefix
+(``ray_unipipe_sft_loss``) and Ray's own tags (node, session), a few seconds after they are set; the rank-0
+worker of a Ray Train stage and PPO's controller (the driver) report them.
 
 Off with ``UNIPIPE_RAY_METRICS=0``; outside Ray (a plain script) nothing is exported.
 """
