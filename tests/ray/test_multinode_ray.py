@@ -213,8 +213,9 @@ def test_sft_with_checkpoints_in_s3_resumes_on_another_node_when_its_node_dies(n
             while time.time() < deadline and driver.poll() is None:
                 listed = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
                 names = [i.path for i in listed]
-                # two checkpoints uploaded: the first one is registered by then (reports come in order)
-                if seen.exists() and sum(n.endswith("trainer_state.pt") for n in names) >= 2:
+                # a checkpoint registered by Ray Train's controller (it writes its snapshot then): an upload
+                # alone is not enough, the controller polls reports and a death before that loses them
+                if seen.exists() and any(n.endswith("checkpoint_manager_snapshot.json") for n in names):
                     break
                 time.sleep(0.2)
             if not seen.exists() or driver.poll() is not None:
