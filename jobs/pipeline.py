@@ -3,10 +3,11 @@
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
         -- python jobs/pipeline.py --config jobs/configs/quickstart.yaml run_dir=/shared/runs/quickstart
 
-Arguments are those of `unipipe run` (dotted overrides included). Inside a Ray job RAY_ADDRESS names the job's
-cluster, so the driver attaches to it instead of starting a local one. On a multi-node cluster run_dir must be
-a path every node shares (NFS, EFS, a ReadWriteMany volume): the stages write their checkpoints there.
-Submitting the same command again resumes the run (finished stages are skipped).
+Arguments are those of `unipipe run` (dotted overrides, `--mlflow URI` included). Inside a Ray job RAY_ADDRESS
+names the job's cluster, so the driver attaches to it instead of starting a local one. On a multi-node cluster
+run_dir must be storage every node reaches: a path every node mounts (NFS, EFS, a ReadWriteMany volume) or an
+object-store URI (s3://bucket/runs/x): the stages write their checkpoints there. Submitting the same command
+again resumes the run (finished stages are skipped).
 """
 
 import sys

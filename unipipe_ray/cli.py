@@ -3,6 +3,7 @@
     unipipe run --config FILE [--address ADDR] [key.sub=value ...]   (the chain SFT -> RM -> PPO -> DPO)
     unipipe sft|rm|dpo|ppo --config FILE [--address ADDR] [key.sub=value ...]
     unipipe sft ... --answer-eval N     (greedy answers before/after, scored by the task's checker)
+    unipipe run|sft|rm|ppo|dpo|tune ... --mlflow URI   (also tracked in MLflow: runtime/tracking.py)
     unipipe eval|select ...             (evaluation with intervals, active selection: see eval/cli.py)
     unipipe tune|sweep-report ...       (Ray Tune sweeps and their report: see tune/cli.py)
 
@@ -21,6 +22,7 @@ from unipipe_ray.core import storage
 from unipipe_ray.data.records import DataError
 from unipipe_ray.eval import cli as eval_cli
 from unipipe_ray.pipeline.registry import REGISTRY
+from unipipe_ray.runtime import tracking
 from unipipe_ray.runtime.files import RunLocked
 from unipipe_ray.runtime.logs import setup_logging
 from unipipe_ray.runtime.loop import NonFiniteLoss
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", help="YAML file (defaults apply to missing keys)")
         cmd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
         cmd.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+        tracking.add_arguments(cmd)
         if name == "sft":
             cmd.add_argument("--answer-eval", type=int, default=0, metavar="N",
                              help="answer N held-out prompts greedily before and after training; report the "
@@ -43,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="pipeline YAML (see jobs/configs/quickstart.yaml)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. dpo.beta=0.2")
+    tracking.add_arguments(run)
     eval_cli.add_parsers(sub)
     tune_cli.add_parsers(sub)
     return p
@@ -129,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in eval_cli.COMMANDS:
         return eval_cli.run(args)
+    tracking.configure(getattr(args, "mlflow", None), getattr(args, "mlflow_experiment", "unipipe"))
+    try:
+        tracking.check()  # a wrong URI or a missing MLflow stops here, before any training
+    except ValueError as e:
+        print(f"unipipe {args.command}: {e}", file=sys.stderr)
+        return 2
     if args.command in tune_cli.COMMANDS:
         return tune_cli.run(args)
     if args.command == "run":

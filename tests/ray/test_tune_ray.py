@@ -67,15 +67,22 @@ def test_a_trial_splits_its_budget_and_reports_after_each_stage(ray_cluster, tmp
 
 @pytest.fixture(scope="module")
 def finished_sweep(ray_cluster, tmp_path_factory):
-    """The 2 x 2 grid run twice: the first run fails (budget 16, r 0.5) before its DPO stage."""
+    """The 2 x 2 grid run twice: the first run fails (budget 16, r 0.5) before its DPO stage. Both runs are
+    tracked in MLflow (``--mlflow``), as a user who passes it every time would have them."""
+    from unipipe_ray.runtime import tracking
+
     tmp_path = tmp_path_factory.mktemp("sweep")
     cfg = sweep_config(tmp_path)
-    exp_dir = run_tune(cfg, given=set(), inject={"params": {"budget": 16, "sft_ratio": 0.5}, "before": "dpo"})
-    first = {p.parent.name: p.read_text() for p in exp_dir.glob("*/result.json")}
-    [failed_run] = (exp_dir / "stages").glob("budget=16_seed=0_sft_ratio=0.5_*")  # <params>_<trial id>
-    sft_started = Manifest(failed_run).stage("sft")["started"]
-    assert Manifest(failed_run).stage("dpo") is None
-    run_tune(cfg, given=set())
+    tracking.configure(f"sqlite:///{tmp_path}/mlflow.db", "sweeps")
+    try:
+        exp_dir = run_tune(cfg, given=set(), inject={"params": {"budget": 16, "sft_ratio": 0.5}, "before": "dpo"})
+        first = {p.parent.name: p.read_text() for p in exp_dir.glob("*/result.json")}
+        [failed_run] = (exp_dir / "stages").glob("budget=16_seed=0_sft_ratio=0.5_*")  # <params>_<trial id>
+        sft_started = Manifest(failed_run).stage("sft")["started"]
+        assert Manifest(failed_run).stage("dpo") is None
+        run_tune(cfg, given=set())
+    finally:
+        tracking.configure(None)
     return exp_dir, first, failed_run, sft_started
 
 
@@ -95,6 +102,28 @@ def test_the_grid_finishes_and_a_resumed_sweep_runs_only_the_failed_trial(finish
     # the failed trial ran again, skipped its finished SFT stage and ran DPO
     assert Manifest(failed_run).stage("sft")["started"] == sft_started
     assert Manifest(failed_run).stage("dpo")["status"] == "done"
+
+
+def test_the_sweep_and_its_trials_are_runs_in_mlflow(finished_sweep):
+    mlflow = pytest.importorskip("mlflow")
+    exp_dir = finished_sweep[0]
+    client = mlflow.MlflowClient(f"sqlite:///{exp_dir.parent.parent}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    launches = sorted((r for r in runs if r.info.run_name == "grid"), key=lambda r: r.info.start_time)
+    trials = [r for r in runs if r.info.run_name != "grid"]
+    assert len(launches) == 2 and all(r.info.status == "FINISHED" for r in launches)  # the first, the resume
+    for launch in launches:  # the sweep config as parameters, the report as artifacts
+        assert launch.data.params["base.dpo.beta"] == "0.5" and launch.data.params["name"] == "grid"
+        assert {"sweep_report.md", "sweep_ratio.png"} <= {a.path for a in client.list_artifacts(launch.info.run_id)}
+    # Tune's MLflow logger: a child run per trial of the first launch, and one more for the retried trial
+    # (a resumed sweep keeps the logger it was started with, so it lands under the first launch's run too)
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {launches[0].info.run_id}
+    by_split = {}
+    for r in trials:
+        by_split.setdefault((r.data.params["budget"], r.data.params["sft_ratio"]), []).append(r.info.status)
+    assert sorted(by_split.pop(("16", "0.5"))) == ["FAILED", "FINISHED"]
+    assert by_split == {k: ["FINISHED"] for k in [("8", "1.0"), ("8", "0.5"), ("16", "1.0")]}
+    assert all("accuracy" in r.data.metrics for r in trials if r.info.status == "FINISHED")
 
 
 def test_the_sweep_report_is_written_from_the_finished_directory(finished_sweep, tmp_path):

@@ -41,10 +41,31 @@ class Stage:
     run: Callable          # run(cfg, address=None, **test hooks) -> result dict (metrics, checkpoint, ...)
 
 
+def _tracked(stage: str, run: Callable) -> Callable:
+    """``run`` in its own MLflow run when ``--mlflow`` is on (runtime/tracking.py): the config as parameters,
+    the figures as the stage reports them, its config and result files as artifacts."""
+    def tracked(cfg, address=None, **hooks) -> dict:
+        from pathlib import Path
+
+        from unipipe_ray.config import to_dict
+        from unipipe_ray.runtime import tracking
+
+        if not tracking.enabled():
+            return run(cfg, address, **hooks)
+        tags = {"unipipe.stage": stage, "unipipe.output_dir": cfg.output_dir, "unipipe.model": cfg.model}
+        with tracking.tracked_run(tracking.run_name(stage, cfg.output_dir), to_dict(cfg), tags):
+            try:
+                return run(cfg, address, **hooks)
+            finally:
+                out = Path(cfg.output_dir)
+                tracking.log_artifacts(out / f"{stage}_config.json", out / "result.json", out / "history.json")
+    return tracked
+
+
 REGISTRY: dict[str, Stage] = {s.name: s for s in (
-    Stage("sft", SFTConfig, "supervised fine-tuning", _run_sft),
-    Stage("rm", RMConfig, "reward model (Bradley-Terry)", _run_rm),
-    Stage("ppo", PPOConfig, "RLHF with PPO / GRPO / RLOO", _run_ppo),
-    Stage("dpo", DPOConfig, "direct preference optimization", _run_dpo),
+    Stage("sft", SFTConfig, "supervised fine-tuning", _tracked("sft", _run_sft)),
+    Stage("rm", RMConfig, "reward model (Bradley-Terry)", _tracked("rm", _run_rm)),
+    Stage("ppo", PPOConfig, "RLHF with PPO / GRPO / RLOO", _tracked("ppo", _run_ppo)),
+    Stage("dpo", DPOConfig, "direct preference optimization", _tracked("dpo", _run_dpo)),
 )}
 assert tuple(REGISTRY) == STAGES, "the registry must list config.STAGES, in the chain's order"

@@ -19,6 +19,7 @@ from unipipe_ray.pipeline.manifest import Manifest
 from unipipe_ray.pipeline.registry import REGISTRY
 from unipipe_ray.pipeline.rundir import RunDir
 from unipipe_ray.ppo import state as ppo_state
+from unipipe_ray.runtime import tracking
 from unipipe_ray.runtime.files import run_lock
 from unipipe_ray.runtime.logs import progress
 
@@ -103,7 +104,15 @@ def run_pipeline(cfg: PipelineConfig, given: set[str], address: str | None = Non
     second driver on the same run_dir stops with RunLocked, naming the first, and touches nothing."""
     run_dir = RunDir(cfg.run_dir)
     with run_lock(run_dir.local, "pipeline run"):
-        return _run_chain(cfg, run_dir, given, address, inject)
+        # --mlflow: one run for the chain, named after run_dir, with each stage's run inside (registry.py)
+        name = Path(str(cfg.run_dir).rstrip("/")).name or "pipeline"
+        with tracking.tracked_run(name, to_dict(cfg), {"unipipe.run_dir": cfg.run_dir,
+                                                       "unipipe.stages": ",".join(cfg.stages)}):
+            out = _run_chain(cfg, run_dir, given, address, inject)
+            local = run_dir.local
+            tracking.log_artifacts(local / "manifest.json", local / "report.md", local / "report.json",
+                                   local / "plots")
+            return out
 
 
 def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: str | None, inject) -> dict:

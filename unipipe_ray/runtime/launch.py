@@ -16,6 +16,7 @@ from pathlib import Path
 
 from unipipe_ray.config import ConfigError, result_differences, to_dict
 from unipipe_ray.data.stage_data import load_stage_data
+from unipipe_ray.runtime import tracking
 from unipipe_ray.runtime.cluster import init_ray, scaling
 from unipipe_ray.runtime.files import write_json_atomic
 from unipipe_ray.runtime.logs import ProgressLines
@@ -49,6 +50,8 @@ class _Progress:
     def __init__(self):
         self.state = (0, 0, {})
         self.evals: list[tuple[int, dict]] = []
+        self.lines: list[tuple[int, dict]] = []  # every report, kept when the driver tracks the run (MLflow)
+        self.keep_lines = False
         self.stop_reason: str | None = None
 
     def stop(self, reason: str) -> None:
@@ -59,6 +62,8 @@ class _Progress:
 
     def update(self, step: int, total: int, metrics: dict) -> None:
         self.state = (step, total, metrics)
+        if self.keep_lines:
+            self.lines.append((step, metrics))
         if any("/eval_" in k for k in metrics):
             self.evals.append((step, metrics))
 
@@ -67,6 +72,13 @@ class _Progress:
 
     def evals_from(self, i: int) -> list[tuple[int, dict]]:
         return self.evals[i:]
+
+    def keep(self) -> None:
+        self.keep_lines = True
+
+    def lines_from(self, i: int) -> tuple[int, list[tuple[int, dict]]]:
+        """(how many lines it holds, the lines from the i-th): a restarted actor holds fewer than were read."""
+        return len(self.lines), self.lines[i:]
 
 
 _eval_listeners: list = []  # fn(stage, step, metrics) per held-out evaluation of a running stage (Tune trials)
@@ -94,22 +106,39 @@ def _pass_evals(progress, stage: str, seen: int) -> int:
     return seen
 
 
+def _pass_lines(progress, tracked: int) -> int:
+    """Send the report lines not yet sent to the open MLflow run (runtime/tracking.py); the new count."""
+    import ray
+
+    if not tracking.enabled():
+        return tracked
+    total, new = ray.get(progress.lines_from.remote(tracked))
+    if total < tracked:  # the actor restarted (its node died): from its first line again
+        total, new = ray.get(progress.lines_from.remote(0))
+    for step, metrics in new:
+        tracking.log_metrics(step, metrics)
+    return total
+
+
 def _fit_with_progress(trainer, progress, stage: str):
     """Run trainer.fit() in a thread while the driver draws a progress bar from the workers' reports."""
     import ray
     from tqdm import tqdm
 
     box: dict = {}
+    if tracking.enabled():  # before the workers start: every line they report is kept for MLflow
+        ray.get(progress.keep.remote())
     thread = threading.Thread(target=lambda: box.update(result=_capture(trainer.fit)), daemon=True)
     thread.start()
     # Without a terminal (ray job logs, CI) a bar's redraws are noise: the same figures come as lines.
     terminal = sys.stderr.isatty()
     bar = tqdm(desc=stage, unit="step", dynamic_ncols=True, disable=not terminal)
     lines = ProgressLines(stage)
-    seen = 0
+    seen = tracked = 0
     while thread.is_alive():
         thread.join(timeout=1.0)
         seen = _pass_evals(progress, stage, seen)
+        tracked = _pass_lines(progress, tracked)
         step, total, metrics = ray.get(progress.get.remote())
         if not terminal and (text := lines.line(step, total, metrics)):
             log_progress(text)
@@ -120,6 +149,7 @@ def _fit_with_progress(trainer, progress, stage: str):
                              if k.endswith(("loss", "accuracy", "tokens_per_s"))}, refresh=False)
             bar.refresh()
     bar.close()
+    _pass_lines(progress, tracked)  # the last lines, reported after the last poll
     outcome = box["result"]
     if isinstance(outcome, BaseException):
         raise outcome

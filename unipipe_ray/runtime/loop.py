@@ -21,6 +21,7 @@ import torch
 
 from unipipe_ray.config import TrainConfig
 from unipipe_ray.runtime import distributed as dist
+from unipipe_ray.runtime import tracking
 from unipipe_ray.runtime.checkpoint import load_trainable, restore_state, save_and_report
 from unipipe_ray.runtime.engine import TrainingEngine
 from unipipe_ray.runtime.logs import quiet_ray_train_logs
@@ -140,6 +141,9 @@ class Reporter:
             self.progress.update.remote(step, self.steps, metrics)
         if dist.is_main():  # Ray's metrics endpoint: the dashboard, Grafana, Prometheus (runtime/metrics.py)
             export_metrics(metrics | {"step": step}, self.run, self.stage, dist.rank())
+            # MLflow, where this process has a run open: PPO's controller in the driver (runtime/tracking.py);
+            # Ray Train workers have none, their lines reach the driver's run through the progress actor
+            tracking.log_metrics(step, metrics)
 
     def close(self) -> None:
         if self.writer:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from unipipe_ray.runtime import tracking
+
 COMMANDS = ("tune", "sweep-report")
 
 
@@ -21,6 +23,7 @@ def add_parsers(sub) -> None:
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     t.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="dotted overrides, e.g. name=try2 base.dpo.beta=0.5")
+    tracking.add_arguments(t)
     r = sub.add_parser("sweep-report", help="write sweep_report.md + PNGs from a Tune experiment directory")
     r.add_argument("experiment_dir", help="<storage_path>/<name> of a sweep (a path or a URI)")
     r.add_argument("--metric", default="accuracy", help="the metric to rank trials by (default accuracy)")

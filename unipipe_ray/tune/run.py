@@ -18,6 +18,7 @@ from pathlib import Path
 
 from unipipe_ray.config import TrainConfig, config_differences, to_dict
 from unipipe_ray.core import storage
+from unipipe_ray.runtime import tracking
 from unipipe_ray.runtime.files import write_json_atomic
 from unipipe_ray.runtime.logs import progress
 from unipipe_ray.tune.config import TuneConfig
@@ -177,25 +178,32 @@ def run_tune(cfg: TuneConfig, given: set[str], address: str | None = None, injec
     restoring = tune.Tuner.can_restore(where, storage_filesystem=fs)
     # Written once the sweep starts (a sweep that never started can be re-run with a fixed config).
     _check_same_sweep(_under(exp_dir, "unipipe_tune.json"), to_dict(cfg), compare=restoring)
-    if restoring:
-        progress(f"tune: resuming {exp_dir}: finished trials are kept, errored and unfinished ones run")
-        tuner = tune.Tuner.restore(where, trainable, resume_errored=True, storage_filesystem=fs)
-    else:
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.asha.max_t,
-                                   grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor,
-                                   stop_last_trials=False)  # a survivor runs to its end and final evaluation
-                     if cfg.scheduler == "asha" else FIFOScheduler())
-        progress(f"tune: {exp_dir}: up to {parallel} trial(s) at once ({cpus:g} CPU each)")
-        tuner = tune.Tuner(
-            trainable, param_space=param_space(cfg),
-            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
-                                        num_samples=cfg.num_samples, max_concurrent_trials=parallel),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=where.rsplit("/", 1)[0],
-                                      storage_filesystem=fs))
-    results = tuner.fit()
-    errors = [r for r in results if r.error is not None]
-    progress(f"tune: {len(results)} trials, {len(errors)} errored" +
-             (" (run the same command again to retry them)" if errors else ""))
-    if cfg.report:
-        progress(f"tune: report {sweep_report(exp_dir, cfg.metric, cfg.mode)}")
+    # --mlflow: the sweep is one run, each trial a child run through Ray Tune's MLflow logger (a resumed sweep
+    # keeps the logger it started with), the report and its plots the sweep run's artifacts
+    with tracking.tracked_run(cfg.name, to_dict(cfg), {"unipipe.sweep": str(exp_dir)}) as sweep_run:
+        if restoring:
+            progress(f"tune: resuming {exp_dir}: finished trials are kept, errored and unfinished ones run")
+            tuner = tune.Tuner.restore(where, trainable, resume_errored=True, storage_filesystem=fs)
+        else:
+            asha = cfg.asha
+            scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=asha.max_t,
+                                       grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
+                                       stop_last_trials=False)  # a survivor runs to its end and final evaluation
+                         if cfg.scheduler == "asha" else FIFOScheduler())
+            progress(f"tune: {exp_dir}: up to {parallel} trial(s) at once ({cpus:g} CPU each)")
+            tuner = tune.Tuner(
+                trainable, param_space=param_space(cfg),
+                tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
+                                            num_samples=cfg.num_samples, max_concurrent_trials=parallel),
+                run_config=tune.RunConfig(name=cfg.name, storage_path=where.rsplit("/", 1)[0],
+                                          storage_filesystem=fs, callbacks=tracking.tune_callback(sweep_run)))
+        results = tuner.fit()
+        errors = [r for r in results if r.error is not None]
+        progress(f"tune: {len(results)} trials, {len(errors)} errored" +
+                 (" (run the same command again to retry them)" if errors else ""))
+        if cfg.report:
+            report = sweep_report(exp_dir, cfg.metric, cfg.mode)
+            progress(f"tune: report {report}")
+            if not storage.is_uri(report):
+                tracking.log_artifacts(report, *sorted(Path(report).parent.glob("*.png")))
     return exp_dir
