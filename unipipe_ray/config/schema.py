@@ -156,6 +156,26 @@ class RMConfig:
 
 
 @dataclass(frozen=True)
+class OwnPairs:
+    """``dpo.pairs: own``: how the stage samples its pairs from its input policy (pipeline/own_pairs.py)."""
+
+    samples: int = 4               # answers sampled per prompt (the best and the worst make its pair)
+    temperature: float = 1.0       # sampling temperature
+    max_new_tokens: int = 128      # answer length limit
+    engine: str = "hf"             # rollout engine that samples: hf | vllm (as PPO's)
+    seed: int = 0                  # the draw (with the same seed the same pairs)
+    rule: str | None = None        # "module:function" (example, text, response_ids) -> float scoring the
+                                   # answers instead of the task's checker (then data.sources work too)
+
+    def __post_init__(self):
+        check(self.samples >= 2, "samples", f"must be >= 2 (a pair needs two answers), got {self.samples}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        one_of(self.engine, "engine", ("hf", "vllm"))
+        check(self.rule is None or ":" in self.rule, "rule", f"must be module:function, got {self.rule!r}")
+
+
+@dataclass(frozen=True)
 class DPOConfig:
     model: str = DEFAULT_MODEL     # policy init
     ref_model: str | None = None   # reference; None: the policy's init
@@ -168,6 +188,9 @@ class DPOConfig:
     scheduler: str = "none"        # which pairs of each batch to train on: none (all) | random | sams
     keep_ratio: float = 0.5        # share of each batch kept by the random or SamS scheduler
     sams: SamsSettings = field(default_factory=SamsSettings)  # SamS settings (scheduler: sams)
+    pairs: str = "data"            # data: the task's / sources' preference pairs | own: sampled from `model`
+                                   # and scored by the task's checker (own: settings; prompts from data)
+    own: OwnPairs = field(default_factory=OwnPairs)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7))
 
@@ -178,6 +201,9 @@ class DPOConfig:
         one_of(self.scheduler, "scheduler", ("none", "random", "sams"))
         check(0 < self.keep_ratio <= 1, "keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
         check(self.simpo_gamma >= 0, "simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
+        one_of(self.pairs, "pairs", ("data", "own"))
+        check(self.pairs == "data" or self.data.budget is None, "pairs",
+               "own samples its pairs from prompts; data.budget splits constructed pairs (use pairs: data)")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,9 @@ def _run_ppo(cfg, address=None, **hooks) -> dict:
 
 def _run_dpo(cfg, address=None, **hooks) -> dict:
     from unipipe_ray.stages.dpo import run_dpo
+    if cfg.pairs == "own":  # sampled from the stage's input policy first (own_pairs.py)
+        from unipipe_ray.pipeline.own_pairs import own_features
+        hooks["own"] = own_features(cfg, address)
     return run_dpo(cfg, address, **hooks)
 
 

@@ -162,7 +162,8 @@ def _save_pretrained(engine, directory: str, tokenizer_dir: str) -> None:
     full = engine.full_state_dict()  # collective: every rank calls it
     if dist.is_main():
         engine.module.save_pretrained(directory, state_dict=full)
-        AutoTokenizer.from_pretrained(localize(tokenizer_dir)).save_pretrained(directory)
+        # the input model's tokenizer as this node has it: a built-in name or a URI is not a directory here
+        AutoTokenizer.from_pretrained(node_model(tokenizer_dir)).save_pretrained(directory)
 
 
 class CriticTrainer:

@@ -186,7 +186,8 @@ def _stoppable(loop):
 
 def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extra: dict | None = None,
               inject_failure_at: int | None = None, inject_nan_at: int | None = None,
-              inject_report_death_at: int | None = None, storage: str | None = None) -> dict:
+              inject_report_death_at: int | None = None, storage: str | None = None,
+              features: tuple[list, list] | None = None, extra_metrics: dict | None = None) -> dict:
     """Load and check the stage's data on the driver, then run ``loop`` on Ray Train workers.
 
     The run is named after the stage under ``cfg.output_dir``: running the same command again resumes
@@ -199,6 +200,9 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
     ``storage``: a URI (s3://, gs://, ...) where Ray Train keeps the checkpoints instead of ``output_dir``, for
     clusters without a shared filesystem: a worker restarted on another node resumes from there, and the
     stage's checkpoint is that URI. ``output_dir`` keeps the driver's own files (config, result, tensorboard).
+
+    ``features``: (train, eval) features made by the caller instead of read from ``cfg.data`` (DPO on the
+    policy's own samples); ``extra_metrics``: figures the caller measured, added to the result's metrics.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -212,7 +216,7 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
     output_dir = Path(cfg.output_dir).resolve()
     model_path = shareable_model(cfg.model)  # convert/download once here, before the workers race for it
     tokenizer = load_tokenizer(cfg.model)
-    train_feats, eval_feats, _ = load_stage_data(cfg.data, kind, tokenizer)
+    train_feats, eval_feats = features or load_stage_data(cfg.data, kind, tokenizer)[:2]
     check_same_config(output_dir / f"{stage}_config.json", to_dict(cfg))
     init_ray(address)
     scaling_config, threads = scaling(cfg.train)
@@ -245,7 +249,9 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
 
         kept = _checkpoint_path(result, storage) or "none (no checkpoint was saved before it)"
         raise NonFiniteLoss(f"{reason}. Last good checkpoint: {kept}")
-    out = {"stage": stage, "config": to_dict(cfg), "metrics": result.metrics,
+    if extra_metrics:
+        tracking.log_metrics(0, extra_metrics)
+    out = {"stage": stage, "config": to_dict(cfg), "metrics": {**(result.metrics or {}), **(extra_metrics or {})},
            "checkpoint": _checkpoint_path(result, storage),
            "train_examples": len(train_feats), "eval_examples": len(eval_feats),
            "seconds": round(time.time() - started, 1)}

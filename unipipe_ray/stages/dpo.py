@@ -108,11 +108,18 @@ def train_loop(loop_config: dict) -> None:
 
 
 def run_dpo(cfg: DPOConfig, address: str | None = None, inject_failure_at: int | None = None,
-           storage: str | None = None) -> dict:
-    """DPO on a Ray cluster (local when no address); return metrics and the checkpoint path."""
+            storage: str | None = None, own: tuple | None = None) -> dict:
+    """DPO on a Ray cluster (local when no address); return metrics and the checkpoint path.
+
+    ``own``: (train features, eval features, statistics) of pairs sampled from the policy for
+    ``pairs: own`` (pipeline/own_pairs.py makes them; ``unipipe dpo`` and the chain pass them here)."""
     from unipipe_ray.core.models import shareable_model
 
+    if (cfg.pairs == "own") != (own is not None):
+        raise ValueError("dpo.pairs=own trains on pairs sampled by pipeline/own_pairs.py (pass them as own=...); "
+                         "pairs=data reads its own" if own is None else "own pairs given, but dpo.pairs is data")
     ref_path = shareable_model(cfg.ref_model or cfg.model)
+    features, stats = (own[:2], {f"dpo/own_{k}": v for k, v in own[2].items()}) if own else (None, None)
     return launch.run_stage("dpo", train_loop, cfg, "preference", address, extra={"ref_path": ref_path},
-                            inject_failure_at=inject_failure_at,
-                            storage=storage)
+                            inject_failure_at=inject_failure_at, storage=storage, features=features,
+                            extra_metrics=stats)
