@@ -25,9 +25,11 @@ class Manifest:
     def stage(self, name: str) -> dict | None:
         return self.data["stages"].get(name)
 
-    def start(self, name: str, config: dict) -> None:
+    def start(self, name: str, config: dict, data_files: dict | None = None) -> None:
+        """``data_files``: {file: sha256} of what the stage reads (data/fingerprint.py), compared by run.plan."""
         self.data["stages"][name] = {"status": "running", "config": config, "checkpoint": None, "metrics": None,
-                                     "started": _now(), "finished": None, "seconds": None, "error": None}
+                                     "started": _now(), "finished": None, "seconds": None, "error": None,
+                                     "data_files": data_files or {}}
         self.save()
 
     def finish(self, name: str, result: dict) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from unipipe_ray.config import PipelineConfig, result_differences, to_dict
 from unipipe_ray.core import storage
+from unipipe_ray.data.fingerprint import data_changes, fingerprint
 from unipipe_ray.pipeline.chain import stage_config
 from unipipe_ray.pipeline.manifest import Manifest
 from unipipe_ray.pipeline.registry import REGISTRY
@@ -27,9 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def plan(manifest: Manifest, stage: str, config: dict, inputs_ran: bool,
-         where: str | None = None) -> tuple[str, str]:
+         where: str | None = None, data_files: dict | None = None) -> tuple[str, str]:
     """(action, why) for one stage: action is skip, resume or run. ``where``: the stage's checkpoint storage
-    (a URI) when it has one."""
+    (a URI) when it has one; ``data_files``: what its data config reads now (data/fingerprint.py), against
+    what it read when it started (an entry from before this was recorded has none to compare)."""
     entry = manifest.stage(stage)
     if entry is None:
         return "run", "first run"
@@ -38,6 +40,9 @@ def plan(manifest: Manifest, stage: str, config: dict, inputs_ran: bool,
     changed = [key for key, _, _ in result_differences(entry["config"], config)]
     if changed:
         return "run", f"config changed ({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''})"
+    data = data_changes(entry["data_files"], data_files) if "data_files" in entry and data_files is not None else []
+    if data:
+        return "run", f"its data changed ({', '.join(data[:3])}{', ...' if len(data) > 3 else ''})"
     if entry["status"] == "done":
         if not _exists(entry["checkpoint"]):
             return "run", f"done earlier, but its checkpoint {entry['checkpoint']} is gone"
@@ -126,7 +131,8 @@ def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: s
     for i, stage in enumerate(cfg.stages):
         stage_cfg = stage_config(cfg, stage, checkpoints, given)
         config = to_dict(stage_cfg)
-        action, why = plan(manifest, stage, config, inputs_ran, run_dir.storage(stage))
+        files = fingerprint(stage_cfg.data)
+        action, why = plan(manifest, stage, config, inputs_ran, run_dir.storage(stage), files)
         progress(f"pipeline: stage {i + 1}/{len(cfg.stages)} {stage}: {action} - {why}")
         if action == "skip":
             checkpoints[stage] = manifest.stage(stage)["checkpoint"]
@@ -136,7 +142,7 @@ def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: s
             if moved:
                 progress(f"pipeline: {stage}: its earlier outputs moved to {run_dir.shown(moved)}")
             manifest.forget_after(list(cfg.stages[i:]))
-        checkpoints[stage] = _run_stage(stage, stage_cfg, config, manifest, run_dir, address, inject)
+        checkpoints[stage] = _run_stage(stage, stage_cfg, config, manifest, run_dir, address, inject, files)
         inputs_ran = True
     # Local paths, or for a URI run_dir URIs in it (resolve_model downloads them); "uri" names that run_dir.
     out = {"run_dir": str(run_dir.local), "checkpoints": checkpoints, "manifest": str(manifest.path)}
@@ -157,9 +163,9 @@ def _run_chain(cfg: PipelineConfig, run_dir: RunDir, given: set[str], address: s
 
 
 def _run_stage(stage: str, stage_cfg, config: dict, manifest: Manifest, run_dir: RunDir, address: str | None,
-               inject: dict | None) -> str:
+               inject: dict | None, data_files: dict) -> str:
     """Run one stage, recording it in the manifest and pushing it to a URI run_dir; returns its checkpoint."""
-    manifest.start(stage, config)
+    manifest.start(stage, config, data_files)
     run_dir.push("manifest.json")
     try:
         where = {"storage": run_dir.storage(stage)} if run_dir.spec else {}

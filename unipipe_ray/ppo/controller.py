@@ -164,7 +164,7 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
     from unipipe_ray.core.models import load_tokenizer, shareable_model
     from unipipe_ray.runtime.actors import RoleDied
     from unipipe_ray.runtime.cluster import init_ray
-    from unipipe_ray.runtime.launch import check_same_config, write_result
+    from unipipe_ray.runtime.launch import check_same_config, check_same_data, write_result
 
     started = time.time()
     out_dir = Path(cfg.output_dir).resolve()
@@ -175,6 +175,7 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
     train_prompts, _, task = load_prompts(cfg, tokenizer)
     gold_scorer(cfg, task), load_rule(cfg.rule_reward)  # refuse a bad module:function before actors start
     check_same_config(out_dir / "ppo_config.json", to_dict(cfg))
+    check_same_data(out_dir / "ppo_data.json", cfg.data)
     recover_dir(out_dir / "best_gold")  # a kill mid-swap left the previous best at best_gold.old
     init_ray(address)
     hooks = {"engine": {inject_engine_failure_at: ("engines", 0)} if inject_engine_failure_at is not None else {},

@@ -39,6 +39,22 @@ def check_same_config(path: Path, config: dict) -> None:
         write_json_atomic(path, config)
 
 
+def check_same_data(path: Path, data) -> None:
+    """Like check_same_config, for the content of the files the data config reads (data/fingerprint.py):
+    a resume over edited source files would train its second part on other data, so it is refused."""
+    from unipipe_ray.data.fingerprint import data_changes, fingerprint
+
+    files = fingerprint(data)
+    if not path.exists():
+        write_json_atomic(path, files)
+        return
+    changes = data_changes(json.loads(path.read_text()), files)
+    if changes:
+        raise ConfigError("", f"{path.parent} holds a run started on other data ({'; '.join(changes[:5])}"
+                              f"{'; ...' if len(changes) > 5 else ''}); resuming it would train on a mix of the "
+                              f"two. Use another output_dir, or delete that one.")
+
+
 def write_result(output_dir: str | Path, result: dict) -> Path:
     return write_json_atomic(Path(output_dir) / "result.json", result, default=str)
 
@@ -218,6 +234,7 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
     tokenizer = load_tokenizer(cfg.model)
     train_feats, eval_feats = features or load_stage_data(cfg.data, kind, tokenizer)[:2]
     check_same_config(output_dir / f"{stage}_config.json", to_dict(cfg))
+    check_same_data(output_dir / f"{stage}_data.json", cfg.data)
     init_ray(address)
     scaling_config, threads = scaling(cfg.train)
     # On the driver's node where it can be (the driver polls it); restarted if its node dies all the same
