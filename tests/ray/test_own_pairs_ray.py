@@ -72,3 +72,24 @@ def test_ppo_then_dpo_on_the_policys_own_samples(ray_cluster, tmp_path, capsys):
     capsys.readouterr()
     train_feats, _, again_stats = own_features(again)
     assert "reusing the" in capsys.readouterr().out and again_stats == stats and len(train_feats) == len(train)
+
+
+def test_unipipe_dpo_on_own_samples_of_user_prompts_scored_by_a_reward_model(ray_cluster, tmp_path):
+    """No checker for the user's prompts: a reward model (here the tiny model with its seeded random head, as
+    an untrained RM) scores the answers; the command runs sampling, pairing and training."""
+    from unipipe_ray.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Name a color ({i})."}]}) + "\n"
+                               for i in range(12)))
+    out = tmp_path / "dpo"
+    assert main(["dpo", "model=tiny", f"output_dir={out}", "pairs=own", "own.reward_model=tiny", "own.samples=3",
+                 "own.max_new_tokens=6", f"data.sources=[{{path: {prompts}}}]", "data.eval_size=2",
+                 "data.max_length=64", "train.batch_size=2", "train.max_steps=2"]) == 0
+    saved = json.loads((out / "own_pairs.json").read_text())
+    assert saved["key"]["own"]["reward_model"] == "tiny"
+    # continuous scores: every prompt whose answers differ gives a pair, scored best over worst
+    assert saved["stats"]["train_prompts"] == 10 and saved["stats"]["train_pairs"] >= 8
+    assert all(p["meta"]["chosen_score"] > p["meta"]["rejected_score"] for p in saved["train"])
+    result = json.loads((out / "result.json").read_text())
+    assert result["train_examples"] == saved["stats"]["train_pairs"] and result["metrics"]["step"] == 2

@@ -80,3 +80,21 @@ def test_run_dpo_refuses_own_pairs_it_was_not_given():
 
     with pytest.raises(ValueError, match="pairs sampled by pipeline/own_pairs.py"):
         run_dpo(load_config(DPOConfig, overrides=["pairs=own"]))
+
+
+def test_in_a_chain_the_reward_model_scores_own_pairs_only_where_no_checker_can(tmp_path):
+    from unipipe_ray.config import PipelineConfig
+    from unipipe_ray.pipeline.chain import stage_config
+
+    def dpo(*overrides, given=()):
+        cfg = load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}", "dpo.pairs=own", *overrides])
+        return stage_config(cfg, "dpo", {"sft": "S", "rm": "R", "ppo": "P"}, set(given)).own
+
+    src = f"dpo.data.sources=[{{path: {tmp_path / 'prompts.jsonl'}}}]"
+    assert dpo(src).reward_model == "R"               # user prompts: no checker, the chain's RM scores
+    assert dpo().reward_model is None                 # arith: its checker scores
+    assert dpo("dpo.data.task=hh_harmless", "dpo.data.task_path=x").reward_model == "R"
+    assert dpo(src, "dpo.own.reward_model=mine", given={"dpo.own.reward_model"}).reward_model == "mine"
+    assert dpo(src, "dpo.own.rule=m:f").reward_model is None
+    with pytest.raises(ConfigError, match="rule or reward_model, not both"):
+        load_config(DPOConfig, overrides=["own.rule=m:f", "own.reward_model=R"])

@@ -166,6 +166,8 @@ class OwnPairs:
     seed: int = 0                  # the draw (with the same seed the same pairs)
     rule: str | None = None        # "module:function" (example, text, response_ids) -> float scoring the
                                    # answers instead of the task's checker (then data.sources work too)
+    reward_model: str | None = None  # a reward model (the rm stage's checkpoint) scoring the answers instead
+                                   # of the checker; in a chain, the RM's when the data has no checker
 
     def __post_init__(self):
         check(self.samples >= 2, "samples", f"must be >= 2 (a pair needs two answers), got {self.samples}")
@@ -173,6 +175,7 @@ class OwnPairs:
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         one_of(self.engine, "engine", ("hf", "vllm"))
         check(self.rule is None or ":" in self.rule, "rule", f"must be module:function, got {self.rule!r}")
+        check(self.rule is None or self.reward_model is None, "rule", "set rule or reward_model, not both")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """DPO on the policy's own samples (``dpo.pairs: own``): sample n answers per prompt from the stage's input
-policy, score each with the task's checker, and train on (best, worst) pairs of each prompt.
+policy, score each with the task's checker (or ``own.reward_model``, or ``own.rule``), and train on (best,
+worst) pairs of each prompt.
 
 This is what online / iterative DPO does: the pairs are answers the policy itself gives, so DPO moves
 probability from its own mistakes to its own successes (the task's constructed pairs contrast a reference
@@ -45,13 +46,20 @@ def build_pairs(prompts: list[PromptExample], answers: list[list[str]], scores: 
 
 
 def _sample(engine: str, model_path: str, prompt_ids: list[list[int]], n: int, max_new_tokens: int,
-            temperature: float, seed: int) -> list[list[list[int]]]:
-    """Runs as a Ray task on a node with the stage's resources: n response token lists per prompt."""
+            temperature: float, seed: int, reward_model: str | None = None, pad_id: int = 0) -> tuple:
+    """Runs as a Ray task on a node with the stage's resources: (n response token lists per prompt, the reward
+    model's score of each answer in the same shape, or None without one)."""
     from unipipe_ray.ppo.rollout import make_rollout_engine
 
     samples = make_rollout_engine(engine, model_path, seed=seed).generate(
         prompt_ids, n, max_new_tokens, temperature=temperature, seed=seed)
-    return [[s.response_ids for s in samples[i * n:(i + 1) * n]] for i in range(len(prompt_ids))]
+    per_prompt = lambda flat: [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]  # noqa: E731
+    scores = None
+    if reward_model:
+        from unipipe_ray.ppo.roles import RewardScorer
+
+        scores = per_prompt(RewardScorer(reward_model, pad_id, seed=seed).score(samples))
+    return [[s.response_ids for s in group] for group in per_prompt(samples)], scores
 
 
 def own_key(cfg) -> dict:
@@ -63,18 +71,22 @@ def own_key(cfg) -> dict:
 
 
 def _scorer(cfg):
-    """score(prompt example, answer text, answer token ids) -> float: ``own.rule``, else the task's checker."""
+    """score(prompt example, answer text, answer token ids) -> float: ``own.rule``, else the task's checker;
+    None when ``own.reward_model`` scores (inside the sampling task, where the answers are)."""
     from unipipe_ray.data.stage_data import make_task
     from unipipe_ray.ppo.rewards import load_rule
 
     if cfg.own.rule:
         return load_rule(cfg.own.rule, key="own.rule")
+    if cfg.own.reward_model:
+        return None  # the sampling task scores with it
     if cfg.data.sources:
-        raise ValueError("dpo.pairs=own scores answers with a task's checker: set data.task (arith, gsm8k) or "
-                         "own.rule, not data.sources alone")
+        raise ValueError("dpo.pairs=own scores answers with a task's checker: set data.task (arith, gsm8k), "
+                         "own.reward_model or own.rule, not data.sources alone")
     task = make_task(cfg.data)
     if not task.has_gold_reward:
-        raise ValueError(f"dpo.pairs=own: task {cfg.data.task!r} has no checker to score answers with (set own.rule)")
+        raise ValueError(f"dpo.pairs=own: task {cfg.data.task!r} has no checker to score answers with "
+                         "(set own.reward_model or own.rule)")
     return lambda example, text, ids: task.gold_reward(example, text)
 
 
@@ -107,15 +119,18 @@ def sample_pairs(cfg, tokenizer, output_dir) -> tuple[list[PreferencePair], list
     resources = {"num_gpus": 1} if cfg.train.use_gpu else {"num_cpus": 1}
     sampler = ray.remote(**resources)(_sample)
     model = shareable_model(cfg.model)
+    reward_model = shareable_model(own.reward_model) if own.reward_model else None
     out, stats = [], {}
     for split, prompts in (("train", train_prompts), ("eval", eval_prompts)):
         progress(f"dpo: sampling {own.samples} answers to each of {len(prompts)} {split} prompts from {cfg.model}")
         ids = [prompt_ids(p.prompt, tokenizer) for p in prompts]
-        responses = ray.get(sampler.remote(own.engine, model, ids, own.samples, own.max_new_tokens,
-                                           own.temperature, own.seed + (split == "eval")))
+        responses, scores = ray.get(sampler.remote(own.engine, model, ids, own.samples, own.max_new_tokens,
+                                                   own.temperature, own.seed + (split == "eval"), reward_model,
+                                                   tokenizer.pad_token_id))
         answers = [[tokenizer.decode(r, skip_special_tokens=True) for r in rs] for rs in responses]
-        scores = [[float(score(p, a, r)) for a, r in zip(texts, rs, strict=True)]
-                  for p, texts, rs in zip(prompts, answers, responses, strict=True)]
+        if score is not None:
+            scores = [[float(score(p, a, r)) for a, r in zip(texts, rs, strict=True)]
+                      for p, texts, rs in zip(prompts, answers, responses, strict=True)]
         pairs, split_stats = build_pairs(prompts, answers, scores, seed=own.seed, source=f"own:{split}")
         out.append(pairs)
         stats |= {f"{split}_{k}": v for k, v in split_stats.items()}
