@@ -15,7 +15,6 @@ Checkpoints are loaded as safetensors and never with ``trust_remote_code`` unles
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import logging
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from unipipe_ray.config import DEFAULT_MODEL
-from unipipe_ray.core.storage import is_uri, localize
+from unipipe_ray.core.storage import file_sha256, is_uri, localize
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +69,7 @@ def _gguf_key(gguf: Path) -> str:
     stat = gguf.stat()
     memo = (str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
     if memo not in _GGUF_KEYS:
-        digest = hashlib.sha256()
-        with open(gguf, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        _GGUF_KEYS[memo] = f"{gguf.stem}-{stat.st_size}-{digest.hexdigest()[:16]}"
+        _GGUF_KEYS[memo] = f"{gguf.stem}-{stat.st_size}-{file_sha256(gguf)[:16]}"
     return _GGUF_KEYS[memo]
 
 

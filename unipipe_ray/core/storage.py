@@ -208,3 +208,12 @@ def writing_to(target: str):
     with tempfile.TemporaryDirectory(dir=cache_dir() / "uploads") as tmp:
         yield tmp
         upload_dir(tmp, target)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a local file's content, read in chunks (model files and datasets do not fit a read())."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

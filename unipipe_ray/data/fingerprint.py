@@ -9,18 +9,9 @@ already. A hub dataset (``hf:``) is recorded by name: its content cannot be read
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-CHUNK = 1 << 20
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+from unipipe_ray.core.storage import file_sha256
 
 
 def source_paths(data) -> list[str]:
@@ -40,9 +31,9 @@ def fingerprint(data) -> dict[str, str]:
         path = Path(spec)
         if path.is_dir():
             for f in sorted(p for p in path.rglob("*") if p.is_file()):
-                out[str(f)] = _sha256(f)
+                out[str(f)] = file_sha256(f)
         elif path.is_file():
-            out[str(path)] = _sha256(path)
+            out[str(path)] = file_sha256(path)
     return out
 
 
