@@ -136,9 +136,14 @@ def test_a_worker_killed_inside_a_checkpoint_report_resumes_to_the_same_weights(
     assert_identical(weights(result["checkpoint"]), uninterrupted_two_workers)
 
 
-def test_lora_sft_saves_a_merged_model_and_the_adapter(ray_cluster, tmp_path):
-    cfg = load_config(SFTConfig, overrides=DATA + [f"output_dir={tmp_path}", "train.batch_size=4", "train.max_steps=2",
-                                                   "train.lr=1e-2", "train.lora.enabled=true", "train.lora.r=4"])
+@pytest.mark.parametrize("layout", [[], ["train.num_workers=2", "train.backend=deepspeed", "train.zero_stage=3"]],
+                         ids=["ddp", "zero3"])
+def test_lora_sft_saves_a_merged_model_and_the_adapter(ray_cluster, tmp_path, layout):
+    """Under ZeRO-3 each rank holds only partitions: the merged model and the adapter must come from the
+    gathered weights (they were once saved from the partitioned module)."""
+    cfg = load_config(SFTConfig, overrides=DATA + layout + [
+        f"output_dir={tmp_path}", "train.batch_size=4", "train.max_steps=2", "train.lr=1e-2",
+        "train.lora.enabled=true", "train.lora.r=4"])
     checkpoint = run_sft(cfg)["checkpoint"]
     from transformers import AutoModelForCausalLM
 
@@ -149,7 +154,12 @@ def test_lora_sft_saves_a_merged_model_and_the_adapter(ray_cluster, tmp_path):
     changed = {n for (n, a), (_, b) in zip(merged.named_parameters(), base.named_parameters()) if not torch.equal(a, b)}
     # LoRA targets q/k/v/o: exactly those projections move, the frozen rest does not
     assert changed and all(n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for n in changed)
-    assert list((tmp_path / "sft").glob("checkpoint_*/lora_adapter/adapter_config.json"))
+    adapter = load_file(f"{checkpoint}/lora_adapter/adapter_model.safetensors")
+    a = next(v for k, v in adapter.items() if k.endswith("layers.0.self_attn.q_proj.lora_A.weight"))
+    b = next(v for k, v in adapter.items() if k.endswith("layers.0.self_attn.q_proj.lora_B.weight"))
+    assert a.shape[0] == 4 and b.shape[1] == 4 and b.abs().sum() > 0  # full (not partitioned), trained
+    q = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged.state_dict()[q], base.state_dict()[q] + (b @ a) * (cfg.train.lora.alpha / 4))
 
 
 def test_deepspeed_zero2_stage_matches_plain_data_parallel(uninterrupted, tmp_path):

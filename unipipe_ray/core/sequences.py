@@ -19,8 +19,9 @@ import torch
 from unipipe_ray.core.logps import IGNORE_INDEX, token_entropy, token_logps
 
 
-def to_batch(samples, pad_id: int) -> dict:
-    """Left-padded prompt+response rows: input_ids, attention_mask, position_ids (N, W); response_lens (N,)."""
+def to_batch(samples, pad_id: int, device=None) -> dict:
+    """Left-padded prompt+response rows: input_ids, attention_mask, position_ids (N, W); response_lens (N,);
+    built on the CPU and moved to ``device`` once (the helpers below compute on the batch's device)."""
     rows = [s.prompt_ids + s.response_ids for s in samples]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -28,8 +29,9 @@ def to_batch(samples, pad_id: int) -> dict:
     for i, r in enumerate(rows):
         input_ids[i, width - len(r):], attention_mask[i, width - len(r):] = torch.tensor(r), 1
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "response_lens": torch.tensor([len(s.response_ids) for s in samples])}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+             "response_lens": torch.tensor([len(s.response_ids) for s in samples])}
+    return batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
 def model_inputs(batch: dict, device=None) -> dict:
@@ -45,14 +47,14 @@ def logits_to_keep(batch: dict) -> int:
 def response_mask(batch: dict) -> torch.Tensor:
     """(N, R) True on real response tokens (responses are right-aligned in the row, left-aligned here)."""
     lens = batch["response_lens"]
-    return torch.arange(max(1, int(lens.max()))).unsqueeze(0) < lens.unsqueeze(1)
+    return torch.arange(max(1, int(lens.max())), device=lens.device).unsqueeze(0) < lens.unsqueeze(1)
 
 
 def _emitting_index(batch: dict, kept: int) -> torch.Tensor:
     """(N, R) index into the last ``kept`` positions of the state that emits response token j of row i."""
     lens = batch["response_lens"]
     r = max(1, int(lens.max()))
-    j = torch.arange(r).unsqueeze(0)
+    j = torch.arange(r, device=lens.device).unsqueeze(0)
     # token j of row i sits at W - R_i + j, the state emitting it at W - 1 - R_i + j, which is index
     # K - 1 - R_i + j of the last K positions (>= 0 because K >= R + 1)
     index = kept - 1 - lens.unsqueeze(1) + j
@@ -71,7 +73,7 @@ def response_labels(batch: dict, kept: int) -> torch.Tensor:
     """(N, kept) labels of the last ``kept`` positions, aligned with them as ``logps.token_logps`` wants:
     the response token ids, IGNORE_INDEX on the prompt and the padding."""
     width, lens = batch["input_ids"].shape[1], batch["response_lens"]
-    is_response = torch.arange(kept).unsqueeze(0) >= kept - lens.unsqueeze(1)
+    is_response = torch.arange(kept, device=lens.device).unsqueeze(0) >= kept - lens.unsqueeze(1)
     return batch["input_ids"][:, width - kept:].masked_fill(~is_response, IGNORE_INDEX)
 
 

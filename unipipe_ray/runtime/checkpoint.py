@@ -9,7 +9,6 @@ loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
-import copy
 import random
 import tempfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from unipipe_ray.config import LoraConfig, TrainConfig
+from unipipe_ray.core.lora_merge import merge_lora_state
 from unipipe_ray.runtime import distributed as dist
 from unipipe_ray.runtime.engine import TrainingEngine
 
@@ -63,17 +63,17 @@ def save_and_report(engine: TrainingEngine, step: int, metrics: dict, tokenizer,
 
 
 def _save_hf(module, full_state: dict, out: Path, tokenizer, lora: LoraConfig) -> None:
+    """Everything from the gathered ``full_state`` (the engine's full_state_dict), never from ``module``'s own
+    tensors: under ZeRO-3 those are this rank's empty partitions."""
     if lora.enabled:
-        module.save_pretrained(out / LORA_DIR)  # adapter only: resume puts it back onto the base
-        _merged_copy(module).save_pretrained(out)
+        from peft import get_peft_model_state_dict
+
+        # adapter only: resume puts it back onto the base
+        module.save_pretrained(out / LORA_DIR, state_dict=get_peft_model_state_dict(module, state_dict=full_state))
+        module.get_base_model().save_pretrained(out, state_dict=merge_lora_state(full_state, lora.alpha, lora.r))
     else:
         module.save_pretrained(out, state_dict=full_state)
     tokenizer.save_pretrained(out)
-
-
-def _merged_copy(peft_module):
-    """A plain model with the adapters folded in, leaving the training model untouched."""
-    return copy.deepcopy(peft_module).merge_and_unload()
 
 
 def load_trainable(model_path: str, resume: Path | None, train: TrainConfig, kind: str = "causal"):

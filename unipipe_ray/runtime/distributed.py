@@ -38,11 +38,20 @@ def print0(message: str) -> None:
         progress(message)
 
 
+def _comm_device(tensor: torch.Tensor) -> torch.device:
+    """Where the group's collectives run: NCCL only takes CUDA tensors (this rank's current GPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
 def all_reduce_sum(value: float | torch.Tensor) -> torch.Tensor:
-    """Sum a scalar or tensor over ranks (a copy; the input is untouched)."""
+    """Sum a scalar or tensor over ranks (a float64 copy on the input's device; the input is untouched)."""
     t = torch.as_tensor(value, dtype=torch.float64).clone()
     if world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        on = t.to(_comm_device(t))
+        dist.all_reduce(on, op=dist.ReduceOp.SUM)
+        t = on.to(t.device)
     return t
 
 
@@ -92,13 +101,17 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped tensors from all ranks along dim 0, in rank order."""
     if world_size() == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    on = tensor.to(_comm_device(tensor)).contiguous()
+    parts = [torch.empty_like(on) for _ in range(world_size())]
+    dist.all_gather(parts, on)
+    return torch.cat(parts).to(tensor.device)
 
 
 def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
     """Rank 0's tensor on every rank (same shape and dtype everywhere)."""
     if world_size() > 1:
-        dist.broadcast(tensor, src=0)
+        on = tensor.to(_comm_device(tensor))
+        dist.broadcast(on, src=0)
+        if on is not tensor:
+            tensor.copy_(on)
     return tensor

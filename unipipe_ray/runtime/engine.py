@@ -34,8 +34,11 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     # No decay on biases and norm weights (1-D tensors), the usual AdamW practice.
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    # No empty group: ZeRO drops it, and the LR schedule (built on our groups) then no longer lines up with
+    # DeepSpeed's (LoRA trains only 2-D matrices, so its no-decay group is empty).
+    return [g for g in groups if g["params"]]
 
 
 def _import_deepspeed():
@@ -209,8 +212,9 @@ class TrainingEngine:
         self.model = self.optimizer = self.scheduler = None
         gc.collect()
 
-    def full_state_dict(self) -> dict | None:
-        """The full model state dict (fp32, CPU) on rank 0, None elsewhere; every rank must call it.
+    def full_state_dict(self, device="cpu", dtype: torch.dtype | None = torch.float32) -> dict | None:
+        """The full model state dict on rank 0 (fp32 on the CPU unless asked otherwise: a weight sync over
+        NCCL wants it on the trainer's GPU in the engines' dtype), None elsewhere; every rank must call it.
 
         With DeepSpeed the parameters come from the optimizer's fp32 master copy (bf16 or ZeRO), gathered
         from every rank's partition under ZeRO-3; tied weights appear under each of their names.
@@ -224,7 +228,16 @@ class TrainingEngine:
         full.update((name, buf) for name, buf in self.module.named_buffers() if name in keys)
         if not is_main():
             return None
-        return {key: full[key].detach().to("cpu", torch.float32, copy=True) for key in keys}
+        return {key: full[key].detach().to(device, dtype or full[key].dtype, copy=True) for key in keys}
+
+    def full_specs(self, dtype: torch.dtype | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of every tensor ``full_state_dict`` returns, in its order, without gathering
+        anything (under ZeRO-3 a parameter's full shape is its ``ds_shape``); any rank may call it."""
+        tensors = dict(self.module.named_parameters(remove_duplicate=False))
+        keys = list(self.module.state_dict().keys())
+        tensors.update((name, buf) for name, buf in self.module.named_buffers() if name in keys)
+        return [(key, str(dtype or tensors[key].dtype).removeprefix("torch."),
+                 tuple(getattr(tensors[key], "ds_shape", tensors[key].shape))) for key in keys]
 
     def _full_param(self, param: torch.nn.Parameter) -> torch.Tensor:
         if self.backend == "ddp":

@@ -23,6 +23,7 @@ from unipipe_ray.config import TrainConfig
 from unipipe_ray.runtime import distributed as dist
 from unipipe_ray.runtime import tracking
 from unipipe_ray.runtime.checkpoint import load_trainable, restore_state, save_and_report
+from unipipe_ray.runtime.devices import train_device
 from unipipe_ray.runtime.engine import TrainingEngine
 from unipipe_ray.runtime.logs import quiet_ray_train_logs
 from unipipe_ray.runtime.metrics import export as export_metrics
@@ -54,12 +55,6 @@ def setup(threads: int, seed: int) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     random.seed(seed)
-
-
-def device_for(train: TrainConfig) -> torch.device:
-    if train.use_gpu and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def make_training_engine(model, train: TrainConfig, steps: int) -> TrainingEngine:
@@ -208,7 +203,7 @@ def start_run(stage: str, loop_config: dict, kind: str = "causal", configure=Non
     train = cfg.train
     setup(loop_config["threads"], train.seed)
     train_feats, eval_feats = ray.get(loop_config["train_ref"]), ray.get(loop_config["eval_ref"])
-    device, world = device_for(train), dist.world_size()
+    device, world = train_device(train.use_gpu), dist.world_size()
     steps = total_steps(len(train_feats), train, world)
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume:

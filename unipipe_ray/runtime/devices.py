@@ -1,0 +1,67 @@
+"""One rule for devices: a model and its batches live on the device Ray gave the process that holds them.
+
+    train_device(use_gpu)   inside a Ray Train worker: ``ray.train.torch.get_device()`` (the GPU Ray Train
+                            assigned to this rank, which need not be LOCAL_RANK's), else the CPU
+    actor_device()          inside a plain actor or task: CUDA when Ray gave it a GPU (or a share of one) and
+                            CUDA works; outside Ray, CUDA when present; else the CPU
+    torch_dtype(name)       the configured dtype ("float32" | "bfloat16") as a torch dtype
+
+Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned, so inside an actor the first visible GPU is ours:
+"cuda:0" is the right name even when the physical GPU is another one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}; expected float32 or bfloat16")
+    return dtype
+
+
+def _ray_gpu_ids() -> list | None:
+    """The GPUs Ray assigned to this worker process; None outside one (a driver, or no Ray at all)."""
+    try:
+        import ray
+        from ray._private import worker
+
+        if not ray.is_initialized() or worker.global_worker.mode != worker.WORKER_MODE:
+            return None
+        return list(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - a driver-side or half-started Ray has no assignment to read
+        return None
+
+
+def actor_device() -> torch.device:
+    """The device of a plain Ray actor or task (PPO's roles, rollout engines, held-out evaluation)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    ids = _ray_gpu_ids()
+    if ids is not None and not ids:  # in Ray without a GPU: the CPU, even on a GPU node
+        return torch.device("cpu")
+    return torch.device("cuda", 0)
+
+
+def train_device(use_gpu: bool) -> torch.device:
+    """The device of a Ray Train worker: its assigned GPU when the stage asked for GPUs, else the CPU."""
+    if use_gpu and torch.cuda.is_available():
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)  # NCCL and DeepSpeed use the current device
+        return device
+    return torch.device("cpu")
+
+
+def device_name(module: torch.nn.Module) -> str:
+    """Where a module's parameters are, e.g. "cuda:0" or "cpu" (what roles report)."""
+    return str(next(module.parameters()).device)
+
+
+def release_cached_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back, so a colocated role can use them."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
