@@ -113,3 +113,20 @@ def test_the_default_device_is_the_one_ray_gave_the_actor(monkeypatch):
     assert devices.actor_device() == torch.device("cpu")
     monkeypatch.setattr(devices, "_ray_gpu_ids", lambda: None)  # outside Ray: CUDA when there is one
     assert devices.actor_device() == torch.device("cuda", 0)
+
+
+def test_in_bf16_the_trainer_and_the_frozen_roles_score_alike():
+    """The trainer casts an fp32 load to bf16, the reference and the engines load in bf16: the rotary
+    frequencies (computed, fp32 in a bf16 load) must survive the cast, or every position shifts and the
+    engine-vs-trainer check fails by more than bf16 rounding (0.03-0.06 here before the fix)."""
+    path, samples = str(tiny_model_dir()), _samples()
+    trainer = roles.PolicyTrainer(path, lr=1e-3, pad_id=0, temperature=1.0, clip_eps=0.2, dtype="bfloat16")
+    reference = roles.ReferenceModel(path, pad_id=0, temperature=1.0, dtype="bfloat16")
+    engine = RolloutWorker("hf", path, dtype="bfloat16")
+    engine.load_weights(trainer.state_dict())  # what the object-store sync sends (bf16)
+    expected = trainer.logps(samples)
+    assert next(trainer.engine.module.parameters()).dtype == torch.bfloat16
+    torch.testing.assert_close(reference.logps(samples), expected, rtol=0, atol=0)
+    scored = engine.score(samples)
+    for row, s, want in zip(scored, samples, expected, strict=True):
+        torch.testing.assert_close(torch.tensor(row), want[:len(s.response_ids)], rtol=0, atol=0)

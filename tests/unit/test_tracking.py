@@ -114,3 +114,14 @@ def test_an_unusable_uri_stops_the_command_before_any_work(tmp_path, capsys):
     assert rc == 2 and f"--mlflow {bad}: cannot use this tracking URI" in err
     assert not (tmp_path / "sft").exists()
     tracking.configure(None)
+
+
+def test_the_progress_actor_keeps_lines_from_its_constructor_so_a_restarted_one_keeps_them_too():
+    """Ray restarts an actor by running __init__ again with the same arguments: the keep flag is one."""
+    from unipipe_ray.runtime.launch import _Progress
+
+    kept, plain = _Progress(True), _Progress()
+    for p in (kept, plain):
+        p.update(1, 2, {"sft/loss": 1.0})
+    assert kept.lines_from(0) == (1, [(1, {"sft/loss": 1.0})])
+    assert plain.lines_from(0) == (0, [])

@@ -41,6 +41,25 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _computed_fp32_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 buffers the model computes at init rather than loads (not in its state dict): rotary
+    frequencies. Casting the module to bf16 (ours under DDP, DeepSpeed's under bf16) would cast them too,
+    shifting every rotary position, while a model loaded in bf16 (the reference, the rollout engines) keeps
+    them in fp32: the trainer's log-probs would then disagree with theirs beyond bf16 rounding."""
+    persistent = set(model.state_dict().keys())
+    return {name: buf.detach().clone() for name, buf in model.named_buffers()
+            if name not in persistent and buf.dtype == torch.float32}
+
+
+def _restore_buffers(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    for name, value in saved.items():
+        owner, _, attr = name.rpartition(".")
+        sub = model.get_submodule(owner)
+        current = getattr(sub, attr)
+        if current.dtype != value.dtype:
+            setattr(sub, attr, value.to(current.device))
+
+
 def _import_deepspeed():
     """Import DeepSpeed with its process group in place (Ray Train's, or a one-process group)."""
     if not torch.cuda.is_available():
@@ -93,15 +112,18 @@ class TrainingEngine:
         self.max_grad_norm = max_grad_norm
         self._micro = 0  # backward passes since the last step()
         schedule = lambda s: warmup_cosine(s, warmup_steps, total_steps)
+        computed = _computed_fp32_buffers(model)
         if backend == "ddp":
             if bf16:  # weights, gradients and optimizer state in bf16 (DeepSpeed keeps fp32 master weights)
                 model.to(torch.bfloat16)
+            _restore_buffers(model, computed)  # before DDP, which broadcasts buffers from rank 0
             self.model = torch.nn.parallel.DistributedDataParallel(model) if world_size() > 1 else model
             self.optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=BETAS)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         else:
             self._init_deepspeed(lr, weight_decay, schedule,
                                  deepspeed_config(grad_accum, zero_stage, offload_optimizer, bf16, max_grad_norm))
+            _restore_buffers(self.module, computed)
 
     def _init_deepspeed(self, lr: float, weight_decay: float, schedule, config: dict) -> None:
         deepspeed = _import_deepspeed()

@@ -63,11 +63,13 @@ class _Progress:
     """Latest (step, total, metrics) from rank 0, polled by the driver's progress bar, and every held-out
     evaluation (kept whole: a 1 s poll would miss most of them)."""
 
-    def __init__(self):
+    def __init__(self, keep_lines: bool = False):
         self.state = (0, 0, {})
         self.evals: list[tuple[int, dict]] = []
         self.lines: list[tuple[int, dict]] = []  # every report, kept when the driver tracks the run (MLflow)
-        self.keep_lines = False
+        # A constructor argument, not a later call: an actor Ray restarts (its node died) runs __init__ again
+        # with the same arguments, and must go on keeping lines.
+        self.keep_lines = keep_lines
         self.stop_reason: str | None = None
 
     def stop(self, reason: str) -> None:
@@ -88,9 +90,6 @@ class _Progress:
 
     def evals_from(self, i: int) -> list[tuple[int, dict]]:
         return self.evals[i:]
-
-    def keep(self) -> None:
-        self.keep_lines = True
 
     def lines_from(self, i: int) -> tuple[int, list[tuple[int, dict]]]:
         """(how many lines it holds, the lines from the i-th): a restarted actor holds fewer than were read."""
@@ -142,8 +141,6 @@ def _fit_with_progress(trainer, progress, stage: str):
     from tqdm import tqdm
 
     box: dict = {}
-    if tracking.enabled():  # before the workers start: every line they report is kept for MLflow
-        ray.get(progress.keep.remote())
     thread = threading.Thread(target=lambda: box.update(result=_capture(trainer.fit)), daemon=True)
     thread.start()
     # Without a terminal (ray job logs, CI) a bar's redraws are noise: the same figures come as lines.
@@ -241,7 +238,7 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
     # (a progress bar that starts over beats a stage that fails with it).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     progress = ray.remote(num_cpus=0, scheduling_strategy=here, max_restarts=-1,
-                          max_task_retries=-1)(_Progress).remote()
+                          max_task_retries=-1)(_Progress).remote(tracking.enabled())
     loop_config = {"config": cfg, "model_path": model_path, "train_ref": ray.put(train_feats),
                    "eval_ref": ray.put(eval_feats), "tokenizer": tokenizer, "threads": threads,
                    "tensorboard_dir": str(output_dir / "tensorboard"), "progress": progress, "run": str(output_dir),
