@@ -31,11 +31,17 @@ import torch
 
 OURS = {"ours-full": False, "ours-chunked": True}  # side -> uses --chunk-size (else full logits)
 SIDES = ("trl", *OURS)
+# Qwen2-0.5B's shape at random init (no weights to carry; throughput does not need trained ones), with
+# SmolLM2's tokenizer: its ids (< 49,152) are valid rows of Qwen2's 151,936-row embedding.
+QWEN2_SHAPE = "qwen2-0.5b-shape"
+QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny", help="tiny | smollm2-135m | checkpoint dir")
+    p.add_argument("--model", default="tiny", help=f"tiny | smollm2-135m | {QWEN2_SHAPE} | checkpoint dir")
     p.add_argument("--data", default="hh", choices=("arith", "hh"))
     p.add_argument("--pairs-per-step", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
@@ -73,13 +79,30 @@ def load_features(args, tokenizer, n_pairs: int) -> list[dict]:
     raise SystemExit(f"only {len(features)} usable pairs; need {n_pairs} (fewer --steps or --pairs-per-step)")
 
 
-def load_models(args):
-    """(policy in train mode, frozen reference), same weights, on the device."""
+def load_tokenizer_of(model: str):
+    from unipipe_ray.core.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m" if model == QWEN2_SHAPE else model)
+
+
+def load_model(args):
     from unipipe_ray.core.models import load_causal_lm
 
-    policy = load_causal_lm(args.model, dtype=getattr(torch, args.dtype)).to(args.device).train()
-    ref = load_causal_lm(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval().requires_grad_(False)
-    return policy, ref
+    if args.model != QWEN2_SHAPE:
+        return load_causal_lm(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    tok = load_tokenizer_of(args.model)
+    config = Qwen2Config(**QWEN2_05B, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)  # the same weights in every call (policy, reference, each side, each process)
+    with torch.device(args.device):  # initialised where it runs: no 0.5B-parameter init on the CPU
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+
+
+def load_models(args):
+    """(policy in train mode, frozen reference), same weights, on the device."""
+    return load_model(args).train(), load_model(args).eval().requires_grad_(False)
 
 
 def clock(device: str) -> float:
@@ -343,10 +366,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from unipipe_ray.core.models import load_tokenizer
     from unipipe_ray.data import collate_preference
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer_of(args.model)
     total = (args.memory_steps if args.probe else args.warmup + args.steps)
     features = load_features(args, tokenizer, total * args.pairs_per_step)
     if args.probe:

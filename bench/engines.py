@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads per side")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where ours-hf and plain-generate run (auto: cuda when there is one, else cpu; "
+                        "the vLLM sides take vLLM's own device)")
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
     p.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
     p.add_argument("--out", default=None, help="markdown report; the .json goes beside it")
@@ -71,11 +74,14 @@ def measure(args) -> dict:
     path = str(resolve_model(args.model))
     prompts = prompt_ids(args, load_tokenizer(args.model))
     threads = args.threads
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     if args.side in ("ours-vllm", "ours-hf"):
         from unipipe_ray.ppo.rollout import make_rollout_engine
 
-        engine = make_rollout_engine(args.side.removeprefix("ours-"), path, dtype=args.dtype, threads=threads)
+        where = {"device": device} if args.side == "ours-hf" else {}
+        engine = make_rollout_engine(args.side.removeprefix("ours-"), path, dtype=args.dtype, threads=threads,
+                                     **where)
         run = lambda ps, t: [len(s.response_ids) for s in engine.generate(ps, 1, t, 1.0)]  # noqa: E731
     elif args.side == "bare-vllm":
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -95,7 +101,7 @@ def measure(args) -> dict:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(device).eval()
         tok = AutoTokenizer.from_pretrained(path)
 
         @torch.no_grad()
@@ -105,6 +111,7 @@ def measure(args) -> dict:
             mask = torch.zeros_like(ids)
             for row, p in enumerate(ps):
                 ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+            ids, mask = ids.to(device), mask.to(device)
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                                  top_p=1.0, max_new_tokens=t, pad_token_id=tok.pad_token_id)
             lengths = []
@@ -116,7 +123,8 @@ def measure(args) -> dict:
     start = time.perf_counter()
     lengths = run(prompts, args.new_tokens)
     seconds = time.perf_counter() - start
-    return {"side": args.side, "seconds": seconds, "tokens": sum(lengths), "tokens_per_s": sum(lengths) / seconds,
+    return {"side": args.side, "device": device if args.side in ("ours-hf", "plain-generate") else "vllm's",
+            "seconds": seconds, "tokens": sum(lengths), "tokens_per_s": sum(lengths) / seconds,
             "mean_length": statistics.mean(lengths), "startup_s": startup, "load_avg": os.getloadavg()[0]}
 
 
@@ -141,10 +149,13 @@ def machine() -> dict:
 def report(args, runs: list[dict], info: dict) -> str:
     by_side = {s: [r for r in runs if r["side"] == s] for s in args.sides.split(",")}
     median = {s: statistics.median(r["tokens_per_s"] for r in rs) for s, rs in by_side.items() if rs}
+    hf_sides = [r for r in runs if r["side"] in ("ours-hf", "plain-generate")]
+    devices = ", ".join(sorted({r.get("device", "cpu") for r in hf_sides})) or "-"
     lines = [f"# Rollout engines: {args.model}, {args.prompts} prompts x {args.new_tokens} new tokens, "
              f"{args.dtype}", "",
              f"Measured {datetime.date.today()} on {info['cpu']} ({info['cores']} cores), GPU: {info['gpu']}; "
-             f"torch {info['torch']}, transformers {info['transformers']}, vLLM {info['vllm']}. "
+             f"torch {info['torch']}, transformers {info['transformers']}, vLLM {info['vllm']}; ours-hf and "
+             f"plain-generate on {devices}. "
              f"Command: `python bench/engines.py {' '.join(sys.argv[1:])}`.", "",
              "| side | tokens/s (median) | each repeat | mean response length | startup s | load avg |",
              "|---|---|---|---|---|---|"]
