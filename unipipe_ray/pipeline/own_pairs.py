@@ -134,6 +134,7 @@ def sample_pairs(cfg, tokenizer, output_dir) -> tuple[list[PreferencePair], list
         pairs, split_stats = build_pairs(prompts, answers, scores, seed=own.seed, source=f"own:{split}")
         out.append(pairs)
         stats |= {f"{split}_{k}": v for k, v in split_stats.items()}
+        stats[f"{split}_tokens_generated"] = sum(len(r) for rs in responses for r in rs)  # the sampling's compute
         progress(f"dpo: {split}: {len(pairs)} pairs from {len(prompts)} prompts ({split_stats['all_tied']} with "
                  f"answers all scored the same; mean checker score {split_stats['mean_score']:.3f})")
     if not out[0]:

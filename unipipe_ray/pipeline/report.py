@@ -89,6 +89,15 @@ def _markdown(cfg, manifest, results, extra, plots, n_examples, n_pairs) -> str:
     for s in cfg.stages:
         e = stages.get(s, {})
         lines.append(f"| {s} | {e.get('status', 'not run')} | {e.get('seconds')} | `{e.get('checkpoint')}` |")
+    gains = stage_gains(results)
+    if gains:
+        lines += ["", "## What each stage did (held-out exact match against the stage's input, paired)", "",
+                  "| stage | input | input's | stage's | difference [95% interval] | p (McNemar) | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {g['stage']} | {g['input']} | {g['before']:.3f} | {g['after']:.3f} | {g['diff']:+.3f} "
+                  f"[{g['low']:+.3f}, {g['high']:+.3f}] | {g['p_value']:.3g} | {g['verdict']} |" for g in gains]
+        lines += ["", f"({n_examples} held-out problems: a difference counts only at p < 0.05; a stage that did "
+                  "not help says so.)"]
     baseline = "sft" if "sft" in results else "base"
     lines += ["", f"## Every policy on the held-out set (differences to `{baseline}`, paired tests)", "",
               markdown_table(results, baseline=baseline), ""]
@@ -103,6 +112,24 @@ def _markdown(cfg, manifest, results, extra, plots, n_examples, n_pairs) -> str:
               "## Training curves", ""]
     lines += [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def stage_gains(results: dict[str, dict], metric: str = "exact_match", alpha: float = 0.05) -> list[dict]:
+    """Each trained policy against its input on the held-out examples, paired. ``results`` holds the
+    policies in chain order (base, then sft / ppo / dpo as run): each stage starts from the one before it.
+    Verdict: "helped" / "hurt" when McNemar's p < alpha, else "no significant change"."""
+    from unipipe_ray.eval.summary import compare_scores
+
+    names = [n for n in results if metric in results[n] and "scores" in results[n][metric]]
+    out = []
+    for before, after in zip(names, names[1:], strict=False):
+        a, b = results[before][metric], results[after][metric]
+        c = compare_scores(a["scores"], b["scores"], alpha=alpha, binary=True)
+        verdict = ("helped" if c["diff"] > 0 else "hurt") if c["significant"] else "no significant change"
+        out.append({"stage": after, "input": before, "before": a["estimate"], "after": b["estimate"],
+                    "diff": c["diff"], "low": c["low"], "high": c["high"], "p_value": c["p_value"],
+                    "verdict": verdict})
+    return out
 
 
 def plot_curves(run_dir: Path, stages: list[str]) -> list[Path]:

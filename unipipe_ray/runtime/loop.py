@@ -103,6 +103,7 @@ class Reporter:
     def __init__(self, stage: str, steps: int, tensorboard_dir: str | None, progress=None, run: str = ""):
         self.stage, self.steps, self.progress, self.run = stage, steps, progress, run
         self.t, self.tokens = time.perf_counter(), 0.0
+        self.tokens_total = 0.0  # trained tokens since this process started the stage (a resume starts over)
         self.writer = None
         if tensorboard_dir and dist.is_main():
             from torch.utils.tensorboard import SummaryWriter
@@ -111,13 +112,15 @@ class Reporter:
 
     def count_tokens(self, batches: list[dict]) -> None:
         """Add this step's tokens (all ranks, padding excluded) to the throughput counter."""
-        self.tokens += float(dist.all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in batches)))
+        step_tokens = float(dist.all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in batches)))
+        self.tokens += step_tokens
+        self.tokens_total += step_tokens
 
     def throughput(self) -> dict:
         now = time.perf_counter()
         rate = self.tokens / max(now - self.t, 1e-9)
         self.t, self.tokens = now, 0.0
-        return {f"{self.stage}/tokens_per_s": rate}
+        return {f"{self.stage}/tokens_per_s": rate, f"{self.stage}/tokens_total": self.tokens_total}
 
     def step_metrics(self, info: dict, device: torch.device, step: int) -> dict:
         """What every stage reports after an optimizer step besides its losses."""
