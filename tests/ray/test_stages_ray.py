@@ -115,6 +115,25 @@ def test_two_workers_with_accumulation_equal_one_worker(uninterrupted_two_worker
     assert_same_training(uninterrupted_two_workers, uninterrupted)
 
 
+def test_packed_two_workers_with_accumulation_equal_padded_one_worker(uninterrupted, tmp_path):
+    """train.packing: every forward of 2 ranks x 2 micro-batches of 2 runs packed without padding, and ends on
+    the padded 1 x 8 run's weights: same losses, gradients and global normalisation up to summation order."""
+    cfg = load_config(SFTConfig, overrides=DATA + [f"output_dir={tmp_path}", "train.packing=true"] + TWO_WORKERS)
+    assert_same_training(weights(run_sft(cfg)["checkpoint"]), uninterrupted)
+
+
+def test_packed_dpo_with_accumulation_equals_padded_dpo(ray_cluster, tmp_path):
+    """DPO with train.packing, the reference run live (packed too), 2 micro-batches of 2 pairs, ends on the
+    padded run's weights with one batch of 4: per-pair sums come from the packed forward, normalised alike."""
+    common = DATA + ["train.max_steps=2", "train.lr=1e-3", "train.warmup_ratio=0", "data.eval_size=2"]
+    packed = run_dpo(load_config(DPOConfig, overrides=common + [
+        f"output_dir={tmp_path / 'packed'}", "train.packing=true", "train.batch_size=2", "train.grad_accum=2"]))
+    padded = run_dpo(load_config(DPOConfig, overrides=common + [f"output_dir={tmp_path / 'padded'}",
+                                                                "train.batch_size=4"]))
+    assert packed["metrics"]["dpo/loss"] == pytest.approx(padded["metrics"]["dpo/loss"], abs=1e-5)
+    assert_same_training(weights(packed["checkpoint"]), weights(padded["checkpoint"]))
+
+
 def test_killed_worker_resumes_to_the_same_weights(uninterrupted_two_workers, tmp_path):
     """Rank 1 of 2 dies hard in step 2, after step 1's checkpoint; Ray Train restarts the group from it. The
     resumed run recomputes exactly what the uninterrupted one did (same layout): bit for bit, no tolerance."""

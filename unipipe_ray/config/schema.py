@@ -94,6 +94,9 @@ class TrainConfig:
     offload_optimizer: bool = False  # DeepSpeed: optimizer state in CPU memory
     logps_chunk_size: int = 1024   # LM head run in chunks over target tokens only, no full fp32 logits
                                    # (0: full logits; ZeRO-3 always uses full logits, its head is partitioned)
+    packing: bool = False          # padding-free forward (sft, rm, dpo): each micro-batch's sequences packed
+                                   # into rows without padding, position ids restarting per sequence, attention
+                                   # kept inside each (core/packing.py); same losses and gradients as padded
     eval_every: int = 0            # evaluate on the held-out split every k steps (0: only at the end)
     log_every: int = 1             # report metrics every k steps
     checkpoint_every: int = 0      # save a resumable checkpoint every k steps (0: only at the end)

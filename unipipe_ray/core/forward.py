@@ -19,7 +19,8 @@ from contextlib import contextmanager
 
 import torch
 
-from unipipe_ray.core.logps import chunked_token_logps, sequence_logps, token_logps
+from unipipe_ray.core import packing as packing_lib
+from unipipe_ray.core.logps import IGNORE_INDEX, chunked_token_logps, sequence_logps, token_logps
 
 
 @contextmanager
@@ -42,24 +43,39 @@ def lm_head_bypassed(module) -> Iterator[torch.nn.Module]:
         module.set_output_embeddings(head)
 
 
-def token_logps_of(model, module, batch: dict, chunk_size: int | None = None):
+def token_logps_of(model, module, batch: dict, chunk_size: int | None = None, packing: bool = False):
     """Log-probs of a right-padded batch (input_ids, attention_mask, labels; all (N, T)).
 
     chunk_size None: full logits then ``token_logps``. An int: hidden states then ``chunked_token_logps``
-    (same values and gradients, tied or untied embeddings). Returns (logps (N, T-1) fp32, mask (N, T-1)).
+    (same values and gradients, tied or untied embeddings). packing: the forward runs on the sequences packed
+    without padding (``core.packing``), and the log-probs come back in the padded layout, so callers and their
+    loss normalisers are those of the padded path. Returns (logps (N, T-1) fp32, mask (N, T-1)).
     """
-    # use_cache=False: a training forward has no use for a KV cache, and HF would build one by default
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if not packing:
+        # use_cache=False: a training forward has no use for a KV cache, and HF would build one by default
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        return _logps(model, module, inputs, batch["labels"], chunk_size)
+    layout = packing_lib.layout_for(batch["attention_mask"], module)
+    packed = packing_lib.pack(batch, layout)
+    # no attention mask: HF then keeps attention inside each sequence from where position_ids restart; it
+    # only does so without a KV cache (use_cache=False)
+    inputs = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"], "use_cache": False}
+    logps, _ = _logps(model, module, inputs, packed["labels"], chunk_size)
+    width = batch["input_ids"].shape[1]
+    return packing_lib.unpack_shifted(logps, layout, width), batch["labels"][:, 1:] != IGNORE_INDEX
+
+
+def _logps(model, module, inputs: dict, labels, chunk_size: int | None):
     if chunk_size is None:
-        return token_logps(model(**inputs).logits, batch["labels"])
+        return token_logps(model(**inputs).logits, labels)
     with lm_head_bypassed(module) as head:
         hidden = model(**inputs).logits
     # the head's weight is the same Parameter after the swap-back (tied or not): gradients reach it
-    return chunked_token_logps(hidden, head.weight, batch["labels"], chunk_size)
+    return chunked_token_logps(hidden, head.weight, labels, chunk_size)
 
 
 def sequence_pair_logps(model, module, batch: dict, chunk_size: int | None = None,
-                        average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        average: bool = False, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs of a (2B, T) preference batch (``data.collate_preference``: B chosen rows, then
     B rejected) -> (chosen (B,), rejected (B,)); sums, or means over real tokens with average=True."""
-    return sequence_logps(*token_logps_of(model, module, batch, chunk_size), average=average).chunk(2)
+    return sequence_logps(*token_logps_of(model, module, batch, chunk_size, packing), average=average).chunk(2)

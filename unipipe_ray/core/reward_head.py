@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import torch
 
+from unipipe_ray.core import packing as packing_lib
+
 
 def score_head(module):
     """The linear reward head of a (possibly PEFT-wrapped) sequence classifier."""
     return module.score
 
 
-def rewards(model, module, batch: dict) -> torch.Tensor:
+def rewards(model, module, batch: dict, packing: bool = False) -> torch.Tensor:
     """Scalar rewards (N,) of a padded batch (N, T): the head applied at each row's last real token.
 
     ``model`` is what runs the forward (the DDP/DeepSpeed wrapper while training), ``module`` the plain model.
+    packing (right-padded batches only): the forward runs on the sequences packed without padding
+    (``core.packing``) and the head reads each sequence's last token there.
     """
+    if packing:
+        return _packed_rewards(model, module, batch)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     out = model(**inputs, output_hidden_states=True)
     hidden = out.hidden_states[-1]
@@ -31,6 +37,17 @@ def rewards(model, module, batch: dict) -> torch.Tensor:
     return score_head(module)(pooled).squeeze(-1).float()
 
 
-def pair_rewards(model, module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _packed_rewards(model, module, batch: dict) -> torch.Tensor:
+    layout = packing_lib.layout_for(batch["attention_mask"], module)
+    packed = packing_lib.pack({"input_ids": batch["input_ids"]}, layout)
+    # no attention mask and no KV cache: HF keeps attention inside each sequence (see core.packing)
+    out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
+                output_hidden_states=True)
+    hidden = out.hidden_states[-1].flatten(0, 1)
+    pooled = hidden[packing_lib.last_token_indices(layout).to(hidden.device)]
+    return score_head(module)(pooled).squeeze(-1).float()
+
+
+def pair_rewards(model, module, batch: dict, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen (B,), rejected (B,)) rewards of a (2B, T) preference batch."""
-    return rewards(model, module, batch).chunk(2)
+    return rewards(model, module, batch, packing).chunk(2)

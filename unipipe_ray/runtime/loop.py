@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from unipipe_ray.config import TrainConfig
+from unipipe_ray.core.packing import check_model_packs
 from unipipe_ray.runtime import distributed as dist
 from unipipe_ray.runtime import tracking
 from unipipe_ray.runtime.checkpoint import load_trainable, restore_state, save_and_report
@@ -215,6 +216,8 @@ def start_run(stage: str, loop_config: dict, kind: str = "causal", configure=Non
         if configure:
             configure(model)
         engine = make_training_engine(model, train, steps)
+        if train.packing:  # before any step: a model that cannot pack is refused, not trained wrongly
+            check_model_packs(engine.module)
         start, metrics, extra = restore_state(engine, resume)
     reporter = Reporter(stage, steps, loop_config["tensorboard_dir"], loop_config["progress"],
                         run=loop_config.get("run", ""))

@@ -26,7 +26,7 @@ from unipipe_ray.stages.dpo_pairs import (
 
 @torch.no_grad()
 def evaluate(loss: PairLoss, model, ref: RefScorer, features: list[dict], batch_size: int, pad_id: int, device,
-             chunk: int | None) -> dict:
+             chunk: int | None, packing: bool = False) -> dict:
     """DPO metrics on the held-out pairs (rank r takes every world-th pair), reduced over ranks."""
     from unipipe_ray.data import collate_preference
 
@@ -36,7 +36,7 @@ def evaluate(loss: PairLoss, model, ref: RefScorer, features: list[dict], batch_
     for i in range(0, len(indices), batch_size):
         idx = indices[i:i + batch_size]
         batch = {k: v.to(device) for k, v in collate_preference([features[j] for j in idx], pad_id).items()}
-        policy = pair_logps(model, batch, loss.average_logps, chunk_size=chunk)
+        policy = pair_logps(model, batch, loss.average_logps, chunk_size=chunk, packing=packing)
         refs = ref(batch, [("eval", j) for j in idx]) if loss.needs_reference else None
         for k, v in pair_metrics("dpo/eval_", *loss(policy, refs), *policy).items():
             sums[k] = sums.get(k, 0) + v
@@ -52,7 +52,7 @@ def train_loop(loop_config: dict) -> None:
     cfg, train, engine, device, pad_id = run.cfg, run.train, run.engine, run.device, run.pad_id
     chunk, loss = chunk_size(train), PairLoss.of(cfg)
     ref = RefScorer(checkpoint.load_frozen(loop_config["ref_path"], train).to(device) if loss.needs_reference
-                    else None, no_grad_chunk(chunk))
+                    else None, no_grad_chunk(chunk), train.packing)
     schedule = {step: run.batch_indices(step) for step in range(run.start, run.steps)}
     if cfg.precompute_ref_logps and ref.model is not None:
         # Every pair this rank will see, plus its eval share: the reference runs once and is freed.
@@ -68,7 +68,8 @@ def train_loop(loop_config: dict) -> None:
     selector = PairSelector(cfg, engine.module, train.seed, run.resumed_extra.get("selector", {}), pretrained)
     run.extra_state = lambda: {"selector": selector.state_dict()}
     kept_per_step = selector.kept_per_step(train.batch_size, train.grad_accum)
-    evaluate_now = lambda: evaluate(loss, engine.module, ref, run.eval_feats, train.batch_size, pad_id, device, chunk)
+    evaluate_now = lambda: evaluate(loss, engine.module, ref, run.eval_feats, train.batch_size, pad_id, device, chunk,
+                                    train.packing)
     dist.print0(f"dpo: {len(run.train_feats)} train / {len(run.eval_feats)} eval pairs, {run.world} worker(s), "
                 f"{run.steps} steps of {run.per_step} pairs ({kept_per_step} trained: scheduler {cfg.scheduler}), "
                 f"loss {cfg.loss_type}, beta {cfg.beta}")
@@ -90,7 +91,8 @@ def train_loop(loop_config: dict) -> None:
             if len(kept) < len(idx):  # the kept pairs, cut from the collated batch (as collating them would pad)
                 keys, batch = [keys[j] for j in kept], select_pairs(batch, kept)
             batches.append(batch)
-            policy = pair_logps(engine, batch, loss.average_logps, engine.module, chunk)
+            # packing: the forward runs without padding; the sums come from the padded layout's log-probs
+            policy = pair_logps(engine, batch, loss.average_logps, engine.module, chunk, train.packing)
             # the remembered log-probs when the selector scored this micro-batch, else the reference now
             refs = ref(batch, keys) if loss.needs_reference else None
             losses, chosen_rewards, rejected_rewards = loss(policy, refs)

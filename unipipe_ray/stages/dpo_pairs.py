@@ -21,10 +21,12 @@ from unipipe_ray.core.sams_nets import arm_forward
 from unipipe_ray.runtime import distributed as dist
 
 
-def pair_logps(model, batch: dict, average: bool = False, module=None, chunk_size: int | None = None):
+def pair_logps(model, batch: dict, average: bool = False, module=None, chunk_size: int | None = None,
+               packing: bool = False):
     """Sequence log-probs of a (2B, T) preference batch -> (chosen (B,), rejected (B,)); with a chunk size the
-    LM head runs in chunks over the target tokens only (``core.forward``)."""
-    return sequence_pair_logps(model, module if module is not None else model, batch, chunk_size, average)
+    LM head runs in chunks over the target tokens only, with packing the forward runs without padding
+    (``core.forward``)."""
+    return sequence_pair_logps(model, module if module is not None else model, batch, chunk_size, average, packing)
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,11 @@ class RefScorer:
 
     A step that scores a whole micro-batch before it knows which pairs train (SamS) calls
     ``score_and_remember``; calling the scorer on the kept pairs afterwards reads their log-probs back
-    instead of running the reference again. Only the last remembered micro-batch is held."""
+    instead of running the reference again. Only the last remembered micro-batch is held. ``packing``: its
+    forward runs on the packed sequences, as the policy's does (``train.packing``)."""
 
-    def __init__(self, model, chunk_size: int | None = None):
-        self.model, self.table, self.chunk_size = model, None, chunk_size
+    def __init__(self, model, chunk_size: int | None = None, packing: bool = False):
+        self.model, self.table, self.chunk_size, self.packing = model, None, chunk_size, packing
         self.memo: dict = {}  # the last score_and_remember's log-probs by key
 
     @torch.no_grad()
@@ -110,7 +113,7 @@ class RefScorer:
             chunk = keys[i:i + batch_size]
             batch = collate_preference([features[split][j] for split, j in chunk], pad_id)
             chosen, rejected = pair_logps(self.model, {k: v.to(device) for k, v in batch.items()},
-                                          chunk_size=self.chunk_size)
+                                          chunk_size=self.chunk_size, packing=self.packing)
             self.table.update(zip(chunk, zip(chosen.tolist(), rejected.tolist(), strict=True), strict=True))
         self.model = None
 
@@ -119,7 +122,7 @@ class RefScorer:
         """From the precomputed table or the remembered micro-batch when they hold every key, else the model."""
         table = self.table if self.table is not None else self.memo
         if not all(k in table for k in keys):
-            return pair_logps(self.model, batch, chunk_size=self.chunk_size)
+            return pair_logps(self.model, batch, chunk_size=self.chunk_size, packing=self.packing)
         pairs = torch.tensor([table[k] for k in keys], dtype=torch.float32, device=batch["input_ids"].device)
         return pairs[:, 0], pairs[:, 1]
 

@@ -14,7 +14,8 @@ from unipipe_ray.runtime import launch, loop
 
 
 @torch.no_grad()
-def evaluate(model, features: list[dict], batch_size: int, pad_id: int, margin: float, device) -> dict:
+def evaluate(model, features: list[dict], batch_size: int, pad_id: int, margin: float, device,
+             packing: bool = False) -> dict:
     """Bradley-Terry loss and ranking accuracy on the held-out pairs, reduced over ranks."""
     from unipipe_ray.data import collate_preference
 
@@ -23,7 +24,7 @@ def evaluate(model, features: list[dict], batch_size: int, pad_id: int, margin: 
     mine = features[dist.rank()::dist.world_size()]
     for i in range(0, len(mine), batch_size):
         batch = {k: v.to(device) for k, v in collate_preference(mine[i:i + batch_size], pad_id).items()}
-        losses, accuracies = bradley_terry_loss(*pair_rewards(model, model, batch), margin=margin or None)
+        losses, accuracies = bradley_terry_loss(*pair_rewards(model, model, batch, packing), margin=margin or None)
         loss, correct = loss + losses.double().sum().cpu(), correct + accuracies.double().sum().cpu()
     model.train()
     n = len(features)
@@ -39,7 +40,8 @@ def train_loop(loop_config: dict) -> None:
     run = loop.start_run("rm", loop_config, kind="reward",
                            configure=lambda model: setattr(model.config, "pad_token_id", pad_id))
     cfg, train, engine, device = run.cfg, run.train, run.engine, run.device
-    evaluate_now = lambda: evaluate(engine.module, run.eval_feats, train.batch_size, pad_id, cfg.margin, device)
+    evaluate_now = lambda: evaluate(engine.module, run.eval_feats, train.batch_size, pad_id, cfg.margin, device,
+                                    train.packing)
     dist.print0(f"rm: {len(run.train_feats)} train / {len(run.eval_feats)} eval pairs, {run.world} worker(s), "
                 f"{run.steps} steps of {run.per_step} pairs")
     if run.start == 0 and run.eval_feats:
@@ -51,7 +53,7 @@ def train_loop(loop_config: dict) -> None:
         run.reporter.count_tokens(batches)
         sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, margin over this rank's pairs
         for batch in batches:
-            chosen, rejected = pair_rewards(engine, engine.module, batch)
+            chosen, rejected = pair_rewards(engine, engine.module, batch, train.packing)
             losses, accuracies = bradley_terry_loss(chosen, rejected, margin=cfg.margin or None)
             # Sum / (global pairs / world): DDP's gradient mean is then the mean over the whole step's pairs.
             engine.backward(reduce_loss(losses, mode="example", normalizer=run.per_step / run.world))

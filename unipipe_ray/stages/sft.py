@@ -17,7 +17,8 @@ from unipipe_ray.runtime import launch, loop
 
 
 @torch.no_grad()
-def evaluate(model, features: list[dict], batch_size: int, pad_id: int, device, chunk: int | None = None) -> dict:
+def evaluate(model, features: list[dict], batch_size: int, pad_id: int, device, chunk: int | None = None,
+             packing: bool = False) -> dict:
     """Token-mean NLL over the held-out set (each rank takes every world-th example), reduced over ranks."""
     from unipipe_ray.data import collate_sft
 
@@ -26,7 +27,7 @@ def evaluate(model, features: list[dict], batch_size: int, pad_id: int, device, 
     mine = features[dist.rank()::dist.world_size()]
     for i in range(0, len(mine), batch_size):
         batch = {k: v.to(device) for k, v in collate_sft(mine[i:i + batch_size], pad_id).items()}
-        logps, mask = token_logps_of(model, model, batch, chunk)
+        logps, mask = token_logps_of(model, model, batch, chunk, packing)
         total, count = total - masked_sum(logps, mask).double().cpu(), count + mask.sum().cpu()
     model.train()
     total, count = dist.all_reduce_sum(total), dist.all_reduce_sum(count)
@@ -64,7 +65,8 @@ def train_loop(loop_config: dict) -> None:
     run = loop.start_run("sft", loop_config)
     train, engine, device = run.train, run.engine, run.device
     chunk = chunk_size(train)
-    evaluate_now = lambda: evaluate(engine.module, run.eval_feats, train.batch_size, run.pad_id, device, chunk)
+    evaluate_now = lambda: evaluate(engine.module, run.eval_feats, train.batch_size, run.pad_id, device, chunk,
+                                    train.packing)
     pretrain = run.cfg.sams_pretrain
     pretrainer = sams_pretrainer(run.cfg, engine.module, train.seed, run.resumed_extra)
     if pretrainer is not None:
@@ -86,7 +88,9 @@ def train_loop(loop_config: dict) -> None:
         for batch in batches:
             if pretrain:
                 sams_metrics = sams_pretrain_round(pretrainer, engine.module, batch, chunk)
-            loss = sft_loss(*token_logps_of(engine, engine.module, batch, chunk), mode="token", normalizer=normalizer)
+            # packing: the forward runs without padding, the log-probs come back padded (same normaliser)
+            logps = token_logps_of(engine, engine.module, batch, chunk, train.packing)
+            loss = sft_loss(*logps, mode="token", normalizer=normalizer)
             engine.backward(loss)
             step_loss += float(loss.detach())
         info = engine.step()
