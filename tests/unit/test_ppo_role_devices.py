@@ -26,7 +26,6 @@ def spy(monkeypatch):
         return sequences.to_batch(samples, pad_id, device)
 
     monkeypatch.setattr(roles, "to_batch", to_batch)
-    monkeypatch.setattr(roles, "actor_device", lambda: torch.device("meta"))
     monkeypatch.setattr(devices, "actor_device", lambda: torch.device("meta"))
     return asked
 

@@ -24,11 +24,11 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32, device=None
     from transformers import AutoModelForSequenceClassification
 
     from unipipe_ray.core.models import load_tokenizer, resolve_model
-    from unipipe_ray.runtime.devices import actor_device
+    from unipipe_ray.runtime.devices import resolve
 
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model(path), num_labels=1, dtype=dtype,
                                                                use_safetensors=True)
-    model.to(device if device is not None else actor_device())
+    model.to(resolve(device))
     tokenizer = load_tokenizer(path)
     # HF's classifier forward refuses batches > 1 without a pad id (we pool ourselves, but it still checks).
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -39,9 +39,9 @@ def load_policy(path: str, dtype: torch.dtype = torch.float32, device=None):
     """(causal LM in eval mode, tokenizer) for a model spec or checkpoint directory, on ``device`` (default:
     runtime.devices.actor_device)."""
     from unipipe_ray.core.models import load_causal_lm, load_tokenizer
-    from unipipe_ray.runtime.devices import actor_device
+    from unipipe_ray.runtime.devices import resolve
 
-    model = load_causal_lm(path, dtype=dtype).to(device if device is not None else actor_device())
+    model = load_causal_lm(path, dtype=dtype).to(resolve(device))
     return model.eval(), load_tokenizer(path)
 
 

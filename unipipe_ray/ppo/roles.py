@@ -31,8 +31,9 @@ from unipipe_ray.core.sequences import (
     to_batch,
 )
 from unipipe_ray.core.storage import localize, writing_to
+from unipipe_ray.runtime import devices
 from unipipe_ray.runtime import distributed as dist
-from unipipe_ray.runtime.devices import actor_device, device_name, torch_dtype
+from unipipe_ray.runtime.devices import device_name, torch_dtype
 from unipipe_ray.runtime.engine import TrainingEngine
 
 
@@ -40,7 +41,7 @@ def _device(device, threads: int | None) -> torch.device:
     """The role's device (given, or the one Ray assigned) made current; CPU threads set."""
     if threads:
         torch.set_num_threads(threads)
-    device = torch.device(device) if device is not None else actor_device()
+    device = devices.resolve(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device
     return device

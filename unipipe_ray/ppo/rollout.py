@@ -41,11 +41,11 @@ class HFEngine:
                  threads: int | None = None, batch_size: int = 64):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from unipipe_ray.runtime.devices import actor_device
+        from unipipe_ray.runtime import devices
 
         if threads:
             torch.set_num_threads(threads)
-        self.device = torch.device(device) if device is not None else actor_device()  # Ray's, by default
+        self.device = devices.resolve(device)  # Ray's, by default
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
                                                           use_safetensors=True).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)

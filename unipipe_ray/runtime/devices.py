@@ -45,6 +45,11 @@ def actor_device() -> torch.device:
     return torch.device("cuda", 0)
 
 
+def resolve(device=None) -> torch.device:
+    """``device`` as a torch device, or the one Ray gave this actor or task when it is None."""
+    return torch.device(device) if device is not None else actor_device()
+
+
 def train_device(use_gpu: bool) -> torch.device:
     """The device of a Ray Train worker: its assigned GPU when the stage asked for GPUs, else the CPU."""
     if use_gpu and torch.cuda.is_available():
