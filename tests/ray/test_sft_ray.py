@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
 def test_sft_two_workers_loss_falls_and_checkpoint_loads(ray_cluster, tmp_path):
     cfg = load_config(SFTConfig, overrides=[
-        "model=tiny", f"output_dir={tmp_path}", "data.task_size=120", "data.eval_size=8",
+        "model=tiny", f"output_dir={tmp_path}", "data.task_size=40", "data.eval_size=8",
         "data.max_length=96", "train.num_workers=2", "train.batch_size=2", "train.max_steps=8",
         "train.lr=3e-3", "train.warmup_ratio=0", "train.checkpoint_minutes=1e-6"])
     result = run_sft(cfg)
@@ -24,6 +24,10 @@ def test_sft_two_workers_loss_falls_and_checkpoint_loads(ray_cluster, tmp_path):
     assert len([p for p in (tmp_path / "sft").glob("checkpoint_*") if p.is_dir()]) == 2
     m = result["metrics"]
     assert m["step"] == 8 and m["sft/eval_loss"] < 10.0  # random init starts at ln(49152) = 10.8
+    # 8 steps x 2 rows x 2 workers is one epoch of the 32 training rows: each worker turned its 16 rows (its
+    # micro-batches) into Python from the memory-mapped cache, not the 32 of the whole set.
+    assert result["train_examples"] == 32 and result["data"]["rows"] == 40 and not result["data"]["reused"]
+    assert (m["data/rows_read_min"], m["data/rows_read_max"]) == (16, 16)
     assert json.loads((tmp_path / "result.json").read_text())["checkpoint"] == result["checkpoint"]
     # The checkpoint is a plain Hugging Face directory: transformers loads it with no project code.
     model = AutoModelForCausalLM.from_pretrained(result["checkpoint"], use_safetensors=True)
@@ -39,7 +43,7 @@ def test_a_nan_stops_the_stage_at_its_step_and_keeps_the_last_checkpoint(ray_clu
     from unipipe_ray.runtime.loop import NonFiniteLoss
 
     cfg = load_config(SFTConfig, overrides=[
-        "model=tiny", f"output_dir={tmp_path}", "data.task_size=120", "data.eval_size=8",
+        "model=tiny", f"output_dir={tmp_path}", "data.task_size=40", "data.eval_size=8",
         "data.max_length=96", "train.num_workers=2", "train.batch_size=2", "train.max_steps=6",
         "train.checkpoint_every=2", "train.max_failures=2"])
     with pytest.raises(NonFiniteLoss, match=r"sft: non-finite sft/loss=nan.* at step 3; stopped") as e:

@@ -44,9 +44,14 @@ class DataConfig:
     on_bad_record: str = "error"            # error: stop at the first bad record | skip: skip and report
                                             # (user sources and the gsm8k / hh_harmless task files alike)
     seed: int = 0                           # shuffling and generation seed
+    cache_dir: str | None = None            # tokenized-data cache, a path or URI every node can read
+                                            # (None: <storage>/data_cache, else data_cache beside output_dir)
+    tokenize_with: str = "auto"             # ray_data: tokenize shards on the cluster | driver: in the
+                                            # launching process | auto: Ray Data from 8 MB of input
 
     def __post_init__(self):
         one_of(self.task, "task", ("arith", "gsm8k", "hh_harmless"))
+        one_of(self.tokenize_with, "tokenize_with", ("auto", "ray_data", "driver"))
         one_of(self.on_bad_record, "on_bad_record", ("error", "skip"))
         check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
         check(self.max_prompt_length is None or 0 < self.max_prompt_length < self.max_length,

@@ -57,25 +57,63 @@ def _read_jsonl(p: Path, name: str):
     try:
         with opener(p, "rb") as f:
             for lineno, raw in enumerate(f, 1):
-                loc = f"{name}:{lineno}"
-                try:
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    yield loc, DataError(f"invalid UTF-8 (byte {e.start} of the line)", "invalid_utf8", loc)
-                    continue
-                if not line.strip():
-                    continue  # blank lines (a trailing newline, spacing) hold no record
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield loc, DataError(f"malformed JSON: {e.msg} (column {e.colno})", "malformed_json", loc)
-                    continue
-                except RecursionError:
-                    yield loc, DataError("JSON nested too deeply to read", "malformed_json", loc)
-                    continue
-                yield loc, _as_object(record, loc)
+                item = _jsonl_line(raw, f"{name}:{lineno}", lineno == 1)
+                if item is not None:
+                    yield item
     except _GZIP_ERRORS as e:
         raise DataError(f"cannot read gzip stream: {e}", "unreadable_file", name) from e
+
+
+def read_jsonl_range(path, start: int, end: int, counts: dict | None = None) -> Iterator[tuple[str, dict | DataError]]:
+    """(location, record or its DataError) for the lines of a plain .jsonl file that start in bytes
+    [start, end). ``start`` must be a line start (``jsonl_ranges`` gives such ranges), so ranges read in
+    parallel cover every line once. Locations are relative, ``path:+N`` for the range's N-th line: the caller
+    adds the lines of the earlier ranges (``counts["lines"]`` is set to this range's count at the end)."""
+    name = os.fspath(path)
+    with open(path, "rb") as f:
+        f.seek(start)
+        lineno, pos = 0, start
+        while pos < end:
+            raw = f.readline()
+            if not raw:
+                break
+            lineno, pos = lineno + 1, pos + len(raw)
+            item = _jsonl_line(raw, f"{name}:+{lineno}", start == 0 and lineno == 1)
+            if item is not None:
+                yield item
+    if counts is not None:
+        counts["lines"] = lineno
+
+
+def jsonl_ranges(path, target_bytes: int) -> list[tuple[int, int]]:
+    """Byte ranges of about ``target_bytes`` covering a plain .jsonl file, each starting at a line start."""
+    size = os.path.getsize(path)
+    cuts = [0]
+    with open(path, "rb") as f:
+        while cuts[-1] + target_bytes < size:
+            f.seek(cuts[-1] + target_bytes)
+            f.readline()  # to the end of the line the guess fell in
+            if f.tell() >= size:
+                break
+            cuts.append(f.tell())
+    return list(zip(cuts, [*cuts[1:], size], strict=True))
+
+
+def _jsonl_line(raw: bytes, loc: str, first: bool):
+    """(loc, record or DataError) of one JSON Lines line; None for a blank line."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        return loc, DataError(f"invalid UTF-8 (byte {e.start} of the line)", "invalid_utf8", loc)
+    if not line.strip():
+        return None  # blank lines (a trailing newline, spacing) hold no record
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return loc, DataError(f"malformed JSON: {e.msg} (column {e.colno})", "malformed_json", loc)
+    except RecursionError:
+        return loc, DataError("JSON nested too deeply to read", "malformed_json", loc)
+    return loc, _as_object(record, loc)
 
 
 def _read_json(p: Path, name: str):

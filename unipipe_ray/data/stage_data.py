@@ -43,6 +43,12 @@ def stage_examples(data: DataConfig, kind: str) -> tuple[list, list]:
                             "preference": lambda: task.preference_pairs(seed=data.seed)}[kind](), None
     if report is not None and (report.skipped or report.notes):  # skips, and what a mixture repeated
         log.warning("%s", report.summary())
+    return select_split(examples, data, kind)
+
+
+def select_split(examples: list, data: DataConfig, kind: str) -> tuple[list, list]:
+    """(train, held-out) of a stage's examples (or of their row numbers: only positions matter): the seeded
+    held-out split, then ``size`` or the ``budget`` share."""
     order = list(range(len(examples)))
     random.Random(data.seed).shuffle(order)
     if data.eval_size >= len(examples):

@@ -2,7 +2,7 @@
 workers, draw progress from their reports, write the result.
 
 Plain functions, not a base class: a stage module is its worker loop plus a call to ``run_stage``. The data
-comes from data/stage_data.py, Ray and the workers' resources from cluster.py.
+is tokenized into the cache by data_prep.py, Ray and the workers' resources come from cluster.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from unipipe_ray.config import ConfigError, result_differences, to_dict
-from unipipe_ray.data.stage_data import load_stage_data
 from unipipe_ray.runtime import tracking
 from unipipe_ray.runtime.cluster import init_ray, scaling
 from unipipe_ray.runtime.files import write_json_atomic
@@ -224,12 +223,18 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
 
     from unipipe_ray.core.models import load_tokenizer, shareable_model
     from unipipe_ray.core.storage import open_uri
+    from unipipe_ray.runtime.data_prep import cache_root, prepare_stage_data
 
     started = time.time()
     output_dir = Path(cfg.output_dir).resolve()
     model_path = shareable_model(cfg.model)  # convert/download once here, before the workers race for it
     tokenizer = load_tokenizer(cfg.model)
-    train_feats, eval_feats = features or load_stage_data(cfg.data, kind, tokenizer)[:2]
+    data_info = None
+    if features:
+        train_feats, eval_feats = features
+    else:  # tokenized once into the cache; the workers get row views and read their own rows
+        train_feats, eval_feats, data_info = prepare_stage_data(cfg.data, kind, tokenizer,
+                                                                cache_root(cfg.data, output_dir, storage), address)
     check_same_config(output_dir / f"{stage}_config.json", to_dict(cfg))
     check_same_data(output_dir / f"{stage}_data.json", cfg.data)
     init_ray(address)
@@ -267,7 +272,7 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
         tracking.log_metrics(0, extra_metrics)
     out = {"stage": stage, "config": to_dict(cfg), "metrics": {**(result.metrics or {}), **(extra_metrics or {})},
            "checkpoint": _checkpoint_path(result, storage),
-           "train_examples": len(train_feats), "eval_examples": len(eval_feats),
+           "train_examples": len(train_feats), "eval_examples": len(eval_feats), "data": data_info,
            "seconds": round(time.time() - started, 1)}
     write_result(output_dir, out)
     return out

@@ -303,6 +303,10 @@ def finish(run: Run, metrics: dict, evaluate) -> None:
     if run.eval_feats:
         metrics.update(evaluate())
     metrics["resumed_at_step"] = run.start  # 0: a fresh run; k: this attempt continued from checkpoint k
+    read = getattr(run.train_feats, "rows_read", None)
+    if read is not None:  # training rows each rank turned into Python (cached data): its share, not the set
+        per_rank = dist.all_gather_cat(torch.tensor([float(read)]))
+        metrics["data/rows_read_min"], metrics["data/rows_read_max"] = per_rank.min().item(), per_rank.max().item()
     run.reporter.line(run.steps, metrics, final=True)
     run.reporter.close()
     save_and_report(run.engine, run.steps, metrics, run.tokenizer, run.train.lora, run.extra_state(),
