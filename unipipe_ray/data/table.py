@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 
 import numpy as np
 
@@ -36,13 +37,29 @@ def write_shard(target: str, kind: str, features) -> int:
     import pyarrow as pa
 
     sch = schema(kind)
-    if is_uri(target):
+    partial = None
+    if is_uri(target):  # an object appears only once complete
         fs, path = open_uri(target)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         sink = fs.open_output_stream(path)
-    else:
+    else:  # written beside and moved: two runs filling one cache entry never read each other's half files
         os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-        sink = pa.OSFile(target, "wb")
+        partial = f"{target}.tmp-{os.getpid()}-{threading.get_ident()}"
+        sink = pa.OSFile(partial, "wb")
+    try:
+        rows = _write_batches(sink, sch, features)
+    except BaseException:
+        if partial is not None and os.path.exists(partial):
+            os.remove(partial)
+        raise
+    if partial is not None:
+        os.replace(partial, target)
+    return rows
+
+
+def _write_batches(sink, sch, features) -> int:
+    import pyarrow as pa
+
     rows, part = 0, []
     with sink, pa.ipc.new_file(sink, sch) as writer:
         def flush():
