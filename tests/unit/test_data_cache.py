@@ -138,3 +138,24 @@ def test_a_shard_missing_on_this_node_says_where_the_cache_must_be(tmp_path):
     table = FeatureTable([str(tmp_path / "gone.arrow")], [3], [0, 1], "sft")
     with pytest.raises(FileNotFoundError, match=r"gone\.arrow is not on this node .*data\.cache_dir"):
         table[0]
+
+
+@pytest.mark.parametrize("source", [False, True])
+def test_the_ppo_feeder_reads_each_iterations_prompts_from_the_cache(tokenizer, tmp_path, source):
+    import random
+
+    from unipipe_ray.config import PPOConfig
+    from unipipe_ray.data import stage_examples, tokenize_prompt
+    from unipipe_ray.ppo.controller import iteration_prompts, load_prompts
+
+    data = DataConfig(task_size=200, eval_size=8, max_length=96, seed=4)
+    if source:  # a user's prompts with extra fields: the checker's meta must come back as it was read
+        path = write_lines(tmp_path / "p.jsonl", [json.dumps({"prompt": f"what is {i} + {i}?", "answer": str(2 * i),
+                                                              "tags": ["x", i]}) for i in range(60)])
+        data = dataclasses.replace(data, sources=(DataSource(str(path)),))
+    cfg = PPOConfig(data=data, prompts_per_iter=6, output_dir=str(tmp_path / "ppo"))
+    train, _, _ = load_prompts(cfg, tokenizer, str(tmp_path / "cache"))
+    listed = [(ex, tokenize_prompt(ex, tokenizer, 48)["input_ids"]) for ex in stage_examples(data, "prompt")[0]]
+    for it in range(3):  # what the controller drew from the whole list before the cache
+        assert iteration_prompts(cfg, train, it) == random.Random(4 * 1_000_003 + it).sample(listed, 6)
+    assert len(train) == len(listed) and train.rows_read == 18

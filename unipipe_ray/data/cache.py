@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -33,15 +32,14 @@ from unipipe_ray.data.load import PARSERS, LoadReport, _mix
 from unipipe_ray.data.readers import SUPPORTED, iter_raw, jsonl_ranges, read_jsonl_range
 from unipipe_ray.data.records import DataError
 from unipipe_ray.data.stage_data import make_task, select_split
-from unipipe_ray.data.table import write_shard
+from unipipe_ray.data.table import absolute_line, write_shard
 from unipipe_ray.data.tokenize import _prompt_limit, tokenize_preference, tokenize_prompt, tokenize_sft
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1                   # bump when the shard layout or the stats change: old caches are then ignored
-SHARD_BYTES = 32 << 20       # a plain .jsonl file is cut into ranges of about this size
+FORMAT = 2                   # bump when the shard layout or the stats change: old caches are then ignored
+SHARD_BYTES = 8 << 20        # a plain .jsonl file is cut into ranges of about this size (1 GB: 128 tasks)
 TASK_SHARD_EXAMPLES = 20_000  # a built-in task's examples per shard
-_RELATIVE = re.compile(r":\+(\d+)$")
 
 
 @dataclass
@@ -116,7 +114,7 @@ def tokenize_shard(shard: Shard, kind: str, tokenizer, max_length: int, max_prom
     cuts: Counter = Counter()
     one = {"sft": lambda ex: tokenize_sft(ex, tokenizer, max_length, limit, cuts),
            "preference": lambda ex: tokenize_preference(ex, tokenizer, max_length, limit, cuts),
-           "prompt": lambda ex: tokenize_prompt(ex, tokenizer, limit, cuts)}[kind]
+           "prompt": lambda ex: {**tokenize_prompt(ex, tokenizer, limit, cuts), "example": _example_json(ex)}}[kind]
     stats = {"index": shard.index, "records": 0, "parse_errors": {}, "first_parse_error": None,
              "token_errors": [], "lines": None, "fatal": None}
     counts: dict = {}
@@ -138,6 +136,11 @@ def tokenize_shard(shard: Shard, kind: str, tokenizer, max_length: int, max_prom
     stats["lines"] = counts.get("lines")
     stats["cuts"] = dict(cuts)
     return stats
+
+
+def _example_json(ex) -> str:
+    """A prompt example as JSON (meta values JSON cannot hold, e.g. a Parquet timestamp, become strings)."""
+    return json.dumps({"prompt": ex.prompt, "source": ex.source, "meta": ex.meta}, default=str)
 
 
 def _examples(shard: Shard, kind: str, stats: dict, on_bad_record: str, counts: dict):
@@ -168,18 +171,18 @@ def select_rows(data, kind: str, shards: list[Shard], stats: list[dict]) -> tupl
     """(train rows, held-out rows, info) over the shards' rows in order, as ``stage_examples`` then
     ``tokenize_all`` would select and drop the records; raises the same errors they would."""
     stats = sorted(stats, key=lambda s: s["index"])
-    offsets = _line_offsets(shards, stats)
+    offsets = line_offsets(shards, stats)
     report = LoadReport(total=sum(st["records"] for st in stats))
     for st in stats:  # in reading order, so the error raised is the one a sequential read meets first
         first = st["first_parse_error"]
         if first and data.on_bad_record == "error":
-            raise DataError(first[0], first[1], _absolute(first[2], offsets[st["index"]]))
+            raise DataError(first[0], first[1], absolute_line(first[2], offsets[st["index"]]))
         if st["fatal"]:
             name, message, error_kind, loc = st["fatal"]
             raise FileNotFoundError(message) if name == "FileNotFoundError" else DataError(message, error_kind, loc)
         if first:
             report.skipped_by_kind.update(st["parse_errors"])
-            report.first_skipped = report.first_skipped or _absolute(first[2], offsets[st["index"]])
+            report.first_skipped = report.first_skipped or absolute_line(first[2], offsets[st["index"]])
     starts, rows, start = [], [], 0
     for st in stats:
         starts.append(start)
@@ -200,7 +203,7 @@ def select_rows(data, kind: str, shards: list[Shard], stats: list[dict]) -> tupl
             log.warning("%s", report.summary())
     else:
         rows = list(range(start))
-    failed = {first + row: DataError(message, error_kind, _absolute(loc, offsets[st["index"]]))
+    failed = {first + row: DataError(message, error_kind, absolute_line(loc, offsets[st["index"]]))
               for st, first in zip(stats, starts, strict=True)
               for row, message, error_kind, loc in st["token_errors"]}
     train, held_out = (_drop_failed(part, failed, data.on_bad_record, kind)
@@ -234,7 +237,7 @@ def _drop_failed(rows: list[int], failed: dict, on_bad_record: str, kind: str) -
     return kept
 
 
-def _line_offsets(shards: list[Shard], stats: list[dict]) -> dict[int, int]:
+def line_offsets(shards: list[Shard], stats: list[dict]) -> dict[int, int]:
     """Lines before each .jsonl range in its file: range locations ``path:+N`` become ``path:LINE``."""
     offsets, seen = {}, {}
     for sh, st in zip(shards, stats, strict=True):
@@ -244,7 +247,3 @@ def _line_offsets(shards: list[Shard], stats: list[dict]) -> dict[int, int]:
     return offsets
 
 
-def _absolute(loc: str | None, offset: int) -> str | None:
-    if loc is None:
-        return None
-    return _RELATIVE.sub(lambda m: f":{offset + int(m.group(1))}", loc)

@@ -12,7 +12,9 @@ can see that a worker materialised only its share.
 from __future__ import annotations
 
 import bisect
+import json
 import os
+import re
 import threading
 
 import numpy as np
@@ -22,12 +24,16 @@ from unipipe_ray.core.storage import is_uri, open_uri
 BATCH_ROWS = 256
 COLUMNS = {"sft": ("input_ids", "labels"), "prompt": ("input_ids",),
            "preference": ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")}
+# Text columns beside the token ids: a prompt row keeps its example (JSON: messages, source, meta), which
+# PPO's prompt feeder needs for the task's checker.
+TEXT_COLUMNS = {"prompt": ("example",)}
 
 
 def schema(kind: str):
     import pyarrow as pa
 
-    return pa.schema([(c, pa.list_(pa.int32())) for c in COLUMNS[kind]])
+    return pa.schema([(c, pa.list_(pa.int32())) for c in COLUMNS[kind]]
+                     + [(c, pa.string()) for c in TEXT_COLUMNS.get(kind, ())])
 
 
 def write_shard(target: str, kind: str, features) -> int:
@@ -63,8 +69,9 @@ def _write_batches(sink, sch, features) -> int:
     rows, part = 0, []
     with sink, pa.ipc.new_file(sink, sch) as writer:
         def flush():
-            writer.write_batch(pa.record_batch([pa.array([f.get(c, []) for f in part], type=pa.list_(pa.int32()))
-                                                for c in sch.names], schema=sch))
+            writer.write_batch(pa.record_batch([pa.array([f.get(c, "" if t == pa.string() else []) for f in part],
+                                                         type=t) for c, t in zip(sch.names, sch.types, strict=True)],
+                                               schema=sch))
         for feature in features:
             part.append(feature)
             rows += 1
@@ -76,11 +83,22 @@ def _write_batches(sink, sch, features) -> int:
     return rows
 
 
+_RELATIVE = re.compile(r":\+(\d+)$")
+
+
+def absolute_line(loc: str | None, offset: int) -> str | None:
+    """``path:+N`` (line N of a .jsonl byte range) as ``path:LINE``, ``offset`` lines being before the range."""
+    if loc is None:
+        return None
+    return _RELATIVE.sub(lambda m: f":{offset + int(m.group(1))}", loc)
+
+
 class FeatureTable:
     """Rows ``rows`` (global row numbers over ``files``, whose row counts are ``counts``) as feature dicts."""
 
-    def __init__(self, files: list[str], counts: list[int], rows, kind: str):
+    def __init__(self, files: list[str], counts: list[int], rows, kind: str, line_offsets: list[int] | None = None):
         self.files, self.kind = list(files), kind
+        self.line_offsets = list(line_offsets or [0] * len(files))  # lines before a .jsonl range, per file
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
         self.rows = np.asarray(rows, dtype=np.int64)
         self.rows_read = 0
@@ -98,17 +116,32 @@ class FeatureTable:
         for i in range(0, len(self), BATCH_ROWS):
             yield from self.take(range(i, min(i + BATCH_ROWS, len(self))))
 
-    def take(self, indices) -> list[dict]:
-        """The feature dicts of positions ``indices`` (into this view), in that order."""
+    def take(self, indices, columns=None) -> list[dict]:
+        """The feature dicts of positions ``indices`` (into this view), in that order: the token columns, or
+        ``columns``."""
         out = []
         for i in indices:
             row = int(self.rows[i])
-            f = bisect.bisect_right(self.starts, row) - 1
+            f = self._file(row)
             local = row - self.starts[f]
             batch = self._reader(f).get_batch(local // BATCH_ROWS)
-            out.append({c: batch.column(c)[local % BATCH_ROWS].as_py() for c in COLUMNS[self.kind]})
+            out.append({c: batch.column(c)[local % BATCH_ROWS].as_py() for c in columns or COLUMNS[self.kind]})
         self.rows_read += len(out)
         return out
+
+    def prompts(self, indices) -> list[tuple]:
+        """(PromptExample, prompt token ids) of positions ``indices`` of a prompt table."""
+        from unipipe_ray.data.records import PromptExample
+
+        out = []
+        for i, row in zip(indices, self.take(indices, ("example", "input_ids")), strict=True):
+            ex = json.loads(row["example"])
+            source = absolute_line(ex["source"], self.line_offsets[self._file(int(self.rows[i]))])
+            out.append((PromptExample(tuple(ex["prompt"]), source, ex["meta"]), row["input_ids"]))
+        return out
+
+    def _file(self, row: int) -> int:
+        return bisect.bisect_right(self.starts, row) - 1
 
     def _reader(self, f: int):
         import pyarrow as pa

@@ -130,16 +130,25 @@ def save_policy(groups: dict, out: Path | str, name: str, tokenizer_dir: str, it
     return target
 
 
-def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list, list, object]:
-    """(train prompts, held-out prompts, task): PromptExamples paired with their prompt token ids."""
-    from unipipe_ray.data import tokenize_prompt
-    from unipipe_ray.data.stage_data import make_task, stage_examples
+def load_prompts(cfg: PPOConfig, tokenizer, root: str | None = None, address: str | None = None):
+    """(train prompts, held-out prompts, task): row views of the tokenized prompts in the data cache
+    (runtime/data_prep.py); ``table.prompts(indices)`` gives (PromptExample, prompt token ids) pairs, so the
+    feeder reads an iteration's prompts, not the whole set."""
+    from unipipe_ray.data.stage_data import make_task
+    from unipipe_ray.runtime.data_prep import cache_root, prepare_stage_data
 
     task = make_task(cfg.data) if not cfg.data.sources else None
-    max_prompt = cfg.data.max_prompt_length or cfg.data.max_length // 2
-    train, held_out = stage_examples(cfg.data, "prompt")
-    pair = lambda exs: [(ex, tokenize_prompt(ex, tokenizer, max_prompt)["input_ids"]) for ex in exs]
-    return pair(train), pair(held_out), task
+    root = root or cache_root(cfg.data, cfg.output_dir)
+    train, held_out, _ = prepare_stage_data(cfg.data, "prompt", tokenizer, root, address)
+    return train, held_out, task
+
+
+def iteration_prompts(cfg: PPOConfig, prompts, it: int) -> list[tuple]:
+    """Iteration ``it``'s prompts, a pure function of (seed, iteration): a resumed run draws what the first
+    would have (``sample`` picks positions from the count alone, as it would from the list)."""
+    picked = random.Random(cfg.data.seed * 1_000_003 + it).sample(range(len(prompts)),
+                                                                  min(cfg.prompts_per_iter, len(prompts)))
+    return prompts.prompts(picked)
 
 
 def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at: int | None = None,
@@ -164,6 +173,7 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
     from unipipe_ray.core.models import load_tokenizer, shareable_model
     from unipipe_ray.runtime.actors import RoleDied
     from unipipe_ray.runtime.cluster import init_ray
+    from unipipe_ray.runtime.data_prep import cache_root
     from unipipe_ray.runtime.launch import check_same_config, check_same_data, write_result
 
     started = time.time()
@@ -172,7 +182,7 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
              "reward": shareable_model(cfg.reward_model) if cfg.reward_model else None}
     paths["critic"] = shareable_model(cfg.critic_model) if cfg.critic_model else (paths["reward"] or paths["policy"])
     tokenizer = load_tokenizer(cfg.model)
-    train_prompts, _, task = load_prompts(cfg, tokenizer)
+    train_prompts, _, task = load_prompts(cfg, tokenizer, cache_root(cfg.data, out_dir, storage), address)
     gold_scorer(cfg, task), load_rule(cfg.rule_reward)  # refuse a bad module:function before actors start
     check_same_config(out_dir / "ppo_config.json", to_dict(cfg))
     check_same_data(out_dir / "ppo_data.json", cfg.data)
@@ -239,9 +249,7 @@ def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, ou
                 if it in hooks[kind]:
                     role, index = hooks[kind].pop(it)
                     ray.kill(groups[role].actors[index], no_restart=kind == "roles")
-            # The batch is a pure function of (seed, iteration): a resumed run draws what the first would have.
-            batch = random.Random(cfg.data.seed * 1_000_003 + it).sample(
-                train_prompts, min(cfg.prompts_per_iter, len(train_prompts)))
+            batch = iteration_prompts(cfg, train_prompts, it)
             metrics, state = ppo_iteration(cfg, groups, batch, task, tokenizer, kl_ctl, it, state, specs)
             check_finite("ppo", it + 1, metrics)  # before anything is saved: the last checkpoint stays good
             metrics |= watch.update(metrics["ppo/proxy_mean"], metrics["ppo/gold_mean"], metrics["ppo/proxy_std"],

@@ -20,7 +20,7 @@ import pickle
 import time
 
 from unipipe_ray.core import storage
-from unipipe_ray.data.cache import Shard, cache_key, key_parts, plan_shards, select_rows, tokenize_shard
+from unipipe_ray.data.cache import Shard, cache_key, key_parts, line_offsets, plan_shards, select_rows, tokenize_shard
 from unipipe_ray.data.table import FeatureTable
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,17 @@ def prepare_stage_data(data, kind: str, tokenizer, root: str, address: str | Non
         if not failed:  # select_rows raises the error below; an errored read is not worth keeping
             storage.write_text(storage.join(where, "meta.json"), json.dumps(meta))
     train_rows, eval_rows, info = select_rows(data, kind, shards, meta["stats"])
-    counts = [st["rows"] for st in sorted(meta["stats"], key=lambda s: s["index"])]
+    stats = sorted(meta["stats"], key=lambda s: s["index"])
+    counts = [st["rows"] for st in stats]
+    offsets = line_offsets(shards, stats)
+    offsets = [offsets[sh.index] for sh in shards]
     info.update(cache=where, reused=reused, executor=None if reused else executor,
                 seconds=round(time.time() - started, 2))
     log.info("%s data: %s %d records in %d shard(s) at %s (%.1f s)", kind,
              "reused the tokenized" if reused else f"tokenized ({executor})", info["records"], len(shards), where,
              info["seconds"])
-    return FeatureTable(files, counts, train_rows, kind), FeatureTable(files, counts, eval_rows, kind), info
+    view = lambda rows: FeatureTable(files, counts, rows, kind, offsets)  # noqa: E731
+    return view(train_rows), view(eval_rows), info
 
 
 def _big(shards) -> bool:
