@@ -95,6 +95,9 @@ def test_a_trial_pipeline_applies_the_split_the_seed_and_drops_an_empty_stage(sw
     assert trial_config(base, {"budget": 20, "sft_ratio": 1.0, "seed": 0}, "x").stages == ("sft",)
     assert trial_config(base, {"budget": 100, "sft_ratio": 0.01, "seed": 0}, "x").stages == ("sft", "dpo")
     assert split_counts(100, 0.01) == (1, 99) and split_counts(10, 0.25) == (3, 7)  # 2.5 rounds up
+    shared = trial_config(base, {"budget": 20, "sft_ratio": 0.5}, "/s/t1", "/s/data_cache")
+    assert shared.sft.data.cache_dir == shared.dpo.data.cache_dir == "/s/data_cache"  # one cache per sweep
+    assert mixed.sft.data.cache_dir is None  # none given: each stage's default
     with pytest.raises(ConfigError, match="base.dpo.data.task_size: must equal base.sft.data.task_size"):
         trial_config({**base, "dpo": {**base["dpo"], "data": {**base["dpo"]["data"], "task_size": 70}}},
                      {"budget": 20, "sft_ratio": 0.5}, "x")

@@ -40,9 +40,14 @@ def trial_key(params: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]", "-", text)[:200]
 
 
-def trial_config(base: dict, params: dict, run_dir: str) -> PipelineConfig:
-    """The pipeline one trial runs: the base (a ``to_dict`` tree) with the trial's parameters applied."""
+def trial_config(base: dict, params: dict, run_dir: str, cache_dir: str | None = None) -> PipelineConfig:
+    """The pipeline one trial runs: the base (a ``to_dict`` tree) with the trial's parameters applied.
+    ``cache_dir``: the sweep's tokenized-data cache, for stages that name none (the trials' splits differ,
+    their tokenized sources do not, so one trial tokenizes and the others reuse)."""
     tree = copy.deepcopy(base)
+    for stage in ("sft", "rm", "ppo", "dpo"):
+        if cache_dir and stage in tree and not tree[stage].get("data", {}).get("cache_dir"):
+            set_dotted(tree, f"{stage}.data.cache_dir", cache_dir)
     for key, value in params.items():
         if key == "budget":
             for stage in ("sft", "dpo"):
@@ -178,7 +183,9 @@ def tune_trial(params: dict, base: dict, given: list[str], stages_root: str, met
     # Tune's trial id (kept on restore) tells repeats of the same parameters apart (num_samples > 1).
     name = f"{trial_key(params)}_{tune.get_context().get_trial_id()}"
     run_dir = storage.join(stages_root, name) if storage.is_uri(stages_root) else Path(stages_root) / name
-    cfg = trial_config(base, params, str(run_dir))
+    cache_dir = storage.join(stages_root, "data_cache") if storage.is_uri(stages_root) else str(
+        Path(stages_root).resolve() / "data_cache")
+    cfg = trial_config(base, params, str(run_dir), cache_dir)
     fail = inject["before"] if inject and all(params.get(k) == v for k, v in inject["params"].items()) else None
     reported = []
 
