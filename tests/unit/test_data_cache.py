@@ -159,3 +159,20 @@ def test_the_ppo_feeder_reads_each_iterations_prompts_from_the_cache(tokenizer, 
     for it in range(3):  # what the controller drew from the whole list before the cache
         assert iteration_prompts(cfg, train, it) == random.Random(4 * 1_000_003 + it).sample(listed, 6)
     assert len(train) == len(listed) and train.rows_read == 18
+
+
+def test_a_cache_in_object_storage_is_written_read_and_reused(tokenizer, tmp_path):
+    from tests.s3_local import s3_endpoint
+
+    path = write_lines(tmp_path / "x.jsonl", GOOD)
+    data = DataConfig(sources=(DataSource(str(path)),), eval_size=2, max_length=32)
+    with s3_endpoint() as uri:  # moto's S3 server on this machine
+        root = uri("runs/exp/data_cache")
+        train, held_out, info = prepare_stage_data(data, "sft", tokenizer, root)
+        assert info["cache"].startswith("s3://unipipe-test/runs/exp/data_cache/sft-") and not info["reused"]
+        assert len(cache.plan_shards(data, "sft")) > 1  # several shard objects
+        assert (list(train), list(held_out)) == direct(data, "sft", tokenizer)
+        shipped = pickle.loads(pickle.dumps(train))  # as a worker gets it: it opens the objects itself
+        assert shipped[len(train) - 1] == list(train)[-1] and shipped.rows_read == 1
+        again = prepare_stage_data(data, "sft", tokenizer, root)
+        assert again[2]["reused"] and list(again[0]) == list(train)
