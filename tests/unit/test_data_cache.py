@@ -176,3 +176,17 @@ def test_a_cache_in_object_storage_is_written_read_and_reused(tokenizer, tmp_pat
         assert shipped[len(train) - 1] == list(train)[-1] and shipped.rows_read == 1
         again = prepare_stage_data(data, "sft", tokenizer, root)
         assert again[2]["reused"] and list(again[0]) == list(train)
+
+
+def test_truncation_is_reported_only_when_something_was_cut(tokenizer, tmp_path, caplog):
+    import logging
+
+    path = write_lines(tmp_path / "x.jsonl", GOOD)
+    for max_length, said in ((256, False), (12, True)):
+        caplog.clear()
+        data = DataConfig(sources=(DataSource(str(path)),), eval_size=2, max_length=max_length)
+        with caplog.at_level(logging.WARNING):
+            prepare_stage_data(data, "sft", tokenizer, str(tmp_path / "cache"))
+            direct(data, "sft", tokenizer)
+        cut = [r.getMessage() for r in caplog.records if "lost their earliest tokens" in r.getMessage()]
+        assert bool(cut) == said and all(" 0 prompts" not in m for m in cut)

@@ -211,7 +211,7 @@ def select_rows(data, kind: str, shards: list[Shard], stats: list[dict]) -> tupl
     cuts = Counter()
     for st in stats:
         cuts.update(st["cuts"])
-    if cuts:
+    if cuts["prompt"] or cuts["response"]:  # the counters hold zeros for examples that kept everything
         log.warning("tokenized %s data: of %d records, %d prompts lost their earliest tokens and %d responses were "
                     "cut at their end (max_length %d)", kind, start, cuts["prompt"], cuts["response"],
                     data.max_length)

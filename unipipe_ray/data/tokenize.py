@@ -118,7 +118,9 @@ def tokenize_all(examples, kind: str, tokenizer, max_length: int, on_bad_record:
             report.skip(e)
     if report.skipped > skipped_before:
         log.warning("tokenize_all(%s): %s", kind, report.summary())
-    if cuts:  # inputs changed on the way in: say how many, so a user can raise max_length if it matters
+    # inputs changed on the way in: say how many, so a user can raise max_length if it matters (the counters
+    # also hold zeros for examples that kept everything)
+    if cuts["prompt"] or cuts["response"]:
         log.warning("tokenize_all(%s): of %d examples, %d prompts lost their earliest tokens (a system turn or "
                     "early dialogue may be gone; prompt limit %d tokens) and %d responses were cut at their end "
                     "(max_length %d)", kind, len(examples), cuts["prompt"], limit, cuts["response"], max_length)
