@@ -76,7 +76,11 @@ def key_parts(data, kind: str, tokenizer) -> dict:
 
 
 def cache_key(data, kind: str, tokenizer) -> str:
-    parts = key_parts(data, kind, tokenizer)
+    return key_of(kind, key_parts(data, kind, tokenizer))
+
+
+def key_of(kind: str, parts: dict) -> str:
+    """The entry's directory name from ``key_parts`` (computed once by a caller that also keeps the parts)."""
     return f"{kind}-{hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]}"
 
 

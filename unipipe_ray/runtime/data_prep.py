@@ -20,7 +20,7 @@ import pickle
 import time
 
 from unipipe_ray.core import storage
-from unipipe_ray.data.cache import Shard, cache_key, key_parts, line_offsets, plan_shards, select_rows, tokenize_shard
+from unipipe_ray.data.cache import Shard, key_of, key_parts, line_offsets, plan_shards, select_rows, tokenize_shard
 from unipipe_ray.data.table import FeatureTable
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,10 @@ def cache_root(data, output_dir, storage_uri: str | None = None) -> str:
 def prepare_stage_data(data, kind: str, tokenizer, root: str, address: str | None = None,
                        executor: str | None = None):
     """(train FeatureTable, held-out FeatureTable, info) for a stage; info says whether the cache was reused,
-    where it is, and how long tokenizing took."""
+    where it is, how long tokenizing took, and the sources' SHA-256s (``files``, for the resume check)."""
     started = time.time()
-    key = cache_key(data, kind, tokenizer)
-    where = storage.join(root, key)
+    parts = key_parts(data, kind, tokenizer)  # hashes every source file: once per stage start
+    where = storage.join(root, key_of(kind, parts))
     meta = _read_meta(where)
     if meta is not None and not data.sources:  # a task's shards are not rebuilt (or its examples made) to reuse
         shards = [Shard(i, 0) for i in range(len(meta["stats"]))]
@@ -62,7 +62,7 @@ def prepare_stage_data(data, kind: str, tokenizer, root: str, address: str | Non
         stats = _on_ray_data(shards, args, files, address) if executor == "ray_data" else _here(shards, args, files)
         failed = any(st["fatal"] for st in stats) or (data.on_bad_record == "error" and
                                                      any(st["first_parse_error"] for st in stats))
-        meta = {"key": key_parts(data, kind, tokenizer), "stats": stats, "executor": executor,
+        meta = {"key": parts, "stats": stats, "executor": executor,
                 "seconds": round(time.time() - started, 2)}
         if not failed:  # select_rows raises the error below; an errored read is not worth keeping
             storage.write_text(storage.join(where, "meta.json"), json.dumps(meta))
@@ -71,7 +71,7 @@ def prepare_stage_data(data, kind: str, tokenizer, root: str, address: str | Non
     counts = [st["rows"] for st in stats]
     offsets = line_offsets(shards, stats)
     offsets = [offsets[sh.index] for sh in shards]
-    info.update(cache=where, reused=reused, executor=None if reused else executor,
+    info.update(cache=where, reused=reused, executor=None if reused else executor, files=parts["files"],
                 seconds=round(time.time() - started, 2))
     log.info("%s data: %s %d records in %d shard(s) at %s (%.1f s)", kind,
              "reused the tokenized" if reused else f"tokenized ({executor})", info["records"], len(shards), where,

@@ -38,12 +38,13 @@ def check_same_config(path: Path, config: dict) -> None:
         write_json_atomic(path, config)
 
 
-def check_same_data(path: Path, data) -> None:
+def check_same_data(path: Path, data, files: dict | None = None) -> None:
     """Like check_same_config, for the content of the files the data config reads (data/fingerprint.py):
-    a resume over edited source files would train its second part on other data, so it is refused."""
+    a resume over edited source files would train its second part on other data, so it is refused.
+    ``files``: that fingerprint when the caller has it already (the data cache's key holds it)."""
     from unipipe_ray.data.fingerprint import data_changes, fingerprint
 
-    files = fingerprint(data)
+    files = fingerprint(data) if files is None else files
     if not path.exists():
         write_json_atomic(path, files)
         return
@@ -236,7 +237,7 @@ def run_stage(stage: str, loop, cfg, kind: str, address: str | None = None, extr
         train_feats, eval_feats, data_info = prepare_stage_data(cfg.data, kind, tokenizer,
                                                                 cache_root(cfg.data, output_dir, storage), address)
     check_same_config(output_dir / f"{stage}_config.json", to_dict(cfg))
-    check_same_data(output_dir / f"{stage}_data.json", cfg.data)
+    check_same_data(output_dir / f"{stage}_data.json", cfg.data, data_info and data_info["files"])
     init_ray(address)
     scaling_config, threads = scaling(cfg.train)
     # On the driver's node where it can be (the driver polls it); restarted if its node dies all the same
