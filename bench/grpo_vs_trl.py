@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="first iterations left out of the means")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--beta", type=float, default=0.05, help="KL coefficient (ours: kl_coef, TRL: beta)")
+    p.add_argument("--kl-in", choices=("loss", "reward"), default="loss",
+                   help="ours: the KL in the loss with k3 (TRL's form) or in the reward (k1)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--task-size", type=int, default=600, help="arith problems generated (the quickstart's)")
     p.add_argument("--seed", type=int, default=0)
@@ -161,7 +163,8 @@ def run_ours(args, engine: str) -> dict:
         prompts_per_iter=args.prompts, samples_per_prompt=args.samples, iterations=args.iterations,
         max_new_tokens=args.new_tokens, temperature=args.temperature, ppo_epochs=1,
         minibatch_size=args.prompts * args.samples,  # one optimizer step per iteration, as TRL's side
-        kl_coef=args.beta, gold_reward_weight=1.0, rule_reward="bench.grpo_vs_trl:closeness_reward",
+        kl_coef=args.beta, kl_in=args.kl_in, kl_estimator="k3" if args.kl_in == "loss" else "k1",
+        gold_reward_weight=1.0, rule_reward="bench.grpo_vs_trl:closeness_reward",
         missing_eos_penalty=0.0, whiten_advantages=False,  # TRL scales within groups only
         data=DataConfig(task="arith", task_size=args.task_size, eval_size=32, max_length=160, seed=args.seed),
         train=TrainConfig(num_workers=1, lr=args.lr, seed=args.seed))

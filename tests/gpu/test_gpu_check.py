@@ -140,7 +140,7 @@ def test_stage_in_bf16_on_the_device_matches_fp32_cpu_and_learns(ray_cluster, de
 PPO = ["data.task_size=100", "data.eval_size=4", "max_new_tokens=8", "prompts_per_iter=8", "samples_per_prompt=4",
        "minibatch_size=16", "engine=hf", "colocate=true", "weight_sync=object_store", "estimator=grpo",
        "iterations=10", "ppo_epochs=4", "train.lr=3e-2", "kl_coef=0", "rule_reward=tests.ray.rules:low_id_share",
-       "train.dtype=bfloat16", "train.max_failures=0"]
+       "train.dtype=bfloat16", "train.max_failures=0", "sync_check_every=1"]
 
 
 def test_ppo_grpo_with_every_role_colocated_on_the_device(ray_cluster, device, tmp_path, record):

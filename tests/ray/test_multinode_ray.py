@@ -130,7 +130,8 @@ def test_ppo_groups_meet_at_rank_0s_node_and_sync_weights_across_nodes(nodes, tm
             overrides = ["model=" + model, "output_dir={tmp_path}/ppo", "data.task_size=60", "data.eval_size=4",
                          "max_new_tokens=8", "prompts_per_iter=4", "samples_per_prompt=2", "minibatch_size=4",
                          "estimator=grpo", "iterations=2", "train.num_workers=2", "engine=vllm",
-                         "weight_sync=collective", "reward_model=" + model, "train.checkpoint_every=1"]
+                         "weight_sync=collective", "reward_model=" + model, "train.checkpoint_every=1",
+                         "sync_check_every=1"]
             cfg = load_config(PPOConfig, overrides=overrides)
             paths = {{"policy": model, "reference": model, "reward": model, "critic": model}}
             groups, placement = build_groups(cfg, paths, load_tokenizer(model).pad_token_id, 1)

@@ -34,15 +34,19 @@ def test_mean_reward_rises_on_a_learnable_rule(ray_cluster, tmp_path, engine, co
     vLLM takes its weights over the collective weight group (weight_sync.py; the TCP store on CPU)."""
     cfg = load_config(PPOConfig, overrides=BASE + [
         f"model={tiny_model_dir(tie_word_embeddings=False)}", f"output_dir={tmp_path}", f"engine={engine}",
-        f"colocate={colocate}", f"weight_sync={sync}",
+        f"colocate={colocate}", f"weight_sync={sync}", "sync_check_every=3",
         "estimator=grpo", "iterations=8", "ppo_epochs=4", "train.lr=3e-2", "kl_coef=0",
         "rule_reward=tests.ray.rules:low_id_share"])
     result = run_ppo(cfg)
     rule = [h["ppo/rule_mean"] for h in history(tmp_path)]
     assert len(rule) == 8
     assert sum(rule[-2:]) / 2 > sum(rule[:2]) / 2 + 0.25, rule
-    # after every sync the engine scores the batch like the trainer does
-    assert all(h["ppo/engine_trainer_logp_max_diff"] < LOGP_ATOL for h in history(tmp_path))
+    # every iteration's rollouts were sampled with the trainer's weights (the free check), and after every
+    # third sync the engine scores a batch like the trainer does (the full check)
+    rows = history(tmp_path)
+    assert all(h["ppo/rollout_logp_max_diff"] < LOGP_ATOL for h in rows)
+    assert [h["iteration"] for h in rows if "ppo/engine_trainer_logp_max_diff" in h] == [1, 4, 7]
+    assert all(h["ppo/engine_trainer_logp_max_diff"] < LOGP_ATOL for h in rows if h["iteration"] in (1, 4, 7))
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(result["checkpoint"])  # the final policy is a plain HF checkpoint
@@ -60,7 +64,7 @@ def test_reward_model_group_critic_and_a_killed_rollout_actor(ray_cluster, tmp_p
     assert [h["iteration"] for h in rows] == [1, 2, 3]  # the run went on after the kill
     assert all(h["ppo/reward_std"] > 0 for h in rows)  # real, varying reward-model scores
     assert all(h["ppo/value_loss"] >= 0 for h in rows)
-    assert rows[1]["ppo/engine_trainer_logp_max_diff"] < LOGP_ATOL  # the restarted engine got the current weights
+    assert rows[1]["ppo/rollout_logp_max_diff"] < LOGP_ATOL  # the restarted engine sampled with the current weights
     # The iteration right after the restart equals an uninterrupted run's (same config, stopped after it):
     # a restart path that skipped the re-sync would sample from the initial weights and differ here.
     reference = tmp_path / "uninterrupted"
@@ -70,6 +74,23 @@ def test_reward_model_group_critic_and_a_killed_rollout_actor(ray_cluster, tmp_p
     for key in ("ppo/proxy_mean", "ppo/reward_std", "ppo/response_length", "ppo/policy_loss", "ppo/value_loss",
                 "ppo/kl"):
         assert rows[1][key] == pytest.approx(expected[1][key], rel=1e-5, abs=1e-7), key
+
+
+def test_one_step_grpo_with_the_kl_in_the_loss(ray_cluster, tmp_path):
+    """One optimizer step per iteration (one epoch, all 32 rollouts in one minibatch): no old-log-prob forward;
+    the KL to the reference is in the loss. The rollouts' log-probs match the trainer's every iteration (the
+    object-store sync hands the engines the trainer's state without a stop at the driver), the full check
+    runs after syncs 1 and 3, and the KL grows from 0 once the policy moves."""
+    cfg = load_config(PPOConfig, overrides=BASE + [
+        f"model={tiny_model_dir(tie_word_embeddings=False)}", f"output_dir={tmp_path}", "estimator=grpo",
+        "iterations=3", "ppo_epochs=1", "minibatch_size=32", "kl_in=loss", "kl_estimator=k3", "kl_coef=0.1",
+        "train.lr=1e-2", "sync_check_every=2", "rule_reward=tests.ray.rules:low_id_share"])
+    run_ppo(cfg)
+    rows = history(tmp_path)
+    assert all(h["ppo/rollout_logp_max_diff"] < LOGP_ATOL for h in rows)
+    assert [h["iteration"] for h in rows if "ppo/engine_trainer_logp_max_diff" in h] == [1, 3]
+    assert rows[2]["ppo/engine_trainer_logp_max_diff"] < LOGP_ATOL
+    assert rows[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-6) and rows[2]["ppo/kl"] > 1e-4  # KL measured in the update
 
 
 LEARNABLE = ["estimator=grpo", "ppo_epochs=4", "train.lr=3e-2", "kl_coef=0", "rule_reward=tests.ray.rules:low_id_share"]
@@ -115,7 +136,7 @@ def test_stopped_run_resumes_from_its_checkpoint_and_an_agreeing_gold_keeps_the_
     for key in ("ppo/rule_mean", "ppo/response_length", "ppo/policy_loss", "ppo/approx_kl", "ppo/grad_norm"):
         assert rows[2][key] == stopped[2][key], key
     assert rows[-1]["ppo/rule_mean"] > rows[0]["ppo/rule_mean"]
-    assert rows[2]["ppo/engine_trainer_logp_max_diff"] < LOGP_ATOL  # engines started from the checkpoint too
+    assert rows[2]["ppo/rollout_logp_max_diff"] < LOGP_ATOL  # engines started from the checkpoint too
     assert not (tmp_path / "checkpoint.new").exists() and (tmp_path / "checkpoint" / "controller.json").is_file()
 
 

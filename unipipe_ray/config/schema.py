@@ -228,6 +228,8 @@ class PPOConfig:
     engine: str = "hf"                  # rollout engine: hf (our decode loop on transformers) | vllm
     num_engines: int = 1                # rollout actors
     weight_sync: str = "object_store"   # object_store (any engine) | collective (vllm; NCCL on GPUs: weight_sync.py)
+    sync_check_every: int = 5           # full engine-vs-trainer log-prob check after every k-th sync; between,
+                                        # the rollouts' own log-probs are checked against the trainer's (free)
     num_reward_workers: int = 1         # reward-model actors
     colocate: bool = False              # all roles share the same devices (take turns) | each role its own
     prompts_per_iter: int = 8           # prompts per PPO iteration
@@ -245,6 +247,8 @@ class PPOConfig:
     lam: float = 0.95                   # GAE lambda
     kl_coef: float = 0.05               # initial per-token KL penalty coefficient
     kl_estimator: str = "k1"            # k1 | k2 | k3
+    kl_in: str = "reward"               # reward: -kl_coef*KL in the reward (Ziegler et al.) | loss: kl_coef*KL
+                                        # added to the policy loss (GRPO; TRL's beta), k3 the usual estimator there
     kl_target: float | None = None      # adaptive KL controller target (None: fixed coefficient)
     kl_horizon: int = 10000             # adaptive controller horizon (samples)
     gold_reward_weight: float = 0.0     # add the task's checker reward (rule reward) with this weight
@@ -265,8 +269,10 @@ class PPOConfig:
         check(self.weight_sync == "object_store" or self.engine == "vllm", "weight_sync",
                "collective weight sync needs engine: vllm (it runs through vLLM's worker extension)")
         one_of(self.kl_estimator, "kl_estimator", ("k1", "k2", "k3"))
+        one_of(self.kl_in, "kl_in", ("reward", "loss"))
         for key in ("num_engines", "num_reward_workers", "prompts_per_iter", "samples_per_prompt", "iterations",
-                    "max_new_tokens", "ppo_epochs", "minibatch_size", "kl_horizon", "hacking_window"):
+                    "max_new_tokens", "ppo_epochs", "minibatch_size", "kl_horizon", "hacking_window",
+                    "sync_check_every"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         check(self.estimator == "gae" or self.samples_per_prompt >= 2, "samples_per_prompt",
                f"{self.estimator} needs >= 2 samples per prompt (a group baseline)")

@@ -103,6 +103,36 @@ def rloo_advantages(rewards, group_size):
     return (groups - others_mean).flatten()
 
 
+def kl_loss_term(logps, ref_logps, kl_coef, estimator="k3"):
+    """The per-token KL penalty added to the policy loss when the KL is in the loss (GRPO's form, Shao et al.
+    2024) rather than in the reward: kl_coef * KL estimate, differentiable in ``logps``. k3 is the usual
+    estimator there: never negative, low variance, and its gradient is that of the true KL in expectation."""
+    return kl_coef * kl_penalty(logps, ref_logps, estimator)
+
+
+def logp_gap(engine_logps, trainer_logps, mask):
+    """Largest |engine - trainer| log-prob over the masked tokens: the check that the rollout engine samples
+    with the weights the trainer holds. engine_logps: per sample, the log-probs the engine reported for its
+    sampled tokens (lists, ragged); trainer_logps, mask (N, R). 0.0 for an empty batch."""
+    if not engine_logps:
+        return 0.0
+    grid = torch.zeros_like(trainer_logps, dtype=torch.float32)
+    for row, values in enumerate(engine_logps):
+        grid[row, :len(values)] = torch.as_tensor(values[:grid.shape[1]], dtype=torch.float32)
+    return float(((grid - trainer_logps.float()).abs() * mask).max())
+
+
+def old_logps_needed(ppo_epochs, minibatch_size, shard_sizes, kl_in_reward):
+    """Whether PPO's old log-probs need a forward pass of their own before the update.
+
+    Not when the update is one optimizer step over every sample (one epoch, each worker's shard in one
+    minibatch): the policy that sampled is then the one the training forward runs, so its detached log-probs
+    are the old ones (the ratio is exactly 1; the gradient is the same). A KL penalty in the reward needs
+    them before the update, for the advantages, so it always does."""
+    one_step = ppo_epochs == 1 and max(shard_sizes, default=0) <= minibatch_size
+    return kl_in_reward or not one_step
+
+
 class FixedKLController:
     """Constant KL coefficient, `value`; same interface as AdaptiveKLController."""
 

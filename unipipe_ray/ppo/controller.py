@@ -21,7 +21,7 @@ import torch
 
 from unipipe_ray.config import PPOConfig, to_dict
 from unipipe_ray.core import storage
-from unipipe_ray.core.rl import AdaptiveKLController, FixedKLController, kl_penalty
+from unipipe_ray.core.rl import AdaptiveKLController, FixedKLController, kl_penalty, logp_gap, old_logps_needed
 from unipipe_ray.core.watch import HackingWatch
 from unipipe_ray.ppo.groups import build_groups, join_weight_group, sync_weights
 from unipipe_ray.ppo.rewards import advantages_and_returns, gold_scorer, load_rule, pad_rows, scalar_rewards
@@ -70,32 +70,38 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
     width = max(len(s.response_ids) for s in samples)
     mask = pad_rows([torch.ones(len(s.response_ids)) for s in samples], width).bool()
     shards = split(samples, len(groups["policy"]))
-    old_logps = pad_rows(groups["policy"].call_each("logps", [(s,) for s in shards]), width)
+    in_loss = cfg.kl_in == "loss"
+    # One optimizer step over every sample: the training forward gives the old log-probs (rl.old_logps_needed).
+    old_logps = pad_rows(groups["policy"].call_each("logps", [(s,) for s in shards]), width) \
+        if old_logps_needed(cfg.ppo_epochs, cfg.minibatch_size, [len(s) for s in shards], not in_loss) else None
     ref_logps = pad_rows(groups["reference"].call_split("logps", samples), width)
     values = pad_rows(groups["critic"].call_each("values", [(s,) for s in shards]), width) \
         if "critic" in groups else None
-    kl = kl_penalty(old_logps, ref_logps, cfg.kl_estimator) * mask
-    advantages, returns = advantages_and_returns(cfg, rewards, kl, kl_ctl.value, values, mask)
+    kl = kl_penalty(old_logps, ref_logps, cfg.kl_estimator) * mask if old_logps is not None else None
+    advantages, returns = advantages_and_returns(cfg, rewards, kl if not in_loss else torch.zeros_like(ref_logps),
+                                                 0.0 if in_loss else kl_ctl.value, values, mask)
     t["prepare"] = time.perf_counter()
 
     bounds = [0]
     for s in shards:
         bounds.append(bounds[-1] + len(s))
-    part = lambda x, k: x[bounds[k]:bounds[k + 1]]
+    part = lambda x, k: x[bounds[k]:bounds[k + 1]] if x is not None else None
     per_worker = lambda a, b: [(shards[k], part(a, k), part(b, k), cfg.ppo_epochs, cfg.minibatch_size, it)
                                for k in range(len(shards))]
-    metrics = groups["policy"].call_each("update", per_worker(old_logps, advantages))[0]
+    kl_args = lambda k: (part(ref_logps, k), kl_ctl.value, cfg.kl_estimator) if in_loss else ()
+    each = groups["policy"].call_each("update", [args + kl_args(k) for k, args in enumerate(
+        per_worker(old_logps, advantages))])
+    metrics = {k: v for k, v in each[0].items() if k != "ppo/rollout_logp_max_diff"}
     if values is not None:
         metrics |= groups["critic"].call_each("update", per_worker(values, returns))[0]
     t["train"] = time.perf_counter()
     state = sync_weights(groups, specs)
-    check = samples[:8]  # engine vs trainer log-probs on the new weights: did the sync really happen?
-    engine_lp = pad_rows([torch.tensor(r) for r in ray.get(
-        groups["engines"].actors[0].score.remote(check, cfg.temperature))], width)
-    trainer_lp = pad_rows([ray.get(groups["policy"].actors[0].logps.remote(check))], width)
+    metrics |= sync_checks(cfg, groups, samples, old_logps, [m.get("ppo/rollout_logp_max_diff") for m in each],
+                           mask, it)
     t["sync"] = time.perf_counter()
 
-    kl_seq = float((kl.sum(1)).mean())
+    kl_seq = float(kl.sum(1).mean()) if kl is not None else metrics.pop("ppo/kl_in_loss")
+    metrics.pop("ppo/kl_in_loss", None)
     kl_ctl.update(kl_seq, len(samples))
     seconds = {k: t[k] - t[prev] for prev, k in zip(list(t)[:-1], list(t)[1:], strict=True)}
     return metrics | {
@@ -107,8 +113,34 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
         "ppo/proxy_std": float((torch.tensor(proxy) + torch.tensor(rule)).std()),
         "ppo/kl": kl_seq, "ppo/kl_coef": kl_ctl.value,
         "ppo/response_length": n_gen / len(samples), "ppo/rollout_tokens_per_s": n_gen / seconds["generate"],
-        "ppo/engine_trainer_logp_max_diff": float(((engine_lp - trainer_lp).abs() * mask[:len(check)]).max()),
         **{f"time/{k}_s": v for k, v in seconds.items()}}, state
+
+
+def sync_checks(cfg: PPOConfig, groups: dict, samples: list, old_logps, update_gaps: list, mask, it: int) -> dict:
+    """Did the engines get the trainer's weights? Two checks, as metrics:
+
+    - ``ppo/rollout_logp_max_diff``, every iteration and free: the log-probs the engine reported for the tokens
+      it sampled, against the trainer's for the same tokens on the same weights (the old log-probs, or the
+      training forward when the update computed them: ``update_gaps``, one per trainer). It checks the sync
+      before this iteration's generation. Only where the engine reports the trainer's kind of log-probs (the
+      HF engine always; vLLM's are untempered and before top-p, so at temperature 1 and top-p 1).
+    - ``ppo/engine_trainer_logp_max_diff``, after every ``sync_check_every``-th sync (every one when the free
+      check cannot run): the engine scores 8 samples on the weights just synced and the trainer does too, a
+      forward on each side."""
+    import ray
+
+    out = {}
+    comparable = cfg.engine == "hf" or (cfg.temperature == 1.0 and cfg.top_p == 1.0)
+    if comparable:
+        out["ppo/rollout_logp_max_diff"] = logp_gap([s.logps for s in samples], old_logps, mask) \
+            if old_logps is not None else max(update_gaps)
+    if not comparable or it % cfg.sync_check_every == 0:
+        check, width = samples[:8], mask.shape[1]
+        engine_lp = pad_rows([torch.tensor(r) for r in ray.get(
+            groups["engines"].actors[0].score.remote(check, cfg.temperature))], width)
+        trainer_lp = pad_rows([ray.get(groups["policy"].actors[0].logps.remote(check))], width)
+        out["ppo/engine_trainer_logp_max_diff"] = float(((engine_lp - trainer_lp).abs() * mask[:len(check)]).max())
+    return out
 
 
 def save_policy(groups: dict, out: Path | str, name: str, tokenizer_dir: str, iteration: int) -> str:

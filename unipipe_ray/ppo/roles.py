@@ -21,6 +21,7 @@ import torch
 
 from unipipe_ray.core.losses import masked_sum, ppo_policy_loss, reduce_loss, value_loss
 from unipipe_ray.core.models import node_model
+from unipipe_ray.core.rl import kl_penalty, logp_gap
 from unipipe_ray.core.sequences import (
     gather_response,
     logits_to_keep,
@@ -99,32 +100,58 @@ class PolicyTrainer:
         batch = to_batch(samples, self.pad_id, self.device)
         return response_grid_logps(self._forward(self.engine.module, batch), batch).cpu()
 
-    def update(self, samples, old_logps, advantages, epochs: int, minibatch_size: int, iteration: int) -> dict:
-        """PPO epochs over minibatches of this worker's samples; returns means over all workers."""
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, clipped, entropy, approx_kl
-        tokens = 0.0
-        old_logps, advantages = old_logps.to(self.device), advantages.to(self.device)
+    def update(self, samples, old_logps, advantages, epochs: int, minibatch_size: int, iteration: int,
+               ref_logps=None, kl_coef: float = 0.0, kl_estimator: str = "k3") -> dict:
+        """PPO epochs over minibatches of this worker's samples; returns means over all workers.
+
+        ``old_logps`` None: the update is one step over every sample (rl.old_logps_needed), and the training
+        forward's detached log-probs are the old ones; that forward also checks the rollout engine's log-probs
+        of the same tokens ("ppo/rollout_logp_max_diff", this worker's). ``ref_logps`` given: the KL to the
+        reference is in the loss (kl_in: loss) with ``kl_coef``."""
+        if old_logps is None and (epochs != 1 or len(samples) > minibatch_size):
+            raise ValueError("PPO update without old log-probs needs one epoch over one minibatch; got "
+                             f"{epochs} epochs, {len(samples)} samples, minibatch_size {minibatch_size}")
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, clipped, entropy, approx_kl, kl
+        tokens, gap = 0.0, None
+        advantages = advantages.to(self.device)
+        old_logps = old_logps.to(self.device) if old_logps is not None else None
+        ref_logps = ref_logps.to(self.device) if ref_logps is not None else None
         for epoch in range(epochs):
             for idx in _minibatches(len(samples), minibatch_size, epoch, self.seed + iteration):
                 batch = to_batch(_select(samples, idx), self.pad_id, self.device)
                 mask = response_mask(batch)
-                old, adv = old_logps[idx, :mask.shape[1]], advantages[idx, :mask.shape[1]]
+                r = mask.shape[1]
+                adv = advantages[idx, :r]
                 n_tokens = float(dist.all_reduce_sum(float(mask.sum())))
                 logits = self._forward(self.engine, batch)
                 logps = response_grid_logps(logits, batch)
+                old = logps.detach() if old_logps is None else old_logps[idx, :r]
                 losses, clipped = ppo_policy_loss(logps, old, adv, self.clip_eps)
+                kl = torch.zeros_like(losses)
+                if ref_logps is not None:
+                    kl = kl_penalty(logps, ref_logps[idx, :r], kl_estimator)
+                    losses = losses + kl_coef * kl
                 # Token sum / (global tokens / world): the gradient mean over workers is the global token mean.
                 self.engine.backward(reduce_loss(losses, mask, mode="token", normalizer=n_tokens / dist.world_size()))
                 info = self.engine.step()
                 with torch.no_grad():
+                    if old_logps is None:
+                        gap = logp_gap([samples[i].logps for i in idx], logps.detach().cpu(), mask.cpu())
                     entropy = response_grid_entropy(logits.detach(), batch)
                     sums += torch.stack([masked_sum(losses, mask), masked_sum(clipped, mask),
-                                         masked_sum(entropy, mask), masked_sum(old - logps, mask)]).double()
+                                         masked_sum(entropy, mask), masked_sum(old - logps, mask),
+                                         masked_sum(kl, mask)]).double()
                 tokens += float(mask.sum())
         sums, tokens = dist.all_reduce_sum(sums.cpu()), float(dist.all_reduce_sum(tokens))
-        loss, clipfrac, entropy, approx_kl = (sums / max(tokens, 1.0)).tolist()
-        return {"ppo/policy_loss": loss, "ppo/clip_fraction": clipfrac, "ppo/entropy": entropy,
-                "ppo/approx_kl": approx_kl, "ppo/grad_norm": info["grad_norm"]}
+        sequences = float(dist.all_reduce_sum(float(len(samples) * epochs)))
+        loss, clipfrac, entropy, approx_kl, _ = (sums / max(tokens, 1.0)).tolist()
+        out = {"ppo/policy_loss": loss, "ppo/clip_fraction": clipfrac, "ppo/entropy": entropy,
+               "ppo/approx_kl": approx_kl, "ppo/grad_norm": info["grad_norm"]}
+        if ref_logps is not None:  # KL per sequence over the update's forwards (one step: the sampling policy's)
+            out["ppo/kl_in_loss"] = float(sums[4]) / max(sequences, 1.0)
+        if gap is not None:
+            out["ppo/rollout_logp_max_diff"] = gap
+        return out
 
     def state_dict(self) -> dict | None:
         """The full policy state dict on rank 0 in the engines' dtype, on the CPU (it goes through the object
