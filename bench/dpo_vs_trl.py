@@ -4,8 +4,9 @@
         --device cpu --dtype float32 --out results/bench_dpo_cpu.md
 
 Sides: "trl" (DPOTrainer.train(), explicit ref_model), "ours-full" (core.forward without a chunk size: full
-logits, what the stage runs under ZeRO-3 or with logps_chunk_size 0) and "ours-chunked" (core.forward with
---chunk-size: no (B, T, V) logits; the stage's default). All start from the same weights
+logits, what the stage runs under ZeRO-3 or with logps_chunk_size 0), "ours-chunked" (core.forward with
+--chunk-size: no (B, T, V) logits; padded batches) and "ours-packed" (chunked, and every forward, policy and
+reference, runs on the pairs packed without padding: train.packing). All start from the same weights
 and take the same batches in the same order. Timing: one process runs TRL's own train loop, and a
 callback runs one step of each of our sides after every TRL step (A B C A B C ...), so machine load hits
 all sides alike. Memory: one fresh subprocess per side (peak above the state after setup). See README.md.
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-OURS = {"ours-full": False, "ours-chunked": True}  # side -> uses --chunk-size (else full logits)
+# side -> (uses --chunk-size (else full logits), packs its forwards)
+OURS = {"ours-full": (False, False), "ours-chunked": (True, False), "ours-packed": (True, True)}
 SIDES = ("trl", *OURS)
 # Qwen2-0.5B's shape at random init (no weights to carry; throughput does not need trained ones), with
 # SmolLM2's tokenizer: its ids (< 49,152) are valid rows of Qwen2's 151,936-row embedding.
@@ -37,6 +39,14 @@ QWEN2_SHAPE = "qwen2-0.5b-shape"
 QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
                  rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def chosen(args) -> list[str]:
+    sides = [s.strip() for s in args.ours.split(",") if s.strip()]
+    unknown = set(sides) - set(OURS)
+    if unknown or not sides:
+        raise SystemExit(f"--ours: unknown or no sides {sorted(unknown)}; choose from {', '.join(OURS)}")
+    return sides
 
 
 def parse_args(argv=None):
@@ -54,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--precompute-ref", action="store_true", help="reference log-probs once up front (both)")
     p.add_argument("--memory-steps", type=int, default=2, help="steps per memory subprocess (0: skip)")
+    p.add_argument("--ours", default=",".join(OURS),
+                   help="our sides to run beside TRL (comma-separated; fewer sides, less memory in the timing process)")
     p.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
     p.add_argument("--out", default=None, help="markdown report; the .json goes beside it")
     p.add_argument("--probe", choices=SIDES, help=argparse.SUPPRESS)  # internal: memory subprocess
@@ -116,7 +128,7 @@ def clock(device: str) -> float:
 class OurSide:
     """Our DPO step: forward.py policy forward, no_grad reference, dpo_loss, TrainingEngine backward + AdamW step."""
 
-    def __init__(self, args, features, pad_id, chunk_size, total_steps):
+    def __init__(self, args, features, pad_id, chunk_size, total_steps, packing=False):
         from unipipe_ray.runtime.engine import TrainingEngine
 
         policy, self.ref = load_models(args)
@@ -124,6 +136,7 @@ class OurSide:
         self.engine = TrainingEngine(policy, args.lr, weight_decay=0.0, max_grad_norm=1.0, total_steps=total_steps,
                              warmup_steps=0)
         self.args, self.features, self.pad_id, self.chunk_size = args, features, pad_id, chunk_size
+        self.packing = packing
         self.ref_table = None
         if args.precompute_ref:  # untimed, like TRL's precompute in its __init__
             self.ref_table = [self._ref_logps(self._batch(k)) for k in range(total_steps)]
@@ -140,7 +153,7 @@ class OurSide:
     def _ref_logps(self, batch):
         from unipipe_ray.core.forward import sequence_pair_logps
 
-        return sequence_pair_logps(self.ref, self.ref, batch, self.chunk_size)
+        return sequence_pair_logps(self.ref, self.ref, batch, self.chunk_size, packing=self.packing)
 
     def step(self, k: int) -> dict:
         from unipipe_ray.core.forward import sequence_pair_logps
@@ -148,7 +161,7 @@ class OurSide:
 
         start = clock(self.args.device)
         batch = self._batch(k)
-        policy = sequence_pair_logps(self.engine, self.engine.module, batch, self.chunk_size)
+        policy = sequence_pair_logps(self.engine, self.engine.module, batch, self.chunk_size, packing=self.packing)
         ref = self.ref_table[k] if self.ref_table is not None else self._ref_logps(batch)
         losses, chosen_rewards, rejected_rewards = dpo_loss(*policy, *ref, beta=self.args.beta)
         self.engine.backward(losses.mean())
@@ -207,9 +220,9 @@ def trl_metrics(trainer) -> dict:
 def timing_run(args, tokenizer, features, total) -> dict[str, list[dict]]:
     from transformers import TrainerCallback
 
-    ours = {side: OurSide(args, features, tokenizer.pad_token_id, args.chunk_size if chunked else None, total)
-            for side, chunked in OURS.items()}
-    log: dict[str, list[dict]] = {side: [] for side in SIDES}
+    ours = {side: OurSide(args, features, tokenizer.pad_token_id, args.chunk_size if chunked else None, total,
+                          packing) for side, (chunked, packing) in OURS.items() if side in chosen(args)}
+    log: dict[str, list[dict]] = {side: [] for side in ("trl", *ours)}
 
     class Interleave(TrainerCallback):
         """After each TRL step: record its time (since the end of our last step), then one step per side of
@@ -223,7 +236,7 @@ def timing_run(args, tokenizer, features, total) -> dict[str, list[dict]]:
             log["trl"].append({"time": clock(args.device) - self.mark, **trl_metrics(trainer)})
             for side in (list(ours) if k % 2 == 0 else list(ours)[::-1]):
                 log[side].append(ours[side].step(k))
-            print(f"step {k + 1}/{total}: " + ", ".join(f"{side} {log[side][-1]['time']:.2f} s" for side in SIDES),
+            print(f"step {k + 1}/{total}: " + ", ".join(f"{side} {log[side][-1]['time']:.2f} s" for side in log),
                   file=sys.stderr, flush=True)
             self.mark = clock(args.device)
 
@@ -245,7 +258,8 @@ def memory_probe(args, tokenizer, features) -> dict:
         trainer = make_trl(args, features, steps, tokenizer)
         run = trainer.train
     else:
-        side = OurSide(args, features, tokenizer.pad_token_id, args.chunk_size if OURS[args.probe] else None, steps)
+        chunked, packing = OURS[args.probe]
+        side = OurSide(args, features, tokenizer.pad_token_id, args.chunk_size if chunked else None, steps, packing)
         run = lambda: [side.step(k) for k in range(steps)]
     gc.collect()
     if args.device == "cuda":
@@ -262,7 +276,7 @@ def memory_probe(args, tokenizer, features) -> dict:
 
 def measure_memory(argv: list[str]) -> dict[str, dict]:
     out = {}
-    for side in SIDES:
+    for side in ("trl", *chosen(parse_args(argv))):
         proc = subprocess.run([sys.executable, __file__, *argv, "--probe", side], capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"memory probe {side} failed:\n{proc.stderr[-3000:]}")
@@ -275,14 +289,15 @@ def measure_memory(argv: list[str]) -> dict[str, dict]:
 def summarize(args, log, tokens, completion_tokens, positions, memory) -> dict:
     w = args.warmup
     sides = {}
-    for side in SIDES:
+    for side in log:
         times = [r["time"] for r in log[side][w:]]
         q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
         sides[side] = {"s_per_step_median": statistics.median(times), "s_per_step_p25": q1, "s_per_step_p75": q3,
                        "s_per_step_min": min(times), "s_per_step_max": max(times),
                        "tokens_per_s": sum(tokens[w:]) / sum(times), "times": times, **memory.get(side, {})}
     trl = sides["trl"]
-    for side in OURS:
+    ours = [side for side in log if side != "trl"]
+    for side in ours:
         s = sides[side]
         s["speedup_tokens_per_s"] = s["tokens_per_s"] / trl["tokens_per_s"]
         s["speedup_paired_median"] = statistics.median(t / o for t, o in zip(trl["times"], s["times"], strict=True))
@@ -291,9 +306,14 @@ def summarize(args, log, tokens, completion_tokens, positions, memory) -> dict:
         # same batches, same weights, same optimizer math: the two loops must report the same numbers
         s["max_abs_diff_vs_trl"] = {key: max(abs(a[key] - b[key]) for a, b in zip(log[side], log["trl"], strict=True))
                                     for key in ("margin", "logps_chosen")}
-    best = max(OURS, key=lambda side: sides[side]["tokens_per_s"])
-    return {"sides": sides, "default": best, "target_met": sides[best]["speedup_tokens_per_s"] >= 1.3,
-            "first_loss": log["ours-full"][0]["loss"], "tokens_per_step_median": statistics.median(tokens[w:]),
+    best = max(ours, key=lambda side: sides[side]["tokens_per_s"])
+    packing = {}
+    if {"ours-packed", "ours-chunked"} <= set(ours):
+        packing = {"packed_over_padded": sides["ours-packed"]["tokens_per_s"] / sides["ours-chunked"]["tokens_per_s"],
+                   "packed_paired_median": statistics.median(c / p for c, p in zip(
+                       sides["ours-chunked"]["times"], sides["ours-packed"]["times"], strict=True))}
+    return {"sides": sides, "default": best, "target_met": sides[best]["speedup_tokens_per_s"] >= 1.3, **packing,
+            "first_loss": log[ours[0]][0]["loss"], "tokens_per_step_median": statistics.median(tokens[w:]),
             "completion_tokens_per_step_median": statistics.median(completion_tokens[w:]),
             "lm_head_positions_per_step_median": statistics.median(positions[w:])}
 
@@ -337,15 +357,21 @@ def render(report: dict) -> str:
             lines.append(f"| {side} | {r['s_per_step_median']:.3f} | {r['s_per_step_p25']:.3f} - "
                          f"{r['s_per_step_p75']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | {paired} | "
                          f"{mem[0]} | {mem[1]} |")
-        diffs = {side: s["sides"][side]["max_abs_diff_vs_trl"] for side in OURS}
+        diffs = {side: r["max_abs_diff_vs_trl"] for side, r in s["sides"].items() if side != "trl"}
         lines += ["", f"- per step (median): {s['tokens_per_step_median']:.0f} non-pad tokens (what tokens/s counts, "
                   f"same batches on every side), {s['completion_tokens_per_step_median']:.0f} of them scored "
-                  f"(response tokens), {s['lm_head_positions_per_step_median']:.0f} positions in the padded batch",
+                  f"(response tokens), {s['lm_head_positions_per_step_median']:.0f} positions in the padded batch"
+                  + (f", {s['packed_positions_per_step_median']:.0f} packed" if "packed_positions_per_step_median" in s
+                     else ""),
                   f"- default: **{s['default']}**; target ours >= 1.3x TRL tokens/s: "
                   f"**{'met' if s['target_met'] else 'not met'}**",
                   f"- same numbers on both sides: first loss {s['first_loss']:.4f} (ln 2 = 0.6931); max |ours - TRL| "
                   "over all steps: " + "; ".join(f"{side} margin {d['margin']:.1e}, chosen logps "
                                                  f"{d['logps_chosen']:.1e}" for side, d in diffs.items())]
+        if "packed_over_padded" in s:
+            lines.append(f"- packing (ours-packed against ours-chunked, the same path padded): "
+                         f"{s['packed_over_padded']:.2f}x tokens/s (paired median {s['packed_paired_median']:.2f}x); "
+                         f"target >= 1.3x on HH lengths: **{'met' if s['packed_over_padded'] >= 1.3 else 'not met'}**")
         lines += [f"- memory: {next(iter(s['sides'].values())).get('method', 'not measured')}, a fresh process "
                   f"per side, {c['memory_steps']} steps; step peak = peak minus the state after setup"]
         lines += [f"- note: {n}" for n in run.get("notes", [])] + [""]
@@ -379,11 +405,15 @@ def main(argv=None):
     tokens = [int(b["attention_mask"].sum()) for b in batches]
     completion = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
     positions = [b["input_ids"].numel() for b in batches]
+    from unipipe_ray.core.packing import layout_of
+
+    packed_positions = [layout_of(b["attention_mask"]).size for b in batches]
     info = machine(args)
     memory = measure_memory([a for a in argv if a != "--probe"]) if args.memory_steps else {}
     log = timing_run(args, tokenizer, features, total)
     info["load_avg_1m_end"] = os.getloadavg()[0]
     summary = summarize(args, log, tokens, completion, positions, memory)
+    summary["packed_positions_per_step_median"] = statistics.median(packed_positions[args.warmup:])
     config = {k: v for k, v in vars(args).items() if k not in ("out", "probe", "note")}
     run = {"key": json.dumps({k: config[k] for k in ("model", "data", "pairs_per_step", "max_length", "device",
                                                      "dtype", "precompute_ref")}),

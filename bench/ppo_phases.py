@@ -5,6 +5,11 @@
 
 The PPO controller times each phase of every iteration (ppo/controller.py: ppo_iteration) and writes them to
 history.json as time/<phase>_s; this script tabulates them with the run's settings and the machine.
+
+Before / after a change, from bench/grpo_vs_trl.py's per-side files (same settings, the code differs):
+
+    python bench/ppo_phases.py --compare "before (commit abc)=/tmp/before/ours-hf.json" \
+        --compare "after=/tmp/after/ours-hf.json" --warmup 1 --out results/ppo_phases_cpu.md
 """
 
 from __future__ import annotations
@@ -20,12 +25,54 @@ from pathlib import Path
 PHASES = ("generate", "score", "prepare", "train", "sync")
 
 
+def compare(args) -> str:
+    """Mean seconds per phase for each labelled grpo_vs_trl side file, the first --warmup iterations left out."""
+    sides = {}
+    for item in args.compare:
+        label, _, path = item.rpartition("=")
+        data = json.loads(Path(path).read_text())
+        timed = data["iterations"][args.warmup:] or data["iterations"]
+        sides[label] = {"command": data.get("command", ""), "timed": len(timed),
+                        "phases": {ph: statistics.mean(r["phases"].get(ph, 0.0) for r in timed) for ph in PHASES},
+                        "total": statistics.mean(r["seconds"] for r in timed),
+                        "per_iteration": [round(r["seconds"], 1) for r in data["iterations"]]}
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    labels = list(sides)
+    lines = ["# PPO iteration phases, before and after", "",
+             f"Measured {datetime.date.today()} on {cpu} ({os.cpu_count()} cores), no GPU, with "
+             f"`bench/grpo_vs_trl.py` (one side per process, one after another; the first {args.warmup} "
+             "iteration(s) of each left out of the means).", "",
+             "| phase | " + " | ".join(f"{lb}: s (share)" for lb in labels) + " |",
+             "|---|" + "---|" * len(labels)]
+    for ph in PHASES:
+        cells = [(sides[lb]["phases"][ph], sides[lb]["total"]) for lb in labels]
+        lines.append(f"| {ph} | " + " | ".join(f"{v:.1f} ({v / total:.0%})" for v, total in cells) + " |")
+    lines.append("| iteration | " + " | ".join(f"{sides[lb]['total']:.1f}" for lb in labels) + " |")
+    lines += ["", *(f"- {lb}: {sides[lb]['timed']} timed iterations; every iteration (s): "
+                    f"{sides[lb]['per_iteration']}; command: `{sides[lb]['command']}`" for lb in labels)]
+    lines += [f"- {n}" for n in args.note]
+    if args.out:
+        Path(args.out).with_suffix(".json").write_text(json.dumps(sides, indent=1))
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--history", required=True, help="<ppo output_dir>/history.json")
+    p.add_argument("--history", help="<ppo output_dir>/history.json")
+    p.add_argument("--compare", action="append", default=[], help="LABEL=grpo_vs_trl side .json (repeatable)")
+    p.add_argument("--warmup", type=int, default=1, help="--compare: first iterations left out")
     p.add_argument("--out", help="markdown file (a .json with the per-iteration numbers goes beside it)")
     p.add_argument("--note", action="append", default=[])
     args = p.parse_args(argv)
+    if args.compare:
+        text = compare(args)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+        return 0
+    if not args.history:
+        p.error("give --history or --compare")
     history = json.loads(Path(args.history).read_text())
     config = json.loads((Path(args.history).parent / "ppo_config.json").read_text())
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),

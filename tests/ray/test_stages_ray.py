@@ -84,21 +84,22 @@ def test_rm_learns_a_clear_preference(ray_cluster, tmp_path):
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_cluster, tmp_path_factory):
-    """1 worker, batch 8, no accumulation, 3 steps: the reference run."""
+    """1 worker, batch 8, no accumulation, 3 steps, padded batches: the reference run."""
     out = tmp_path_factory.mktemp("ref")
     cfg = load_config(SFTConfig, overrides=DATA + [f"output_dir={out}", "train.batch_size=8", "train.max_steps=3",
-                                                   "train.lr=3e-3", "train.warmup_ratio=0"])
+                                                   "train.lr=3e-3", "train.warmup_ratio=0", "train.packing=false"])
     return weights(run_sft(cfg)["checkpoint"])
 
 
+# Packed (every forward, even where packing: auto would not bother): the resume tests below run packed too.
 TWO_WORKERS = ["train.num_workers=2", "train.batch_size=2", "train.grad_accum=2", "train.max_steps=3", "train.lr=3e-3",
-               "train.warmup_ratio=0", "train.checkpoint_every=1"]
+               "train.warmup_ratio=0", "train.checkpoint_every=1", "train.packing=true"]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_two_workers(ray_cluster, tmp_path_factory):
-    """2 workers x batch 2 x accumulation 2 (8 a step), 3 steps, a checkpoint after every step: the layout of
-    the killed-worker run, uninterrupted."""
+    """2 workers x batch 2 x accumulation 2 (8 a step), packed, 3 steps, a checkpoint after every step: the
+    layout of the killed-worker runs, uninterrupted."""
     out = tmp_path_factory.mktemp("ref2")
     return weights(run_sft(load_config(SFTConfig, overrides=DATA + [f"output_dir={out}"] + TWO_WORKERS))["checkpoint"])
 
@@ -110,15 +111,15 @@ def test_grad_accumulation_4x2_equals_1x8(uninterrupted, tmp_path):
     assert_same_training(weights(run_sft(cfg)["checkpoint"]), uninterrupted)
 
 
-def test_two_workers_with_accumulation_equal_one_worker(uninterrupted_two_workers, uninterrupted):
-    """2 ranks x 2 micro-batches of 2 == one batch of 8: the step's loss is normalised globally."""
+def test_packed_two_workers_with_accumulation_equal_padded_one_worker(uninterrupted_two_workers, uninterrupted):
+    """2 ranks x 2 micro-batches of 2, every forward packed without padding == one padded batch of 8: same
+    losses, gradients and global normalisation, up to summation order."""
     assert_same_training(uninterrupted_two_workers, uninterrupted)
 
 
-def test_packed_two_workers_with_accumulation_equal_padded_one_worker(uninterrupted, tmp_path):
-    """train.packing: every forward of 2 ranks x 2 micro-batches of 2 runs packed without padding, and ends on
-    the padded 1 x 8 run's weights: same losses, gradients and global normalisation up to summation order."""
-    cfg = load_config(SFTConfig, overrides=DATA + [f"output_dir={tmp_path}", "train.packing=true"] + TWO_WORKERS)
+def test_padded_two_workers_with_accumulation_equal_one_worker(uninterrupted, tmp_path):
+    """The same split on padded batches: the step's loss is normalised globally."""
+    cfg = load_config(SFTConfig, overrides=DATA + [f"output_dir={tmp_path}"] + TWO_WORKERS + ["train.packing=false"])
     assert_same_training(weights(run_sft(cfg)["checkpoint"]), uninterrupted)
 
 
@@ -136,7 +137,7 @@ def test_packed_dpo_with_accumulation_equals_padded_dpo(ray_cluster, tmp_path):
 
 def test_killed_worker_resumes_to_the_same_weights(uninterrupted_two_workers, tmp_path):
     """Rank 1 of 2 dies hard in step 2, after step 1's checkpoint; Ray Train restarts the group from it. The
-    resumed run recomputes exactly what the uninterrupted one did (same layout): bit for bit, no tolerance."""
+    resumed run recomputes exactly what the uninterrupted one did (same layout, packed): bit for bit."""
     cfg = load_config(SFTConfig, overrides=DATA + [f"output_dir={tmp_path}"] + TWO_WORKERS)
     result = run_sft(cfg, inject_failure_at=1)
     assert (tmp_path / ".sft_failure_injected").exists(), "the failure really happened"
@@ -181,13 +182,14 @@ def test_lora_sft_saves_a_merged_model_and_the_adapter(ray_cluster, tmp_path, la
     torch.testing.assert_close(merged.state_dict()[q], base.state_dict()[q] + (b @ a) * (cfg.train.lora.alpha / 4))
 
 
-def test_deepspeed_zero2_stage_matches_plain_data_parallel(uninterrupted, tmp_path):
-    """The same SFT loop on DeepSpeed ZeRO-2 over gloo (2 CPU workers) ends at the reference weights, up to
-    the order in which DeepSpeed reduces gradients in its buckets."""
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_deepspeed_zero2_stage_matches_plain_data_parallel(uninterrupted, tmp_path, packing):
+    """The same SFT loop on DeepSpeed ZeRO-2 over gloo (2 CPU workers), padded or packed, ends at the padded
+    reference weights, up to the order in which DeepSpeed reduces gradients in its buckets."""
     cfg = load_config(SFTConfig, overrides=DATA + [f"output_dir={tmp_path}", "train.num_workers=2",
                                                    "train.batch_size=4", "train.max_steps=3", "train.lr=3e-3",
                                                    "train.warmup_ratio=0", "train.backend=deepspeed",
-                                                   "train.zero_stage=2"])
+                                                   "train.zero_stage=2", f"train.packing={packing}"])
     assert_same_training(weights(run_sft(cfg)["checkpoint"]), uninterrupted)
 
 

@@ -218,3 +218,35 @@ def test_a_model_whose_attention_ignores_packing_is_refused():
 
     with pytest.raises(ValueError, match="train.packing: Leaky lets packed sequences attend"):
         check_model_packs(Leaky(model))
+    # the stage loop: packing: true refuses it; auto (the default) trains it on padded batches, and says so
+    from unipipe_ray.config import TrainConfig
+    from unipipe_ray.runtime.loop import packing_checked
+
+    with pytest.raises(ValueError, match="Leaky lets packed sequences attend"):
+        packing_checked(Leaky(model), TrainConfig(packing=True))
+    assert packing_checked(Leaky(model), TrainConfig()).packing is False
+    assert packing_checked(model, TrainConfig()).packing == "auto"
+
+
+def test_auto_packs_a_batch_only_when_that_drops_enough_padding():
+    """packing: auto (the default) packs a micro-batch when that drops >= AUTO_MIN_SAVING of its positions:
+    lengths 60 / 5 / 2 fit in 2 rows of 60 instead of 3; three equal lengths save nothing."""
+    uneven = collate_sft(_features([60, 5, 2]), PAD)["attention_mask"]
+    even = collate_sft(_features([30, 29, 30]), PAD)["attention_mask"]
+    model = load_causal_lm(tiny_model_dir())
+    assert packing.chosen_layout(uneven, model, False) is None
+    assert packing.chosen_layout(even, model, True).rows == 3  # true: always packed, even at no saving
+    assert packing.chosen_layout(even, model, "auto") is None
+    layout = packing.chosen_layout(uneven, model, "auto")
+    assert (layout.rows, layout.width) == (2, 60)
+
+
+def test_the_packing_switch_takes_true_false_or_auto():
+    from unipipe_ray.config import ConfigError, SFTConfig, load_config
+
+    assert load_config(SFTConfig).train.packing == "auto"
+    for text, value in (("true", True), ("false", False), ("auto", "auto")):
+        assert load_config(SFTConfig, overrides=[f"train.packing={text}"]).train.packing == value
+    for bad in ("1", "packed", "0.5"):  # (YAML reads yes / no as booleans)
+        with pytest.raises(ConfigError, match="train.packing"):
+            load_config(SFTConfig, overrides=[f"train.packing={bad}"])

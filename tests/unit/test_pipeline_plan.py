@@ -1,6 +1,10 @@
 """The pipeline's per-stage decision and the chain's defaults, without running anything."""
 
-from unipipe_ray.config import PipelineConfig, given_keys, load_config, to_dict
+import dataclasses
+
+import pytest
+
+from unipipe_ray.config import ConfigError, PipelineConfig, PPOConfig, given_keys, load_config, to_dict
 from unipipe_ray.pipeline.chain import stage_config
 from unipipe_ray.pipeline.manifest import Manifest
 from unipipe_ray.pipeline.run import plan
@@ -64,6 +68,12 @@ def test_operational_keys_neither_rerun_a_done_stage_nor_block_a_resume(tmp_path
     lr = load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}", "sft.train.lr=2e-5"])
     assert plan(m, "sft", to_dict(stage_config(lr, "sft", {}, set())), False) == \
         ("run", "config changed (train.lr)")
+    # PPO's full engine-vs-trainer check is operational too (how often it runs); where the KL goes is not
+    ppo = PPOConfig(output_dir=str(tmp_path / "ppo"))
+    check_same_config(tmp_path / "ppo_config.json", to_dict(ppo))
+    check_same_config(tmp_path / "ppo_config.json", to_dict(dataclasses.replace(ppo, sync_check_every=1)))
+    with pytest.raises(ConfigError, match="kl_in"):
+        check_same_config(tmp_path / "ppo_config.json", to_dict(dataclasses.replace(ppo, kl_in="loss")))
 
 
 def test_the_resume_line_says_from_where_or_that_the_stage_starts_over(tmp_path):

@@ -58,7 +58,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
+        if len(inner) == 1:
+            return _coerce(inner[0], value, key)
+        for tp_ in inner:  # e.g. bool | str: the first type the value is
+            try:
+                return _coerce(tp_, value, key)
+            except ConfigError:
+                pass
+        names = " or ".join(getattr(t, "__name__", str(t)) for t in inner)
+        raise ConfigError(key, f"must be {names}, got {type(value).__name__} {value!r}")
     if _is_dataclass_type(tp):
         return _build(tp, value, key)
     if origin is dict:  # free-form mapping (a search space): its owner's __post_init__ checks the entries
@@ -261,7 +269,7 @@ def config_differences(old, new, prefix: str = "") -> list[tuple[str, object, ob
 # Keys that change how a run is operated, not what it computes (checkpoints resume bit for bit, evals and logs
 # do not touch the weights): changing them neither re-runs a finished stage nor blocks a resume.
 OPERATIONAL_KEYS = ("train.max_failures", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                    "train.checkpoint_minutes")
+                    "train.checkpoint_minutes", "sync_check_every")
 
 
 def result_differences(old, new) -> list[tuple[str, object, object]]:

@@ -99,9 +99,11 @@ class TrainConfig:
     offload_optimizer: bool = False  # DeepSpeed: optimizer state in CPU memory
     logps_chunk_size: int = 1024   # LM head run in chunks over target tokens only, no full fp32 logits
                                    # (0: full logits; ZeRO-3 always uses full logits, its head is partitioned)
-    packing: bool = False          # padding-free forward (sft, rm, dpo): each micro-batch's sequences packed
+    packing: bool | str = "auto"   # padding-free forward (sft, rm, dpo): each micro-batch's sequences packed
                                    # into rows without padding, position ids restarting per sequence, attention
-                                   # kept inside each (core/packing.py); same losses and gradients as padded
+                                   # kept inside each (core/packing.py); same losses and gradients as padded.
+                                   # auto: a micro-batch is packed when that drops >= 20% of its positions (and
+                                   # the model's attention honours it, else padded); true: always; false: never
     eval_every: int = 0            # evaluate on the held-out split every k steps (0: only at the end)
     log_every: int = 1             # report metrics every k steps
     checkpoint_every: int = 0      # save a resumable checkpoint every k steps (0: only at the end)
@@ -124,6 +126,8 @@ class TrainConfig:
         check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         one_of(self.dtype, "dtype", ("float32", "bfloat16"))
+        check(isinstance(self.packing, bool) or self.packing == "auto", "packing",
+              f"must be true, false or auto, got {self.packing!r}")
         one_of(self.zero_stage, "zero_stage", (0, 1, 2, 3))
         one_of(self.backend, "backend", ("ddp", "deepspeed"))
         check(self.zero_stage == 0 or self.backend == "deepspeed", "zero_stage",

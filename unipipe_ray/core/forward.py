@@ -43,19 +43,20 @@ def lm_head_bypassed(module) -> Iterator[torch.nn.Module]:
         module.set_output_embeddings(head)
 
 
-def token_logps_of(model, module, batch: dict, chunk_size: int | None = None, packing: bool = False):
+def token_logps_of(model, module, batch: dict, chunk_size: int | None = None, packing: bool | str = False):
     """Log-probs of a right-padded batch (input_ids, attention_mask, labels; all (N, T)).
 
     chunk_size None: full logits then ``token_logps``. An int: hidden states then ``chunked_token_logps``
-    (same values and gradients, tied or untied embeddings). packing: the forward runs on the sequences packed
-    without padding (``core.packing``), and the log-probs come back in the padded layout, so callers and their
-    loss normalisers are those of the padded path. Returns (logps (N, T-1) fp32, mask (N, T-1)).
+    (same values and gradients, tied or untied embeddings). packing (True, or "auto" where it drops enough
+    padding: ``packing.chosen_layout``): the forward runs on the sequences packed without padding, and the
+    log-probs come back in the padded layout, so callers and their loss normalisers are those of the padded
+    path. Returns (logps (N, T-1) fp32, mask (N, T-1)).
     """
-    if not packing:
+    layout = packing_lib.chosen_layout(batch["attention_mask"], module, packing)
+    if layout is None:
         # use_cache=False: a training forward has no use for a KV cache, and HF would build one by default
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
         return _logps(model, module, inputs, batch["labels"], chunk_size)
-    layout = packing_lib.layout_for(batch["attention_mask"], module)
     packed = packing_lib.pack(batch, layout)
     # no attention mask: HF then keeps attention inside each sequence from where position_ids restart; it
     # only does so without a KV cache (use_cache=False)
@@ -75,7 +76,7 @@ def _logps(model, module, inputs: dict, labels, chunk_size: int | None):
 
 
 def sequence_pair_logps(model, module, batch: dict, chunk_size: int | None = None,
-                        average: bool = False, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        average: bool = False, packing: bool | str = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs of a (2B, T) preference batch (``data.collate_preference``: B chosen rows, then
     B rejected) -> (chosen (B,), rejected (B,)); sums, or means over real tokens with average=True."""
     return sequence_logps(*token_logps_of(model, module, batch, chunk_size, packing), average=average).chunk(2)

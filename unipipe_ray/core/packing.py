@@ -74,6 +74,23 @@ def layout_for(attention_mask: torch.Tensor, module) -> Layout:
     return layout_of(attention_mask, one_row=needs_one_row(module))
 
 
+# auto: pack a micro-batch when packing drops at least this share of its positions. Packed and padded give
+# the same losses and gradients, so the choice is per micro-batch and only about speed: with little padding
+# to drop, the gather and scatter around the forward are not paid back.
+AUTO_MIN_SAVING = 0.2
+
+
+def chosen_layout(attention_mask: torch.Tensor, module, packing) -> Layout | None:
+    """The packed layout to run a right-padded batch in, or None for the padded forward. ``packing``: True,
+    False or "auto" (packed when that drops at least AUTO_MIN_SAVING of the padded positions)."""
+    if not packing:
+        return None
+    layout = layout_for(attention_mask, module)
+    if packing == "auto" and layout.size > (1 - AUTO_MIN_SAVING) * attention_mask.numel():
+        return None
+    return layout
+
+
 def _token_indices(layout: Layout, padded_width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat indices into the padded (N, T) batch, the same tokens' flat indices in the packed batch)."""
     lengths = torch.tensor(layout.lengths, device=device)

@@ -18,15 +18,16 @@ def score_head(module):
     return module.score
 
 
-def rewards(model, module, batch: dict, packing: bool = False) -> torch.Tensor:
+def rewards(model, module, batch: dict, packing: bool | str = False) -> torch.Tensor:
     """Scalar rewards (N,) of a padded batch (N, T): the head applied at each row's last real token.
 
     ``model`` is what runs the forward (the DDP/DeepSpeed wrapper while training), ``module`` the plain model.
-    packing (right-padded batches only): the forward runs on the sequences packed without padding
-    (``core.packing``) and the head reads each sequence's last token there.
+    packing (right-padded batches only; True, or "auto" where it drops enough padding): the forward runs on the
+    sequences packed without padding (``core.packing``) and the head reads each sequence's last token there.
     """
-    if packing:
-        return _packed_rewards(model, module, batch)
+    layout = packing_lib.chosen_layout(batch["attention_mask"], module, packing)
+    if layout is not None:
+        return _packed_rewards(model, module, batch, layout)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     out = model(**inputs, output_hidden_states=True)
     hidden = out.hidden_states[-1]
@@ -37,8 +38,7 @@ def rewards(model, module, batch: dict, packing: bool = False) -> torch.Tensor:
     return score_head(module)(pooled).squeeze(-1).float()
 
 
-def _packed_rewards(model, module, batch: dict) -> torch.Tensor:
-    layout = packing_lib.layout_for(batch["attention_mask"], module)
+def _packed_rewards(model, module, batch: dict, layout) -> torch.Tensor:
     packed = packing_lib.pack({"input_ids": batch["input_ids"]}, layout)
     # no attention mask and no KV cache: HF keeps attention inside each sequence (see core.packing)
     out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
@@ -48,6 +48,6 @@ def _packed_rewards(model, module, batch: dict) -> torch.Tensor:
     return score_head(module)(pooled).squeeze(-1).float()
 
 
-def pair_rewards(model, module, batch: dict, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_rewards(model, module, batch: dict, packing: bool | str = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen (B,), rejected (B,)) rewards of a (2B, T) preference batch."""
     return rewards(model, module, batch, packing).chunk(2)

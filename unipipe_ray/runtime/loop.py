@@ -14,7 +14,7 @@ import random
 import resource
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -217,7 +217,7 @@ def start_run(stage: str, loop_config: dict, kind: str = "causal", configure=Non
             configure(model)
         engine = make_training_engine(model, train, steps)
         if train.packing:  # before any step: a model that cannot pack is refused, not trained wrongly
-            check_model_packs(engine.module)
+            train = packing_checked(engine.module, train)
         start, metrics, extra = restore_state(engine, resume)
     reporter = Reporter(stage, steps, loop_config["tensorboard_dir"], loop_config["progress"],
                         run=loop_config.get("run", ""))
@@ -226,6 +226,21 @@ def start_run(stage: str, loop_config: dict, kind: str = "causal", configure=Non
                inject_failure=loop_config.get("inject_failure", (None, None)),
                inject_nan_at=loop_config.get("inject_nan_at"), staging_dir=loop_config.get("staging_dir"),
                inject_report_death=loop_config.get("inject_report_death", (None, None)))
+
+
+def packing_checked(module, train):
+    """``train`` as it may run on ``module``: packing: true on a model whose attention ignores packing is
+    refused (check_model_packs raises); auto falls back to padded batches, said once."""
+    if train.packing is True:
+        check_model_packs(module)
+        return train
+    try:
+        check_model_packs(module)
+    except ValueError as e:
+        if dist.is_main():
+            log.warning("%s; packing: auto runs padded batches instead", str(e).split(";")[0])
+        return replace(train, packing=False)
+    return train
 
 
 def end_of_step(run: Run, done: int, metrics: dict, evaluate) -> None:
