@@ -103,13 +103,6 @@ def rloo_advantages(rewards, group_size):
     return (groups - others_mean).flatten()
 
 
-def kl_loss_term(logps, ref_logps, kl_coef, estimator="k3"):
-    """The per-token KL penalty added to the policy loss when the KL is in the loss (GRPO's form, Shao et al.
-    2024) rather than in the reward: kl_coef * KL estimate, differentiable in ``logps``. k3 is the usual
-    estimator there: never negative, low variance, and its gradient is that of the true KL in expectation."""
-    return kl_coef * kl_penalty(logps, ref_logps, estimator)
-
-
 def logp_gap(engine_logps, trainer_logps, mask):
     """Largest |engine - trainer| log-prob over the masked tokens: the check that the rollout engine samples
     with the weights the trainer holds. engine_logps: per sample, the log-probs the engine reported for its

@@ -77,8 +77,8 @@ def sync_weights(groups: dict, specs=None):
     state (None after a collective sync) for re-syncing a restarted engine.
 
     The object-store path hands the engines the reference to what rank 0 returned, so the state dict goes
-    from the trainer's node to the engines' without a stop at the driver (fetching it there and putting it
-    back cost 4 of the 5.5 s this took on SmolLM2-135M, 2-core CPU)."""
+    from the trainer's node to the engines' without a stop at the driver (on SmolLM2-135M, 2-core CPU: 1.7 s,
+    against about 7 s when the driver fetched it and put it back)."""
     import ray
 
     if specs is not None:
