@@ -101,7 +101,7 @@ def task_and_batches(args, tokenizer):
 
     cfg = PPOConfig(data=DataConfig(task="arith", task_size=args.task_size, eval_size=32, max_length=160,
                                     seed=args.seed), train=TrainConfig(lr=args.lr), prompts_per_iter=args.prompts)
-    train, _, task = load_prompts(cfg, tokenizer, str(Path(args.workdir) / "data_cache"))
+    train, _, task, _ = load_prompts(cfg, tokenizer, str(Path(args.workdir) / "data_cache"))
     # the controller's own draw: a pure function of (seed, iteration)
     return task, [iteration_prompts(cfg, train, it) for it in range(args.iterations)]
 

@@ -154,7 +154,7 @@ def test_the_ppo_feeder_reads_each_iterations_prompts_from_the_cache(tokenizer, 
                                                               "tags": ["x", i]}) for i in range(60)])
         data = dataclasses.replace(data, sources=(DataSource(str(path)),))
     cfg = PPOConfig(data=data, prompts_per_iter=6, output_dir=str(tmp_path / "ppo"))
-    train, _, _ = load_prompts(cfg, tokenizer, str(tmp_path / "cache"))
+    train, _, _, _ = load_prompts(cfg, tokenizer, str(tmp_path / "cache"))
     listed = [(ex, tokenize_prompt(ex, tokenizer, 48)["input_ids"]) for ex in stage_examples(data, "prompt")[0]]
     for it in range(3):  # what the controller drew from the whole list before the cache
         assert iteration_prompts(cfg, train, it) == random.Random(4 * 1_000_003 + it).sample(listed, 6)

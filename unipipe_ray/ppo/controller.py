@@ -91,7 +91,8 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
     kl_args = lambda k: (part(ref_logps, k), kl_ctl.value, cfg.kl_estimator) if in_loss else ()
     each = groups["policy"].call_each("update", [args + kl_args(k) for k, args in enumerate(
         per_worker(old_logps, advantages))])
-    metrics = {k: v for k, v in each[0].items() if k != "ppo/rollout_logp_max_diff"}
+    # the update's own check and KL are folded in below (sync_checks, kl_seq), not reported as they are
+    metrics = {k: v for k, v in each[0].items() if k not in ("ppo/rollout_logp_max_diff", "ppo/kl_in_loss")}
     if values is not None:
         metrics |= groups["critic"].call_each("update", per_worker(values, returns))[0]
     t["train"] = time.perf_counter()
@@ -100,8 +101,7 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
                            mask, it)
     t["sync"] = time.perf_counter()
 
-    kl_seq = float(kl.sum(1).mean()) if kl is not None else metrics.pop("ppo/kl_in_loss")
-    metrics.pop("ppo/kl_in_loss", None)
+    kl_seq = float(kl.sum(1).mean()) if kl is not None else each[0]["ppo/kl_in_loss"]
     kl_ctl.update(kl_seq, len(samples))
     seconds = {k: t[k] - t[prev] for prev, k in zip(list(t)[:-1], list(t)[1:], strict=True)}
     return metrics | {
@@ -163,16 +163,17 @@ def save_policy(groups: dict, out: Path | str, name: str, tokenizer_dir: str, it
 
 
 def load_prompts(cfg: PPOConfig, tokenizer, root: str | None = None, address: str | None = None):
-    """(train prompts, held-out prompts, task): row views of the tokenized prompts in the data cache
+    """(train prompts, held-out prompts, task, info): row views of the tokenized prompts in the data cache
     (runtime/data_prep.py); ``table.prompts(indices)`` gives (PromptExample, prompt token ids) pairs, so the
-    feeder reads an iteration's prompts, not the whole set."""
+    feeder reads an iteration's prompts, not the whole set. ``info["files"]``: the sources' SHA-256s, for the
+    resume check (hashed once, for the cache key)."""
     from unipipe_ray.data.stage_data import make_task
     from unipipe_ray.runtime.data_prep import cache_root, prepare_stage_data
 
     task = make_task(cfg.data) if not cfg.data.sources else None
     root = root or cache_root(cfg.data, cfg.output_dir)
-    train, held_out, _ = prepare_stage_data(cfg.data, "prompt", tokenizer, root, address)
-    return train, held_out, task
+    train, held_out, info = prepare_stage_data(cfg.data, "prompt", tokenizer, root, address)
+    return train, held_out, task, info
 
 
 def iteration_prompts(cfg: PPOConfig, prompts, it: int) -> list[tuple]:
@@ -214,10 +215,10 @@ def run_ppo(cfg: PPOConfig, address: str | None = None, inject_engine_failure_at
              "reward": shareable_model(cfg.reward_model) if cfg.reward_model else None}
     paths["critic"] = shareable_model(cfg.critic_model) if cfg.critic_model else (paths["reward"] or paths["policy"])
     tokenizer = load_tokenizer(cfg.model)
-    train_prompts, _, task = load_prompts(cfg, tokenizer, cache_root(cfg.data, out_dir, storage), address)
+    train_prompts, _, task, data_info = load_prompts(cfg, tokenizer, cache_root(cfg.data, out_dir, storage), address)
     gold_scorer(cfg, task), load_rule(cfg.rule_reward)  # refuse a bad module:function before actors start
     check_same_config(out_dir / "ppo_config.json", to_dict(cfg))
-    check_same_data(out_dir / "ppo_data.json", cfg.data)
+    check_same_data(out_dir / "ppo_data.json", cfg.data, data_info["files"])
     recover_dir(out_dir / "best_gold")  # a kill mid-swap left the previous best at best_gold.old
     init_ray(address)
     hooks = {"engine": {inject_engine_failure_at: ("engines", 0)} if inject_engine_failure_at is not None else {},

@@ -143,11 +143,11 @@ class PolicyTrainer:
                                          masked_sum(kl, mask)]).double()
                 tokens += float(mask.sum())
         sums, tokens = dist.all_reduce_sum(sums.cpu()), float(dist.all_reduce_sum(tokens))
-        sequences = float(dist.all_reduce_sum(float(len(samples) * epochs)))
         loss, clipfrac, entropy, approx_kl, _ = (sums / max(tokens, 1.0)).tolist()
         out = {"ppo/policy_loss": loss, "ppo/clip_fraction": clipfrac, "ppo/entropy": entropy,
                "ppo/approx_kl": approx_kl, "ppo/grad_norm": info["grad_norm"]}
         if ref_logps is not None:  # KL per sequence over the update's forwards (one step: the sampling policy's)
+            sequences = float(dist.all_reduce_sum(float(len(samples) * epochs)))  # every rank: kl_in is global
             out["ppo/kl_in_loss"] = float(sums[4]) / max(sequences, 1.0)
         if gap is not None:
             out["ppo/rollout_logp_max_diff"] = gap
