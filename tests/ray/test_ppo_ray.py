@@ -110,9 +110,22 @@ def test_hacking_watch_fires_when_the_proxy_is_gamed_and_keeps_the_best_gold_pol
     assert rows[-1]["ppo/gold_mean"] < rows[0]["ppo/gold_mean"]
     best = max(h["ppo/gold_mean"] for h in rows)
     assert best > rows[-1]["ppo/gold_mean"]
+    first_best = next(h["iteration"] for h in rows if h["ppo/gold_mean"] == best)
+    assert result["best_gold_iteration"] == first_best
+    import torch
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(result["best_gold_checkpoint"])
+    # best_gold is the policy that sampled the best batch, before that iteration's update: when that is the
+    # first batch, it is the initial model itself
+    kept = AutoModelForCausalLM.from_pretrained(result["best_gold_checkpoint"]).state_dict()
+    init = AutoModelForCausalLM.from_pretrained(cfg.model).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(result["checkpoint"]).state_dict()
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert not same(kept, final)
+    if first_best == 1:
+        assert same(kept, init)
+    else:
+        assert not same(kept, init)
 
 
 def test_stopped_run_resumes_from_its_checkpoint_and_an_agreeing_gold_keeps_the_watch_silent(ray_cluster, tmp_path):

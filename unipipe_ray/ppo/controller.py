@@ -32,10 +32,11 @@ log = logging.getLogger(__name__)
 
 
 def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, kl_ctl, it: int, state,
-                  specs=None) -> tuple[dict, object]:
+                  specs=None, on_scored=None) -> tuple[dict, object]:
     """One PPO iteration over ``prompts`` (PromptExamples with their token ids). Returns (its metrics, the
     object-store weights the engines now hold, or None after a collective sync: ``state`` of the next
-    iteration, which re-syncs an engine that Ray restarted)."""
+    iteration, which re-syncs an engine that Ray restarted). ``on_scored(gold_mean)`` runs once the rollouts
+    are scored and before the update, while the trainers still hold the weights that sampled them."""
     import ray
 
     from unipipe_ray.runtime.actors import split
@@ -65,6 +66,8 @@ def ppo_iteration(cfg: PPOConfig, groups: dict, prompts: list, task, tokenizer, 
     rule = [rule_fn(ex, text, s.response_ids) for ex, text, s in zip(examples, texts, samples, strict=True)] \
         if rule_fn else [0.0] * len(samples)
     rewards = scalar_rewards(cfg, proxy, gold, rule, [s.finished for s in samples])
+    if on_scored is not None:
+        on_scored(float(torch.tensor(gold).mean()))
     t["score"] = time.perf_counter()
 
     width = max(len(s.response_ids) for s in samples)
@@ -259,8 +262,11 @@ def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, ou
               else FixedKLController(cfg.kl_coef))
     watch = HackingWatch(cfg.hacking_window, z=cfg.hacking_z)
     reporter = Reporter("ppo", cfg.iterations, str(out_dir / "tensorboard"), run=str(out_dir))
-    history, best_gold, start, state = [], float("-inf"), 0, None
-    best_dir = str(out_dir / "best_gold") if not hooks["storage"] else None
+    history, start, state = [], 0, None
+    # best_gold/: the policy whose own rollouts scored the best gold mean, saved before that iteration's update
+    # (the update's result has not been scored yet, and on a hacked proxy it is often worse)
+    best = {"gold": float("-inf"), "dir": str(out_dir / "best_gold") if not hooks["storage"] else None,
+            "iteration": None}
     last_save = time.monotonic()
     try:
         if resume is not None:
@@ -268,12 +274,18 @@ def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, ou
             groups["policy"].call("load_checkpoint", str(paths["policy"]))
             if "critic" in groups:
                 groups["critic"].call("load_checkpoint", str(paths["critic"]))
-            best_dir = controller.get("best_dir", best_dir)
+            best |= {"dir": controller.get("best_dir", best["dir"]), "iteration": controller.get("best_iteration")}
             kl_ctl.load_state_dict(controller["kl"])
             watch.load_state_dict(controller["watch"])
-            history, best_gold, start = controller["history"], controller["best_gold"], controller["iteration"]
+            history, best["gold"], start = controller["history"], controller["best_gold"], controller["iteration"]
             progress(f"ppo: resuming from {resume} at iteration {start + 1} of {cfg.iterations}")
         has_gold = gold_scorer(cfg, task) is not None
+
+        def keep_if_best(gold_mean: float, it: int) -> None:
+            if has_gold and gold_mean > best["gold"]:
+                best.update(gold=gold_mean, iteration=it + 1,
+                            dir=save_policy(groups, out, "best_gold", tokenizer_dir, it + 1))
+
         devices = {name: group.call("device_name") for name, group in groups.items()}
         log.info("ppo: roles on %s", ", ".join(f"{name} {'/'.join(d)}" for name, d in devices.items()))
         specs = ray.get(join_weight_group(groups)) if cfg.weight_sync == "collective" else None
@@ -283,16 +295,14 @@ def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, ou
                     role, index = hooks[kind].pop(it)
                     ray.kill(groups[role].actors[index], no_restart=kind == "roles")
             batch = iteration_prompts(cfg, train_prompts, it)
-            metrics, state = ppo_iteration(cfg, groups, batch, task, tokenizer, kl_ctl, it, state, specs)
+            metrics, state = ppo_iteration(cfg, groups, batch, task, tokenizer, kl_ctl, it, state, specs,
+                                           on_scored=lambda gold_mean, it=it: keep_if_best(gold_mean, it))
             check_finite("ppo", it + 1, metrics)  # before anything is saved: the last checkpoint stays good
             metrics |= watch.update(metrics["ppo/proxy_mean"], metrics["ppo/gold_mean"], metrics["ppo/proxy_std"],
                                     metrics["ppo/gold_std"], len(batch) * cfg.samples_per_prompt)
             history.append(metrics | {"iteration": it + 1})
             reporter.line(it + 1, metrics)
             write_json_atomic(out_dir / "history.json", history)
-            if has_gold and metrics["ppo/gold_mean"] > best_gold:
-                best_gold = metrics["ppo/gold_mean"]
-                best_dir = save_policy(groups, out, "best_gold", tokenizer_dir, it + 1)
             stop = bool(metrics["watch/hacking"]) and cfg.stop_on_hacking
             if metrics["watch/hacking"]:
                 log.warning("reward hacking suspected at iteration %d: the proxy reward rises while the gold reward "
@@ -305,7 +315,8 @@ def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, ou
                 fail = (RuntimeError(f"ppo: injected failure before committing checkpoint {it + 1} (test hook)")
                         if hooks["commit"] == it + 1 else None)
                 ppo_state.save(checkpoints, groups, tokenizer_dir,
-                               {"iteration": it + 1, "history": history, "best_gold": best_gold, "best_dir": best_dir,
+                               {"iteration": it + 1, "history": history, "best_gold": best["gold"],
+                                "best_dir": best["dir"], "best_iteration": best["iteration"],
                                 "kl": kl_ctl.state_dict(), "watch": watch.state_dict()}, fail_before_commit=fail)
             if inject_stop_at == it + 1:
                 raise RuntimeError(f"ppo: injected stop after iteration {it + 1} (test hook)")
@@ -314,7 +325,8 @@ def _train(cfg: PPOConfig, paths: dict, tokenizer, train_prompts: list, task, ou
         final = save_policy(groups, out, "final", tokenizer_dir, len(history))
         write_json_atomic(out_dir / "history.json", history)
         result = {"stage": "ppo", "config": to_dict(cfg), "metrics": history[-1], "checkpoint": final,
-                  "best_gold_checkpoint": best_dir if best_gold > float("-inf") else None,
+                  "best_gold_checkpoint": best["dir"] if best["gold"] > float("-inf") else None,
+                  "best_gold_iteration": best["iteration"],  # the iteration whose rollouts that policy sampled
                   "stopped_on_hacking": bool(history[-1]["watch/hacking"]) and cfg.stop_on_hacking,
                   "resumed_at_iteration": start if resume is not None else None,
                   "train_examples": len(train_prompts), "eval_examples": 0, "devices": devices}
