@@ -58,6 +58,8 @@ def parse_args(argv=None):
                    help="override a stage setting, e.g. ppo.train.lr=1e-5 or ppo.iterations=8 (repeatable)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test of this script)")
     p.add_argument("--out", default="results/chain_gains.md")
+    p.add_argument("--merge", metavar="JSON", help="an earlier run's chain_gains.json whose seeds (those not in "
+                   "--seeds) join the summary; it must have the same held-out size and settings")
     return p.parse_args(argv)
 
 
@@ -86,8 +88,9 @@ def stage_configs(args, seed: int) -> dict[str, dict]:
             node = node.setdefault(part, {})
         node[path[-1]] = _value(value)
     out["ppo"].pop("reward_model", None)  # the checker is the reward: no RM arm here
-    out["dpo"].pop("pairs", None)
-    out["dpo"].pop("own", None)
+    out["dpo"].pop("pairs", None)  # sft_dpo trains on the task's constructed pairs, all of them;
+    out["dpo"].pop("own", None)    # the own-sample arms get their settings from own_section
+    out["dpo"]["data"].pop("size", None)
     return out
 
 
@@ -222,7 +225,8 @@ def markdown(args, summary: dict, n: int, wall: float) -> str:
         pass
     lines = [f"# Chain gains: {args.model} on arith, {len(summary['seeds'])} seed(s) x {n} held-out problems", "",
              f"Measured {datetime.date.today()} on {cpu} ({os.cpu_count()} cores, "
-             f"{'GPU' if torch.cuda.is_available() else 'no GPU'}); {wall / 60:.0f} min in all. "
+             f"{'GPU' if torch.cuda.is_available() else 'no GPU'}); {wall / 60:.0f} min in all"
+             f"{f' (seeds {args.seeds}; the others from {args.merge}, run earlier)' if args.merge else ''}. "
              f"Command: `python experiments/chain_gains.py {' '.join(sys.argv[1:])}`. Stage settings: the sections "
              f"of `{Path(args.config).name}` (the demo's), PPO rewarded by the task's checker alone.", "",
              "## Each arm (exact match pooled over seeds, 95% bootstrap interval)", "",
@@ -258,6 +262,16 @@ def main(argv=None):
         scores[seed] = evaluate(args, seed, done["checkpoints"], done["sections"], cache)
         compute[seed] = done["compute"]
         n = len(scores[seed]["base"])
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        for key, seed_scores in earlier["scores"].items():
+            if int(key) in scores:
+                continue
+            if n and len(seed_scores["base"]) != n:
+                raise SystemExit(f"--merge {args.merge}: seed {key} has {len(seed_scores['base'])} held-out "
+                                 f"problems, this run {n}")
+            scores[int(key)], compute[int(key)] = seed_scores, earlier["compute"][key]
+            n = len(seed_scores["base"])
     summary = summarise(scores, compute)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
