@@ -155,7 +155,8 @@ def markdown(args, cfg, history, alarm, answers, rm, ppo, png, seconds: dict) ->
              f"Settings: SFT as the demo; reward model from SFT, {args.rm_steps} steps (the RM's own held-out "
              f"metrics: {json.dumps(rm_acc) if rm_acc else 'none recorded'}); GRPO {args.iterations} iterations "
              f"x {cfg['ppo']['prompts_per_iter']} prompts x {cfg['ppo']['samples_per_prompt']} samples, lr "
-             f"{args.lr:g}, KL {args.kl_coef:g} (k3, in the loss), reward = RM score only (gold_reward_weight 0); "
+             f"{args.lr:g}, KL {args.kl_coef:g} (k3, in the loss), reward = RM score only (gold_reward_weight 0), less "
+             f"the demo's {cfg['ppo'].get('missing_eos_penalty', 0):g} for an answer cut at the length limit; "
              f"the watch: window {cfg['ppo'].get('hacking_window', 4)}, z 2.", "",
              f"![proxy and gold]({png.name})", "",
              (f"**The watch fired at iteration {alarm}.**" if alarm is not None else
