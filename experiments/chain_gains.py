@@ -215,14 +215,18 @@ def summarise(scores_by_seed: dict[int, dict], compute_by_seed: dict[int, dict])
     return {"seeds": seeds, "arms": arms, "stages": stages}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def markdown(args, summary: dict, n: int, wall: float) -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     lines = [f"# Chain gains: {args.model} on arith, {len(summary['seeds'])} seed(s) x {n} held-out problems", "",
              f"Measured {datetime.date.today()} on {cpu} ({os.cpu_count()} cores, "
              f"{'GPU' if torch.cuda.is_available() else 'no GPU'}); {wall / 60:.0f} min in all"

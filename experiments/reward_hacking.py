@@ -62,13 +62,6 @@ def sections(args) -> dict:
     return {"sft": out["sft"], "rm": rm, "ppo": ppo}
 
 
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "CPU"
-
-
 def first_alarm(history: list[dict]) -> int | None:
     return next((h["iteration"] for h in history if h.get("watch/hacking")), None)
 
@@ -149,7 +142,7 @@ def markdown(args, cfg, history, alarm, answers, rm, ppo, png, seconds: dict) ->
 
     rm_acc = {k: v for k, v in rm.get("metrics", {}).items() if "eval_acc" in k}
     lines = [f"# Reward hacking on its own: {args.model}, arith, PPO on a weak reward model's score alone", "",
-             f"Measured {datetime.date.today()} on {cpu_name()} ({os.cpu_count()} cores); "
+             f"Measured {datetime.date.today()} on {chain_gains.cpu_name()} ({os.cpu_count()} cores); "
              f"stages {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}. Command: "
              f"`python experiments/reward_hacking.py {' '.join(sys.argv[1:])}`.", "",
              f"Settings: SFT as the demo; reward model from SFT, {args.rm_steps} steps (the RM's own held-out "
