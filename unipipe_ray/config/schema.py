@@ -37,13 +37,14 @@ class DataConfig:
                                             # and preference data (data.split.budget_split): an sft stage
                                             # takes round(budget * sft_ratio), a preference stage the rest
     sft_ratio: float = 1.0                  # share of the budget spent on SFT examples
-    budget_seed: int = 0                    # which questions the budget draws (training order stays `seed`)
+    budget_seed: int = 0                    # which questions the budget draws (training order: train.seed)
     eval_size: int = 64                     # held-out examples for evaluation, split off before training
     max_length: int = 256                   # tokens per sequence (prompt + response)
     max_prompt_length: int | None = None    # prompt tokens kept (from the end); None: max_length // 2
     on_bad_record: str = "error"            # error: stop at the first bad record | skip: skip and report
                                             # (user sources and the gsm8k / hh_harmless task files alike)
-    seed: int = 0                           # shuffling and generation seed
+    seed: int = 0                           # held-out split, generated task, source mixing; the
+                                            # training order and PPO's prompt draw follow train.seed
     cache_dir: str | None = None            # tokenized-data cache, a path or URI every node can read
                                             # (None: <storage>/data_cache, else data_cache beside output_dir)
     tokenize_with: str = "auto"             # ray_data: tokenize shards on the cluster | driver: in the
@@ -112,7 +113,7 @@ class TrainConfig:
     max_failures: int = 2          # worker-group restarts (from the last checkpoint) before giving up
     cpus_per_worker: float | None = None  # CPU tokens per worker; None: the workers share the whole cluster
                                    # (a Tune sweep sets it so that several trials fit side by side)
-    seed: int = 0                  # model init / dropout / data order
+    seed: int = 0                  # model init / dropout / order of the training data / PPO's prompts
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
@@ -175,7 +176,7 @@ class OwnPairs:
     temperature: float = 1.0       # sampling temperature
     max_new_tokens: int = 128      # answer length limit
     engine: str = "hf"             # rollout engine that samples: hf | vllm (as PPO's)
-    seed: int = 0                  # the draw (with the same seed the same pairs)
+    seed: int | None = None        # the draw (same seed, same pairs); None: train.seed
     rule: str | None = None        # "module:function" (example, text, response_ids) -> float scoring the
                                    # answers instead of the task's checker (then data.sources work too)
     reward_model: str | None = None  # a reward model (the rm stage's checkpoint) scoring the answers instead

@@ -67,7 +67,12 @@ def own_key(cfg) -> dict:
     very pairs it started with)."""
     from unipipe_ray.config import to_dict
 
-    return {"model": cfg.model, "own": to_dict(cfg.own), "data": to_dict(cfg.data)}
+    return {"model": cfg.model, "own": to_dict(cfg.own) | {"seed": own_seed(cfg)}, "data": to_dict(cfg.data)}
+
+
+def own_seed(cfg) -> int:
+    """The draw's seed: ``own.seed``, else the stage's training seed (so a run's seed varies its pairs too)."""
+    return cfg.train.seed if cfg.own.seed is None else cfg.own.seed
 
 
 def _scorer(cfg):
@@ -113,7 +118,7 @@ def sample_pairs(cfg, tokenizer, output_dir) -> tuple[list[PreferencePair], list
             progress(f"dpo: reusing the {saved['stats']['pairs']} own-sample pairs in {path}")
             load = lambda rows: [PreferencePair(**{**r, "prompt": tuple(r["prompt"])}) for r in rows]  # noqa: E731
             return load(saved["train"]), load(saved["eval"]), saved["stats"]
-    own = cfg.own
+    own, seed = cfg.own, own_seed(cfg)
     score = _scorer(cfg)  # before sampling: a bad rule or a task without a checker stops here
     train_prompts, eval_prompts = stage_examples(cfg.data, "prompt")
     resources = {"num_gpus": 1} if cfg.train.use_gpu else {"num_cpus": 1}
@@ -125,13 +130,13 @@ def sample_pairs(cfg, tokenizer, output_dir) -> tuple[list[PreferencePair], list
         progress(f"dpo: sampling {own.samples} answers to each of {len(prompts)} {split} prompts from {cfg.model}")
         ids = [prompt_ids(p.prompt, tokenizer) for p in prompts]
         responses, scores = ray.get(sampler.remote(own.engine, model, ids, own.samples, own.max_new_tokens,
-                                                   own.temperature, own.seed + (split == "eval"), reward_model,
+                                                   own.temperature, seed + (split == "eval"), reward_model,
                                                    tokenizer.pad_token_id))
         answers = [[tokenizer.decode(r, skip_special_tokens=True) for r in rs] for rs in responses]
         if score is not None:
             scores = [[float(score(p, a, r)) for a, r in zip(texts, rs, strict=True)]
                       for p, texts, rs in zip(prompts, answers, responses, strict=True)]
-        pairs, split_stats = build_pairs(prompts, answers, scores, seed=own.seed, source=f"own:{split}")
+        pairs, split_stats = build_pairs(prompts, answers, scores, seed=seed, source=f"own:{split}")
         out.append(pairs)
         stats |= {f"{split}_{k}": v for k, v in split_stats.items()}
         stats[f"{split}_tokens_generated"] = sum(len(r) for rs in responses for r in rs)  # the sampling's compute

@@ -180,9 +180,10 @@ def load_prompts(cfg: PPOConfig, tokenizer, root: str | None = None, address: st
 
 
 def iteration_prompts(cfg: PPOConfig, prompts, it: int) -> list[tuple]:
-    """Iteration ``it``'s prompts, a pure function of (seed, iteration): a resumed run draws what the first
-    would have (``sample`` picks positions from the count alone, as it would from the list)."""
-    picked = random.Random(cfg.data.seed * 1_000_003 + it).sample(range(len(prompts)),
+    """Iteration ``it``'s prompts, a pure function of (train.seed, iteration): a resumed run draws what the
+    first would have (``sample`` picks positions from the count alone, as it would from the list). The draw
+    follows the training seed, not data.seed, so that seeds vary the run while the held-out split stays."""
+    picked = random.Random(cfg.train.seed * 1_000_003 + it).sample(range(len(prompts)),
                                                                   min(cfg.prompts_per_iter, len(prompts)))
     return prompts.prompts(picked)
 

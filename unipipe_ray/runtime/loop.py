@@ -185,7 +185,7 @@ class Run:
 
     def batch_indices(self, step: int) -> list[list[int]]:
         return step_batches(len(self.train_feats), self.train.batch_size, self.train.grad_accum, self.world,
-                            self.rank, step, self.cfg.data.seed)
+                            self.rank, step, self.train.seed)
 
     def micro_batches(self, step: int, collate) -> list[dict]:
         """This rank's micro-batches of optimizer step ``step``, collated and on the device."""
