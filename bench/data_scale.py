@@ -225,12 +225,10 @@ def write_report(out: Path, rows: dict, args) -> None:
     import ray
     import torch
 
+    from unipipe_ray.runtime.devices import cpu_model
+
     stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     lines = ["# Data at scale: the direct path vs the tokenized cache (CPU)", "",
              "Written by `bench/data_scale.py` (see bench/README.md).", "",
              f"- date: {stamp}, host {platform.node()}", f"- CPU: {cpu} ({os.cpu_count()} cores), "

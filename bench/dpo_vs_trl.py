@@ -322,8 +322,9 @@ def machine(args) -> dict:
     import transformers
     import trl
 
-    cpu = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
-    info = {"cpu": cpu.group(1) if cpu else platform.processor(), "cores": os.cpu_count(),
+    from unipipe_ray.runtime.devices import cpu_model
+
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -132,11 +132,11 @@ def machine() -> dict:
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    info = {"cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
-            else None, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    from unipipe_ray.runtime.devices import cpu_model
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
     try:
         import vllm
 

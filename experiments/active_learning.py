@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -42,6 +41,7 @@ from unipipe_ray.core.models import cache_dir, load_tokenizer, resolve_model
 from unipipe_ray.data import collate_preference, load_examples, tokenize_all
 from unipipe_ray.eval.select import ensemble_disagreement, margin_uncertainty, top_k
 from unipipe_ray.eval.summary import compare_scores, entry
+from unipipe_ray.runtime.devices import cpu_model
 
 ARMS = ("random", "ensemble", "margin")
 
@@ -216,14 +216,6 @@ def markdown(result: dict) -> str:
         f"{ci(s['seed_only'])}; whole pool ({result['settings']['pool']} pairs): {result['whole_pool']:.3f}\n"
 
 
-def _cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="HH-RLHF style preference pairs (jsonl[.gz])")
@@ -259,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"seed {seed}: " + json.dumps({a: per_seed[-1][a] for a in ARMS}), file=sys.stderr)
     result = {"settings": vars(args), "data": info, "per_seed": per_seed, "summary": summarise(per_seed, args),
               "whole_pool": accuracy(train_head(pool, args.weight_decay), test),
-              "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+              "machine": f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
               "seconds": round(time.time() - start, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ import torch
 
 from unipipe_ray.data.arith import ArithProblem, ArithTask
 from unipipe_ray.data.records import SFTExample
+from unipipe_ray.runtime.devices import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL_SEED = 0          # the sweep's task pool: ArithTask(n=task_size, seed=data.seed=0)
@@ -193,11 +194,6 @@ def pretrain(model, examples: list[SFTExample], tokenizer, args) -> tuple[dict, 
     return {"steps": len(losses), "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
             "tokens": tokens, "tokens_per_cpu_s": round(tokens / cpu_seconds), "loss_first": losses[0],
             "loss_last100": sum(losses[-100:]) / len(losses[-100:])}, seen
-
-
-def cpu_name() -> str:
-    models = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-    return models[0].strip() if models else "unknown CPU"
 
 
 @torch.no_grad()
@@ -363,7 +359,7 @@ def main() -> None:
         sfts.append({**sft, "figures": answer_figures(sft_dir, examples, args.max_new_tokens)})
         print(json.dumps({k: v for k, v in sfts[-1]["figures"].items() if k != "samples"}), flush=True)
     result = {"command": "nice -n 19 python experiments/allocation_base.py " + " ".join(sys.argv[1:]),
-              "machine": f"{cpu_name()}, {os.cpu_count()} cores (shared with other jobs), no GPU",
+              "machine": f"{cpu_model()}, {os.cpu_count()} cores (shared with other jobs), no GPU",
               "model_dir": str(out),
               "base": info, "sft": sfts, "checks": checks}
     Path(args.results + ".json").write_text(json.dumps(result, indent=1))

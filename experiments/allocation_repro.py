@@ -266,10 +266,10 @@ def finding_iv(cells: dict, budgets: list[int]) -> str:
 
 
 def cpu_line() -> str:
-    info = Path("/proc/cpuinfo")
-    names = re.findall(r"model name\s*:\s*(.+)", info.read_text()) if info.exists() else []
+    from unipipe_ray.runtime.devices import cpu_model
+
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return f"{names[0].strip() if names else 'unknown CPU'}, {os.cpu_count()} cores" + (f", GPUs {gpu}" if gpu else "")
+    return f"{cpu_model()}, {os.cpu_count()} cores" + (f", GPUs {gpu}" if gpu else "")
 
 
 def base_model_text(model: str) -> str:

@@ -31,7 +31,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -215,18 +214,12 @@ def summarise(scores_by_seed: dict[int, dict], compute_by_seed: dict[int, dict])
     return {"seeds": seeds, "arms": arms, "stages": stages}
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what platform knows."""
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def markdown(args, summary: dict, n: int, wall: float) -> str:
     import torch
 
-    cpu = cpu_name()
+    from unipipe_ray.runtime.devices import cpu_model
+
+    cpu = cpu_model()
     lines = [f"# Chain gains: {args.model} on arith, {len(summary['seeds'])} seed(s) x {n} held-out problems", "",
              f"Measured {datetime.date.today()} on {cpu} ({os.cpu_count()} cores, "
              f"{'GPU' if torch.cuda.is_available() else 'no GPU'}); {wall / 60:.0f} min in all"

@@ -137,12 +137,13 @@ def held_out_answers(args, cfg, policies: dict, cache: Path) -> dict:
 
 def markdown(args, cfg, history, alarm, answers, rm, ppo, png, seconds: dict) -> str:
     from unipipe_ray.eval.summary import compare_scores
+    from unipipe_ray.runtime.devices import cpu_model
 
     scores = {name: a["scores"] for name, a in answers.items()}
 
     rm_acc = {k: v for k, v in rm.get("metrics", {}).items() if "eval_acc" in k}
     lines = [f"# Reward hacking on its own: {args.model}, arith, PPO on a weak reward model's score alone", "",
-             f"Measured {datetime.date.today()} on {chain_gains.cpu_name()} ({os.cpu_count()} cores); "
+             f"Measured {datetime.date.today()} on {cpu_model()} ({os.cpu_count()} cores); "
              f"stages {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}. Command: "
              f"`python experiments/reward_hacking.py {' '.join(sys.argv[1:])}`.", "",
              f"Settings: SFT as the demo; reward model from SFT, {args.rm_steps} steps (the RM's own held-out "

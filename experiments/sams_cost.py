@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -73,21 +72,16 @@ def run_arm(model: str, arm: str, steps: int, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def steps_rounds(model, args) -> str:
     steps, rounds = args.steps or SETTINGS[model][4], args.repeats or SETTINGS[model][5]
     return f"{steps} timed steps x {rounds} rounds"
 
 
 def report(rows: list[dict], args) -> str:
+    from unipipe_ray.runtime.devices import cpu_model
+
     lines = ["# SamS cost: step time and peak memory vs plain DPO (CPU)", "",
-             f"Machine: {cpu_name()}, {os.cpu_count()} cores, no GPU; torch threads "
+             f"Machine: {cpu_model()}, {os.cpu_count()} cores, no GPU; torch threads "
              f"{args.threads}; run under `nice -n 19` while another job used the CPU, so times carry noise.",
              f"Command: `nice -n 19 python experiments/sams_cost.py {' '.join(sys.argv[1:])}`. Each arm: a fresh "
              f"process, 1 warm-up + the timed steps on the same pairs; arms interleaved over rounds; medians over "
@@ -117,6 +111,8 @@ def report(rows: list[dict], args) -> str:
 
 
 def main() -> None:
+    from unipipe_ray.runtime.devices import cpu_model
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=sorted(SETTINGS))
     p.add_argument("--steps", type=int, default=0, help="timed steps per arm (0: the model's default)")
@@ -143,7 +139,7 @@ def main() -> None:
             for arm in ARMS:
                 rows.append(run_arm(model, arm, args.steps or SETTINGS[model][4], args.threads))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "step_s"}), flush=True)
-    Path(args.out + ".json").write_text(json.dumps({"argv": sys.argv[1:], "cpu": cpu_name(), "rows": rows},
+    Path(args.out + ".json").write_text(json.dumps({"argv": sys.argv[1:], "cpu": cpu_model(), "rows": rows},
                                                    indent=1))
     Path(args.out + ".md").write_text(report(rows, args))
     print(report(rows, args))

@@ -40,11 +40,11 @@ from sams_common import (  # noqa: E402
     peak_kb,
     reset_peak,
 )
-from sams_cost import cpu_name  # noqa: E402
 
 from unipipe_ray.core.forward import token_logps_of  # noqa: E402
 from unipipe_ray.core.losses import sft_loss  # noqa: E402
 from unipipe_ray.data import collate_preference, collate_sft  # noqa: E402
+from unipipe_ray.runtime.devices import cpu_model  # noqa: E402
 from unipipe_ray.stages.dpo_pairs import pair_logps  # noqa: E402
 
 ARMS = ("none", "random", "sams", "sams_noexplore")
@@ -269,7 +269,7 @@ def main() -> None:
                f"{args.batch} pairs, {args.epochs} epochs, keep ratio {args.keep_ratio}; SamS settings "
                f"{sams or 'default'}, nets {'pretrained during SFT' if args.pretrained else 'fresh'}; seeds "
                f"{args.seeds}")
-    result = {"argv": sys.argv[1:], "cpu": cpu_name(), "setting": setting, "sft_losses": sft_losses,
+    result = {"argv": sys.argv[1:], "cpu": cpu_model(), "setting": setting, "sft_losses": sft_losses,
               "runs": runs, "wall_s": time.time() - start}
     Path(args.out + ".json").write_text(json.dumps(result, indent=1))
     Path(args.out + ".md").write_text(report(result, args))

@@ -129,3 +129,21 @@ def test_in_bf16_the_trainer_and_the_frozen_roles_score_alike():
     scored = engine.score(samples)
     for row, s, want in zip(scored, samples, expected, strict=True):
         torch.testing.assert_close(torch.tensor(row), want[:len(s.response_ids)], rtol=0, atol=0)
+
+
+def test_cpu_model_reads_the_model_name_and_falls_back_to_platform(monkeypatch, tmp_path):
+    import builtins
+    import platform
+
+    from unipipe_ray.runtime.devices import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Test CPU 9000\nflags\t: avx2\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
+                                                                          *a, **k))
+    assert cpu_model() == "Test CPU 9000"
+    info.write_text("processor\t: 0\n")  # no model name line (some ARM kernels)
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert cpu_model() == "aarch64"

@@ -70,3 +70,15 @@ def release_cached_memory() -> None:
     """Give the CUDA caching allocator's free blocks back, so a colocated role can use them."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def cpu_model() -> str:
+    """The CPU's model name as benchmark and experiment reports state the machine (Linux's /proc/cpuinfo),
+    else what ``platform`` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown CPU"
