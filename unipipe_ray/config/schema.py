@@ -239,6 +239,8 @@ class PPOConfig:
     colocate: bool = False              # all roles share the same devices (take turns) | each role its own
     prompts_per_iter: int = 8           # prompts per PPO iteration
     samples_per_prompt: int = 2         # n responses per prompt
+    share_prompts: bool = False         # policy and reference forward each prompt once for its n samples
+                                        # (core/shared_prefix.py; same log-probs and gradients)
     iterations: int = 10                # PPO iterations (rollout + update)
     max_new_tokens: int = 64            # response length cap
     temperature: float = 1.0            # sampling temperature (also applied to the trainer's logits)

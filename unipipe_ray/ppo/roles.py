@@ -31,6 +31,7 @@ from unipipe_ray.core.sequences import (
     response_mask,
     to_batch,
 )
+from unipipe_ray.core.shared_prefix import shared_batch, shared_prefix_logits
 from unipipe_ray.core.storage import localize, writing_to
 from unipipe_ray.runtime import devices
 from unipipe_ray.runtime import distributed as dist
@@ -70,15 +71,28 @@ def _select(samples, idx):
     return [samples[i] for i in idx]
 
 
+def _batch(samples, pad_id: int, device, share_prompts: bool) -> dict:
+    """The samples as a batch: samples sharing a prompt forward it once (core.shared_prefix) when
+    ``share_prompts`` and some prompt repeats, else the plain left-padded rows."""
+    return (share_prompts and shared_batch(samples, pad_id, device)) or to_batch(samples, pad_id, device)
+
+
+def _kept_logits(model, batch, prefix_model=None) -> torch.Tensor:
+    """Logits of the last R + 1 positions (the states that emit response tokens), either layout."""
+    if "prefix_ids" in batch:
+        return shared_prefix_logits(model, batch, prefix_model)
+    return model(**model_inputs(batch), logits_to_keep=logits_to_keep(batch)).logits
+
+
 class PolicyTrainer:
     def __init__(self, model_path: str, lr: float, pad_id: int, temperature: float, clip_eps: float,
                  max_grad_norm: float = 1.0, total_updates: int = 1000, backend: str = "ddp", zero_stage: int = 0,
                  seed: int = 0, threads: int | None = None, rank: int = 0, world: int = 1, master=None,
-                 dtype: str = "float32", device=None):
+                 dtype: str = "float32", device=None, share_prompts: bool = False):
         model_path = node_model(model_path)  # this node's copy (core.models.shareable_model)
         from transformers import AutoModelForCausalLM
 
-        self.device = _device(device, threads)
+        self.device, self.share_prompts = _device(device, threads), share_prompts
         self.group_address = _setup(seed, rank, world, master)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
         model.config.use_cache = False
@@ -92,12 +106,12 @@ class PolicyTrainer:
 
     def _forward(self, model, batch):
         """Logits / temperature of the last R + 1 positions only: the LM head never runs over the prompt."""
-        return model(**model_inputs(batch), logits_to_keep=logits_to_keep(batch)).logits.float() / self.temperature
+        return _kept_logits(model, batch, self.engine.module).float() / self.temperature
 
     @torch.no_grad()
     def logps(self, samples) -> torch.Tensor:
         """(N, R) log-probs of the responses under the current policy (PPO's old log-probs)."""
-        batch = to_batch(samples, self.pad_id, self.device)
+        batch = _batch(samples, self.pad_id, self.device, self.share_prompts)
         return response_grid_logps(self._forward(self.engine.module, batch), batch).cpu()
 
     def update(self, samples, old_logps, advantages, epochs: int, minibatch_size: int, iteration: int,
@@ -118,7 +132,7 @@ class PolicyTrainer:
         ref_logps = ref_logps.to(self.device) if ref_logps is not None else None
         for epoch in range(epochs):
             for idx in _minibatches(len(samples), minibatch_size, epoch, self.seed + iteration):
-                batch = to_batch(_select(samples, idx), self.pad_id, self.device)
+                batch = _batch(_select(samples, idx), self.pad_id, self.device, self.share_prompts)
                 mask = response_mask(batch)
                 r = mask.shape[1]
                 adv = advantages[idx, :r]
@@ -269,22 +283,22 @@ class CriticTrainer:
 
 class ReferenceModel:
     def __init__(self, model_path: str, pad_id: int, temperature: float, threads: int | None = None,
-                 dtype: str = "float32", device=None):
+                 dtype: str = "float32", device=None, share_prompts: bool = False):
         model_path = node_model(model_path)  # this node's copy (core.models.shareable_model)
         from transformers import AutoModelForCausalLM
 
         self.device = _device(device, threads)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype),
                                                           use_safetensors=True).to(self.device).eval()
-        self.pad_id, self.temperature = pad_id, temperature
+        self.pad_id, self.temperature, self.share_prompts = pad_id, temperature, share_prompts
 
     def device_name(self) -> str:
         return device_name(self.model)
 
     @torch.no_grad()
     def logps(self, samples) -> torch.Tensor:
-        batch = to_batch(samples, self.pad_id, self.device)
-        logits = self.model(**model_inputs(batch), logits_to_keep=logits_to_keep(batch)).logits.float()
+        batch = _batch(samples, self.pad_id, self.device, self.share_prompts)
+        logits = _kept_logits(self.model, batch).float()
         return response_grid_logps(logits / self.temperature, batch).cpu()
 
 
