@@ -239,8 +239,9 @@ class PPOConfig:
     colocate: bool = False              # all roles share the same devices (take turns) | each role its own
     prompts_per_iter: int = 8           # prompts per PPO iteration
     samples_per_prompt: int = 2         # n responses per prompt
-    share_prompts: bool = False         # policy and reference forward each prompt once for its n samples
-                                        # (core/shared_prefix.py; same log-probs and gradients)
+    share_prompts: bool = True          # policy and reference forward each prompt once for its n samples
+                                        # (core/shared_prefix.py; same log-probs and gradients); false: every
+                                        # sample's prompt in its own row
     iterations: int = 10                # PPO iterations (rollout + update)
     max_new_tokens: int = 64            # response length cap
     temperature: float = 1.0            # sampling temperature (also applied to the trainer's logits)

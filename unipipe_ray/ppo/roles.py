@@ -88,7 +88,7 @@ class PolicyTrainer:
     def __init__(self, model_path: str, lr: float, pad_id: int, temperature: float, clip_eps: float,
                  max_grad_norm: float = 1.0, total_updates: int = 1000, backend: str = "ddp", zero_stage: int = 0,
                  seed: int = 0, threads: int | None = None, rank: int = 0, world: int = 1, master=None,
-                 dtype: str = "float32", device=None, share_prompts: bool = False):
+                 dtype: str = "float32", device=None, share_prompts: bool = True):
         model_path = node_model(model_path)  # this node's copy (core.models.shareable_model)
         from transformers import AutoModelForCausalLM
 
@@ -283,7 +283,7 @@ class CriticTrainer:
 
 class ReferenceModel:
     def __init__(self, model_path: str, pad_id: int, temperature: float, threads: int | None = None,
-                 dtype: str = "float32", device=None, share_prompts: bool = False):
+                 dtype: str = "float32", device=None, share_prompts: bool = True):
         model_path = node_model(model_path)  # this node's copy (core.models.shareable_model)
         from transformers import AutoModelForCausalLM
 
