@@ -1,6 +1,7 @@
 """What a run's seed varies and what it keeps: ``train.seed`` drives the training order, PPO's prompt draw
-and the own-sample draw; ``data.seed`` the held-out split alone. So replicates over seeds are scored on the
-same held-out problems and still differ in training (experiments/chain_gains.py relies on both)."""
+and the own-sample draw; ``data.seed`` the held-out split (and the generated problems). So replicates over
+seeds are scored on the same held-out problems and still differ in training (experiments/chain_gains.py
+relies on both)."""
 
 import pytest
 
