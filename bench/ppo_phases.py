@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 from pathlib import Path
 
@@ -36,8 +35,9 @@ def compare(args) -> str:
                         "phases": {ph: statistics.mean(r["phases"].get(ph, 0.0) for r in timed) for ph in PHASES},
                         "total": statistics.mean(r["seconds"] for r in timed),
                         "per_iteration": [round(r["seconds"], 1) for r in data["iterations"]]}
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    from unipipe_ray.runtime.devices import cpu_model
+
+    cpu = cpu_model()
     labels = list(sides)
     lines = ["# PPO iteration phases, before and after", "",
              f"Measured {datetime.date.today()} on {cpu} ({os.cpu_count()} cores), no GPU, with "
@@ -75,8 +75,9 @@ def main(argv=None) -> int:
         p.error("give --history or --compare")
     history = json.loads(Path(args.history).read_text())
     config = json.loads((Path(args.history).parent / "ppo_config.json").read_text())
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    from unipipe_ray.runtime.devices import cpu_model
+
+    cpu = cpu_model()
     rows = [{ph: h.get(f"time/{ph}_s", 0.0) for ph in PHASES} | {"iteration": h["iteration"],
             "tokens_per_s": h["ppo/rollout_tokens_per_s"], "response_length": h["ppo/response_length"]}
             for h in history]
