@@ -162,6 +162,7 @@ def run_ours(args, engine: str, share_prompts: bool = False) -> dict:
     from unipipe_ray.runtime.cluster import init_ray
 
     started = time.perf_counter()
+    side = f"ours-{engine}" + ("-shared" if share_prompts else "")
     cfg = PPOConfig(
         model=args.model, output_dir=str(Path(args.workdir) / f"run-{engine}"), estimator="grpo", engine=engine,
         share_prompts=share_prompts,
@@ -218,13 +219,13 @@ def run_ours(args, engine: str, share_prompts: bool = False) -> dict:
                     "prompt_ids": [s.prompt_ids for s in samples],
                     "response_ids": [s.response_ids for s in samples],
                     "loss": metrics["ppo/policy_loss"], "grad_norm": metrics["ppo/grad_norm"],
-                    "engine": engine + ("-shared" if share_prompts else "")}))
+                    "engine": side.removeprefix("ours-")}))
         memory = _tree_memory(os.getpid())
     finally:
         for group in groups.values():
             group.kill()
         ray.util.remove_placement_group(placement)
-    return {"side": f"ours-{engine}" + ("-shared" if share_prompts else ""), "setup_s": setup_s,
+    return {"side": side, "setup_s": setup_s,
             "iterations": iterations, "memory": memory,
             "threads": threads, "torch_threads": torch.get_num_threads()}
 
