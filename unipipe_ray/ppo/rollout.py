@@ -60,21 +60,22 @@ class HFEngine:
             self.generator.manual_seed(seed)
         from unipipe_ray.runtime.devices import release_cached_memory
 
-        expanded = [p for p in prompts for _ in range(n)]  # n consecutive samples per prompt
         out: list[Sample] = []
-        for i in range(0, len(expanded), self.batch_size):
-            out.extend(self._generate_batch(expanded[i:i + self.batch_size], max_new_tokens, temperature, top_p))
+        for units in _batches(prompts, n, self.batch_size):
+            out.extend(self._generate_batch(units, max_new_tokens, temperature, top_p))
         release_cached_memory()  # the KV caches are gone: give their blocks back to colocated roles
         return out
 
     def device_name(self) -> str:
         return str(self.device)
 
-    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p) -> list[Sample]:
-
+    def _generate_batch(self, units, max_new_tokens, temperature, top_p) -> list[Sample]:
+        """Decode one batch; ``units`` are (prompt, copies) pairs, the batch's rows each prompt's copies in
+        turn."""
         from unipipe_ray.core.sampling import sample_tokens
 
-        logits, cache, mask, positions = self._prefill(prompts, max_new_tokens)
+        logits, cache, mask, positions = self._prefill([p for p, _ in units], [c for _, c in units], max_new_tokens)
+        prompts = [p for p, copies in units for _ in range(copies)]
         width = mask.shape[1] - max_new_tokens
         responses = [[] for _ in prompts]
         logps = [[] for _ in prompts]
@@ -99,12 +100,14 @@ class HFEngine:
         return [Sample(list(p), r, lp, bool(r) and r[-1] == self.eos_id)
                 for p, r, lp in zip(prompts, responses, logps, strict=True)]
 
-    def _prefill(self, prompts, max_new_tokens: int, group_size: int = 8):
-        """Run the prompts through the model, grouped by length so short prompts do not pay for the longest
-        one's padding (prefill is compute-bound: with HH prompts, padding to the batch's longest doubled it).
-        Returns the last position's logits, one left-padded KV cache for the whole batch, preallocated for
-        the new tokens (a growing cache re-copies itself every step: 39% of a decode step on CPU), the
-        attention mask over that cache and each row's last position."""
+    def _prefill(self, prompts, copies: list[int], max_new_tokens: int, group_size: int = 8):
+        """Run each prompt through the model once, however many samples it gets (its KV cache and last logits
+        are then copied to each sample's row: with 4 samples per prompt that is a quarter of the prefill
+        compute), grouped by length so short prompts do not pay for the longest one's padding (prefill is
+        compute-bound: with HH prompts, padding to the batch's longest doubled it).
+        Returns, per row (each prompt ``copies`` times, in order), the last position's logits, one left-padded
+        KV cache for the whole batch, preallocated for the new tokens (a growing cache re-copies itself every
+        step: 39% of a decode step on CPU), the attention mask over that cache and each row's last position."""
         from transformers import DynamicCache, StaticCache
 
         width = max(len(p) for p in prompts)
@@ -131,16 +134,19 @@ class HFEngine:
             values.append([torch.nn.functional.pad(layer.values, (0, 0, pad, 0)) for layer in cache.layers])
         inverse = torch.empty(len(prompts), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(prompts))
-        inverse = inverse.to(self.device)
+        # batch row -> its prompt's row in the concatenated groups
+        source = inverse.repeat_interleave(torch.tensor(copies)).to(self.device)
         merged = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
         for layer in range(len(keys[0])):
-            merged.update(torch.cat([k[layer] for k in keys])[inverse], torch.cat([v[layer] for v in values])[inverse],
+            merged.update(torch.cat([k[layer] for k in keys])[source], torch.cat([v[layer] for v in values])[source],
                           layer)
-        mask = torch.zeros(len(prompts), width + max_new_tokens, dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            mask[i, width - len(p):] = 1
-        positions = torch.tensor([[len(p) - 1] for p in prompts], device=self.device)
-        return torch.stack(logits), merged, mask, positions
+        lengths = [len(p) for p, c in zip(prompts, copies, strict=True) for _ in range(c)]
+        mask = torch.zeros(len(lengths), width + max_new_tokens, dtype=torch.long, device=self.device)
+        for i, length in enumerate(lengths):
+            mask[i, width - length:] = 1
+        positions = torch.tensor([[length - 1] for length in lengths], device=self.device)
+        first = torch.stack(logits).repeat_interleave(torch.tensor(copies, device=self.device), dim=0)
+        return first, merged, mask, positions
 
     def load_weights(self, state_dict: dict) -> None:
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
@@ -157,6 +163,24 @@ class HFEngine:
         logits = self.model(**model_inputs(batch, self.device), logits_to_keep=logits_to_keep(batch)).logits
         logps = response_grid_logps(logits.float().cpu() / temperature, batch)
         return [row[:len(s.response_ids)].tolist() for row, s in zip(logps, samples, strict=True)]
+
+
+def _batches(prompts: list[list[int]], n: int, batch_size: int):
+    """Split n samples of each prompt into batches of at most ``batch_size`` rows, as lists of (prompt, copies):
+    the same rows as cutting the list of every prompt repeated n times (so the same draws), with a prompt's
+    samples in one batch sharing one prefill."""
+    batch, rows = [], 0
+    for prompt in prompts:
+        left = n
+        while left:
+            take = min(left, batch_size - rows)
+            batch.append((prompt, take))
+            rows, left = rows + take, left - take
+            if rows == batch_size:
+                yield batch
+                batch, rows = [], 0
+    if batch:
+        yield batch
 
 
 class VLLMEngine:
