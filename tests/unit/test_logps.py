@@ -13,6 +13,7 @@ from unipipe_ray.core.logps import (
     sequence_logps,
     token_entropy,
     token_logps,
+    token_logps_entropy,
 )
 
 
@@ -141,6 +142,46 @@ def test_chunked_frozen_head_and_all_masked():
     assert not mask.any() and torch.equal(logps, torch.zeros_like(logps))
     grad_hidden, grad_weight = torch.autograd.grad(logps.sum(), (hidden, weight))
     assert grad_hidden.abs().sum() == 0 and grad_weight.abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_logps_and_entropy_equal_the_separate_ones(dtype):
+    """Values, and the gradient of a weighted sum of the log-probs, as token_logps' and token_entropy's (a
+    large logit scale, some labels masked, one row all masked); bf16 logits come back at least fp32."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 6, 11, dtype=torch.float64) * 8).to(dtype)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[0, :2], labels[2] = IGNORE_INDEX, IGNORE_INDEX
+    weights = torch.randn(3, 5, dtype=torch.float64)
+    grads = []
+    for fused in (False, True):
+        x = logits.clone().requires_grad_(True)
+        if fused:
+            logps, entropy, mask = token_logps_entropy(x, labels)
+        else:
+            (logps, mask), entropy = token_logps(x, labels), token_entropy(x.detach(), labels[:, 1:] != IGNORE_INDEX)
+        assert logps.dtype == entropy.dtype == torch.promote_types(dtype, torch.float32)
+        assert not entropy.requires_grad
+        (logps * weights.to(logps.dtype)).sum().backward()
+        grads.append((logps.detach(), entropy, mask, x.grad))
+    tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 1e-5}
+    torch.testing.assert_close(grads[1][0], grads[0][0], **tol)
+    torch.testing.assert_close(grads[1][1], grads[0][1], **tol)
+    assert torch.equal(grads[1][2], grads[0][2])
+    torch.testing.assert_close(grads[1][3], grads[0][3], **({"atol": 1e-2, "rtol": 1e-2} if dtype == torch.bfloat16
+                                                            else tol))
+    assert grads[1][0][2].abs().sum() == 0 and grads[1][3][2].abs().sum() == 0  # all masked: no value, no grad
+
+
+def test_fused_logps_refuse_a_second_backward():
+    """The backward turns the saved softmax into the gradient in place: a second one would be wrong, so it is
+    refused (this is also why gradcheck, which backpropagates once per output, cannot run on it)."""
+    logits = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[IGNORE_INDEX, 1, 4, 0], [2, 3, IGNORE_INDEX, 1]])
+    logps, _, _ = token_logps_entropy(logits, labels)
+    logps.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        logps.sum().backward()
 
 
 def test_math_modules_do_not_import_heavy_frameworks():

@@ -13,6 +13,7 @@ from unipipe_ray.ppo.rewards import pad_rows
 from unipipe_ray.ppo.rollout import RolloutWorker
 
 CPU = torch.device("cpu")
+LR = 1e-2
 
 
 def test_logp_gap_compares_only_the_sampled_tokens():
@@ -44,7 +45,7 @@ def rollouts():
 
 
 def _trainer():
-    return roles.PolicyTrainer(str(tiny_model_dir()), lr=1e-2, pad_id=0, temperature=1.0, clip_eps=0.2, device=CPU,
+    return roles.PolicyTrainer(str(tiny_model_dir()), lr=LR, pad_id=0, temperature=1.0, clip_eps=0.2, device=CPU,
                                seed=1)
 
 
@@ -67,8 +68,12 @@ def test_one_step_without_old_logps_equals_the_update_with_them(rollouts, kl_coe
     b = without.update(rollouts, None, advantages, 1, n, 0, *kl)
     assert a["ppo/policy_loss"] == pytest.approx(b["ppo/policy_loss"], abs=1e-6)
     assert a["ppo/kl_in_loss"] == pytest.approx(b["ppo/kl_in_loss"], rel=1e-5)
+    assert a["ppo/grad_norm"] == pytest.approx(b["ppo/grad_norm"], rel=1e-5)
+    # Adam's first step is about lr * sign(gradient), so where a gradient is near 0 float noise moves it: the
+    # separate forward saw the samples in another order than the shuffled minibatch, and with 2 threads the
+    # matmuls then round differently (1e-6 in the log-probs; up to 1% of a step in a few weights here)
     wa, wb = _weights(with_old), _weights(without)
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 0.02 * LR
     assert b["ppo/rollout_logp_max_diff"] < LOGP_ATOL  # the engine sampled with the trainer's weights
     # by hand: at ratio 1 the token loss is -A + kl_coef * k3(logp, ref), averaged over the response tokens
     mask = pad_rows([torch.ones(len(s.response_ids)) for s in rollouts], width).bool()

@@ -7,16 +7,17 @@ Rows are LEFT-padded so that every row ends at the last column: then the states 
 all lie in the last R + 1 positions, and the LM head only runs there (``logits_to_keep``), not over the
 prompt. Position ids come from the attention mask, so padding does not shift the positions the model sees.
 
-Log-probs and entropies go through the same ``logps.token_logps`` / ``token_entropy`` as the right-padded
-training batches (one shift, one gather, one logsumexp): the kept positions get labels that mask all but the
-response tokens, and ``on_response_grid`` moves the result from row positions onto the (N, R) grid.
+Log-probs and entropies go through ``logps.token_logps_entropy`` (the shift of the right-padded training
+batches' ``token_logps``, with the entropy from the same softmax): the kept positions get labels that mask
+all but the response tokens, and ``on_response_grid`` moves the result from row positions onto the (N, R)
+grid.
 """
 
 from __future__ import annotations
 
 import torch
 
-from unipipe_ray.core.logps import IGNORE_INDEX, token_entropy, token_logps
+from unipipe_ray.core.logps import IGNORE_INDEX, token_entropy, token_logps_entropy
 
 
 def to_batch(samples, pad_id: int, device=None) -> dict:
@@ -87,9 +88,17 @@ def on_response_grid(per_step: torch.Tensor, batch: dict) -> torch.Tensor:
 
 def response_grid_logps(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Log-probs (N, R) of the response tokens from logits of the last K positions (N, K, V), at least fp32,
-    0 where masked: the same ``token_logps`` as right-padded training batches, then put on the grid."""
-    logps, _ = token_logps(logits, response_labels(batch, logits.shape[1]).to(logits.device))
-    return on_response_grid(logps, batch)
+    0 where masked. The same computation as the training forward's (``response_grid_logps_entropy``), so
+    that old, reference, engine-scored and new log-probs of the same weights agree to the bit: at ratio 1 a
+    rounding difference would be all of a near-zero gradient, which Adam scales up to a full step."""
+    return response_grid_logps_entropy(logits, batch)[0]
+
+
+def response_grid_logps_entropy(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``response_grid_logps`` and ``response_grid_entropy`` from one pass over the logits
+    (``logps.token_logps_entropy``: the entropy without gradient, the graph backpropagated once)."""
+    logps, entropy, _ = token_logps_entropy(logits, response_labels(batch, logits.shape[1]).to(logits.device))
+    return on_response_grid(logps, batch), on_response_grid(entropy, batch)
 
 
 def response_grid_entropy(logits: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -26,8 +26,8 @@ from unipipe_ray.core.sequences import (
     gather_response,
     logits_to_keep,
     model_inputs,
-    response_grid_entropy,
     response_grid_logps,
+    response_grid_logps_entropy,
     response_mask,
     to_batch,
 )
@@ -77,6 +77,13 @@ def _batch(samples, pad_id: int, device, share_prompts: bool) -> dict:
     return (share_prompts and shared_batch(samples, pad_id, device)) or to_batch(samples, pad_id, device)
 
 
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits / temperature; at temperature 1 the logits themselves (a division is one more (N, K, V)
+    tensor, and its gradient another)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def _kept_logits(model, batch, prefix_model=None) -> torch.Tensor:
     """Logits of the last R + 1 positions (the states that emit response tokens), either layout."""
     if "prefix_ids" in batch:
@@ -106,7 +113,7 @@ class PolicyTrainer:
 
     def _forward(self, model, batch):
         """Logits / temperature of the last R + 1 positions only: the LM head never runs over the prompt."""
-        return _kept_logits(model, batch, self.engine.module).float() / self.temperature
+        return _tempered(_kept_logits(model, batch, self.engine.module), self.temperature)
 
     @torch.no_grad()
     def logps(self, samples) -> torch.Tensor:
@@ -137,8 +144,8 @@ class PolicyTrainer:
                 r = mask.shape[1]
                 adv = advantages[idx, :r]
                 n_tokens = float(dist.all_reduce_sum(float(mask.sum())))
-                logits = self._forward(self.engine, batch)
-                logps = response_grid_logps(logits, batch)
+                # the entropy (a metric) comes without gradient from the same pass as the log-probs
+                logps, entropy = response_grid_logps_entropy(self._forward(self.engine, batch), batch)
                 old = logps.detach() if old_logps is None else old_logps[idx, :r]
                 losses, clipped = ppo_policy_loss(logps, old, adv, self.clip_eps)
                 kl = torch.zeros_like(losses)
@@ -151,7 +158,6 @@ class PolicyTrainer:
                 with torch.no_grad():
                     if old_logps is None:
                         gap = logp_gap([samples[i].logps for i in idx], logps.detach().cpu(), mask.cpu())
-                    entropy = response_grid_entropy(logits.detach(), batch)
                     sums += torch.stack([masked_sum(losses, mask), masked_sum(clipped, mask),
                                          masked_sum(entropy, mask), masked_sum(old - logps, mask),
                                          masked_sum(kl, mask)]).double()
@@ -298,8 +304,7 @@ class ReferenceModel:
     @torch.no_grad()
     def logps(self, samples) -> torch.Tensor:
         batch = _batch(samples, self.pad_id, self.device, self.share_prompts)
-        logits = _kept_logits(self.model, batch).float()
-        return response_grid_logps(logits / self.temperature, batch).cpu()
+        return response_grid_logps(_tempered(_kept_logits(self.model, batch), self.temperature), batch).cpu()
 
 
 class RewardScorer:
