@@ -84,12 +84,14 @@ def test_unipipe_dpo_on_own_samples_of_user_prompts_scored_by_a_reward_model(ray
                                for i in range(12)))
     out = tmp_path / "dpo"
     assert main(["dpo", "model=tiny", f"output_dir={out}", "pairs=own", "own.reward_model=tiny", "own.samples=3",
-                 "own.max_new_tokens=6", f"data.sources=[{{path: {prompts}}}]", "data.eval_size=2",
-                 "data.max_length=64", "train.batch_size=2", "train.max_steps=2"]) == 0
+                 "own.max_new_tokens=6", "own.eval_prompts=1", f"data.sources=[{{path: {prompts}}}]",
+                 "data.eval_size=3", "data.max_length=64", "train.batch_size=2", "train.max_steps=2"]) == 0
     saved = json.loads((out / "own_pairs.json").read_text())
     assert saved["key"]["own"]["reward_model"] == "tiny"
     # continuous scores: every prompt whose answers differ gives a pair, scored best over worst
-    assert saved["stats"]["train_prompts"] == 10 and saved["stats"]["train_pairs"] >= 8
+    assert saved["stats"]["train_prompts"] == 9 and saved["stats"]["train_pairs"] >= 7
+    assert saved["stats"]["eval_prompts"] == 1  # own.eval_prompts: 1 of the 3 held out is sampled
     assert all(p["meta"]["chosen_score"] > p["meta"]["rejected_score"] for p in saved["train"])
     result = json.loads((out / "result.json").read_text())
     assert result["train_examples"] == saved["stats"]["train_pairs"] and result["metrics"]["step"] == 2
+    assert result["eval_examples"] == len(saved["eval"]) <= 1

@@ -67,6 +67,8 @@ def test_saved_pairs_are_reused_for_the_same_inputs_only(tmp_path, monkeypatch):
 def test_the_config_says_what_is_wrong():
     with pytest.raises(ConfigError, match="samples"):
         load_config(DPOConfig, overrides=["pairs=own", "own.samples=1"])
+    with pytest.raises(ConfigError, match="own.eval_prompts"):
+        load_config(DPOConfig, overrides=["pairs=own", "own.eval_prompts=-1"])
     with pytest.raises(ConfigError, match="pairs"):
         load_config(DPOConfig, overrides=["pairs=mine"])
     with pytest.raises(ConfigError, match="data.budget splits constructed pairs"):

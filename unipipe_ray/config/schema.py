@@ -177,6 +177,8 @@ class OwnPairs:
     max_new_tokens: int = 128      # answer length limit
     engine: str = "hf"             # rollout engine that samples: hf | vllm (as PPO's)
     seed: int | None = None        # the draw (same seed, same pairs); None: train.seed
+    eval_prompts: int | None = None  # held-out prompts sampled for the stage's eval pairs (its eval loss and
+                                   # accuracy); None: all data.eval_size of them
     rule: str | None = None        # "module:function" (example, text, response_ids) -> float scoring the
                                    # answers instead of the task's checker (then data.sources work too)
     reward_model: str | None = None  # a reward model (the rm stage's checkpoint) scoring the answers instead
@@ -186,6 +188,8 @@ class OwnPairs:
         check(self.samples >= 2, "samples", f"must be >= 2 (a pair needs two answers), got {self.samples}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        check(self.eval_prompts is None or self.eval_prompts >= 0, "eval_prompts",
+              f"must be >= 0 or null, got {self.eval_prompts}")
         one_of(self.engine, "engine", ("hf", "vllm"))
         check(self.rule is None or ":" in self.rule, "rule", f"must be module:function, got {self.rule!r}")
         check(self.rule is None or self.reward_model is None, "rule", "set rule or reward_model, not both")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from unipipe_ray.core.logps import IGNORE_INDEX, token_entropy, token_logps_entropy
+from unipipe_ray.core.logps import IGNORE_INDEX, token_logps_entropy
 
 
 def to_batch(samples, pad_id: int, device=None) -> dict:
@@ -95,14 +95,8 @@ def response_grid_logps(logits: torch.Tensor, batch: dict) -> torch.Tensor:
 
 
 def response_grid_logps_entropy(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``response_grid_logps`` and ``response_grid_entropy`` from one pass over the logits
-    (``logps.token_logps_entropy``: the entropy without gradient, the graph backpropagated once)."""
+    """``response_grid_logps`` and the entropy (N, R) of the next-token distribution at each response
+    position, from one pass over the logits (``logps.token_logps_entropy``: the entropy without gradient,
+    the graph backpropagated once)."""
     logps, entropy, _ = token_logps_entropy(logits, response_labels(batch, logits.shape[1]).to(logits.device))
     return on_response_grid(logps, batch), on_response_grid(entropy, batch)
-
-
-def response_grid_entropy(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Entropy (N, R) of the next-token distribution at each response position (at least fp32, 0 where
-    masked), through ``token_entropy`` like the log-probs."""
-    labels = response_labels(batch, logits.shape[1]).to(logits.device)
-    return on_response_grid(token_entropy(logits, labels[:, 1:] != IGNORE_INDEX), batch)

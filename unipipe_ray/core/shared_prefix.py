@@ -7,7 +7,7 @@ prompt but its last token runs once (``prefix``), its keys and values are indexe
 index, so the gradient of every copy flows back into the one forward), and the samples' suffixes (the last
 prompt token, then the response) run on top. The suffix block is exactly the last R + 1 positions of the plain
 layout, right-aligned the same way, so the logits come back in the layout ``sequences`` reads (the same
-``response_grid_logps`` / ``response_grid_entropy``), with the same position ids.
+``response_grid_logps_entropy``), with the same position ids.
 
     shared_batch(samples, pad_id, device) -> dict | None   None when no prompt repeats (nothing to share)
     shared_prefix_logits(model, batch, prefix_model)        logits (N, R + 1, V) of the suffix positions

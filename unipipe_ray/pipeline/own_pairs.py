@@ -121,17 +121,21 @@ def sample_pairs(cfg, tokenizer, output_dir) -> tuple[list[PreferencePair], list
     own, seed = cfg.own, own_seed(cfg)
     score = _scorer(cfg)  # before sampling: a bad rule or a task without a checker stops here
     train_prompts, eval_prompts = stage_examples(cfg.data, "prompt")
+    eval_prompts = eval_prompts[:own.eval_prompts] if own.eval_prompts is not None else eval_prompts
     resources = {"num_gpus": 1} if cfg.train.use_gpu else {"num_cpus": 1}
     sampler = ray.remote(**resources)(_sample)
     model = shareable_model(cfg.model)
     reward_model = shareable_model(own.reward_model) if own.reward_model else None
     out, stats = [], {}
     for split, prompts in (("train", train_prompts), ("eval", eval_prompts)):
-        progress(f"dpo: sampling {own.samples} answers to each of {len(prompts)} {split} prompts from {cfg.model}")
-        ids = [prompt_ids(p.prompt, tokenizer) for p in prompts]
-        responses, scores = ray.get(sampler.remote(own.engine, model, ids, own.samples, own.max_new_tokens,
-                                                   own.temperature, seed + (split == "eval"), reward_model,
-                                                   tokenizer.pad_token_id))
+        responses, scores = [], []  # no prompts (eval_prompts: 0, eval_size: 0): no pairs, nothing to sample
+        if prompts:
+            progress(f"dpo: sampling {own.samples} answers to each of {len(prompts)} {split} prompts from "
+                     f"{cfg.model}")
+            ids = [prompt_ids(p.prompt, tokenizer) for p in prompts]
+            responses, scores = ray.get(sampler.remote(own.engine, model, ids, own.samples, own.max_new_tokens,
+                                                       own.temperature, seed + (split == "eval"), reward_model,
+                                                       tokenizer.pad_token_id))
         answers = [[tokenizer.decode(r, skip_special_tokens=True) for r in rs] for rs in responses]
         if score is not None:
             scores = [[float(score(p, a, r)) for a, r in zip(texts, rs, strict=True)]

@@ -60,7 +60,9 @@ def write_report(cfg: PipelineConfig, manifest) -> Path:
         result = evaluate_model(path, task, examples, pairs=pairs if name == "dpo" else None, reward_model=rm,
                                 ref_model=str(resolve_model(dpo_ref)) if dpo_ref else None,
                                 beta=cfg.dpo.beta, max_new_tokens=cfg.eval_max_new_tokens)
-        if sft and name != "sft":
+        # KL to SFT measures how far a stage trained from SFT moved; the base model is SFT's input, not its
+        # output, and sampling its unstopped answers would cost as much as evaluating it.
+        if sft and name not in ("sft", "base"):
             result["kl_to_sft"] = entry(kl_to_reference(path, sft, prompts, cfg.eval_max_new_tokens))
         results[name] = result
     if rm and pairs:
