@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-size", type=int, default=128, help="held-out problems (split off before training)")
-    p.add_argument("--rm-steps", type=int, default=16, help="reward-model steps (16 in results/reward_hacking.md; the demo now trains 12)")
+    p.add_argument("--rm-steps", type=int, default=16, help="reward-model steps (16 in results/reward_hacking.md; "
+                   "the demo now trains 12)")
     p.add_argument("--iterations", type=int, default=12)
     p.add_argument("--lr", type=float, default=3e-5, help="policy learning rate")
     p.add_argument("--kl-coef", type=float, default=0.01)
