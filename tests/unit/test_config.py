@@ -80,8 +80,10 @@ def test_dpo_and_pipeline_validation():
         load_config(DPOConfig, overrides=["label_smoothing=0.5"])
     with pytest.raises(ConfigError, match="stages: must keep the order"):
         load_config(PipelineConfig, overrides=["stages=[dpo, sft]"])
-    cfg = load_config(PipelineConfig, overrides=["stages=[sft, dpo]", "dpo.beta=0.5"])
-    assert cfg.stages == ("sft", "dpo") and cfg.dpo.beta == 0.5
+    with pytest.raises(ConfigError, match="eval_dtype"):
+        load_config(PipelineConfig, overrides=["eval_dtype=float16"])
+    cfg = load_config(PipelineConfig, overrides=["stages=[sft, dpo]", "dpo.beta=0.5", "eval_dtype=auto"])
+    assert cfg.stages == ("sft", "dpo") and cfg.dpo.beta == 0.5 and cfg.eval_dtype == "auto"
 
 
 def test_to_dict_round_trips(tmp_path):

@@ -143,3 +143,36 @@ def test_unipipe_eval_bad_input_exit_2(tmp_path, capsys):
                  "--pairs", str(bad), "--max-new-tokens", "2", "--no-progress", "--out",
                  str(tmp_path / "e.json")]) == 2
     assert f"{bad}:2: missing field 'rejected'" in capsys.readouterr().err
+
+
+def test_greedy_answers_load_the_weights_in_the_dtype_asked(arith, monkeypatch):
+    """evaluate_model(dtype=...) reaches the engine that answers: the report's eval_dtype is not a label only."""
+    import unipipe_ray.ppo.rollout as rollout
+
+    engines = []
+    real = rollout.make_rollout_engine
+
+    def recording(*args, **kwargs):
+        engines.append(real(*args, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(rollout, "make_rollout_engine", recording)
+    task, examples = arith
+    for dtype in ("bfloat16", "float32"):
+        out = evaluate_model("tiny", task, examples, max_new_tokens=4, progress=False, dtype=dtype)
+        assert out["exact_match"]["n"] == len(examples)
+        assert engines[-1].model.dtype == getattr(torch, dtype)
+
+
+def test_auto_inference_dtype_follows_the_hardware(monkeypatch):
+    from unipipe_ray.runtime.devices import inference_dtype
+
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"),
+                                       (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert inference_dtype("auto", cpu) == expected
+    assert inference_dtype("float32", cpu) == "float32" and inference_dtype("bfloat16", cpu) == "bfloat16"
+    with pytest.raises(ValueError, match="unknown dtype"):
+        inference_dtype("float8", cpu)

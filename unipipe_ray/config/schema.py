@@ -318,6 +318,9 @@ class PipelineConfig:
     report: bool = True                     # evaluate every stage's model at the end, write report.md + plots
     eval_size: int = 32                     # held-out examples in the report
     eval_max_new_tokens: int = 128          # greedy answer length in the report
+    eval_dtype: str = "float32"             # the report's greedy answers: float32 | bfloat16 | auto (bfloat16 on
+                                            # a device with native bf16: a GPU, a CPU with AVX512-BF16 or AMX);
+                                            # KL, RM and implicit-reward scores stay float32
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -332,6 +335,7 @@ class PipelineConfig:
                f"must keep the order {' -> '.join(STAGES)}, got {list(self.stages)}")
         check(self.eval_size >= 1, "eval_size", f"must be >= 1, got {self.eval_size}")
         check(self.eval_max_new_tokens >= 1, "eval_max_new_tokens", f"must be >= 1, got {self.eval_max_new_tokens}")
+        one_of(self.eval_dtype, "eval_dtype", ("float32", "bfloat16", "auto"))
         # The report scores the first eval_size held-out examples of these sections' data splits; asking for
         # more than a section holds out would score examples that stage trained on.
         for section in filter(None, self.held_out_sections()):

@@ -23,9 +23,10 @@ from unipipe_ray.eval.summary import corpus_bleu_entry, entry
 
 
 def generate_completions(model_path: str, examples: Sequence, max_new_tokens: int = 128, batch_size: int = 64,
-                         max_prompt_length: int = 256, engine: str = "hf", progress: bool = True) -> list[str]:
+                         max_prompt_length: int = 256, engine: str = "hf", progress: bool = True,
+                         dtype: str = "float32") -> list[str]:
     """Greedy completions of the examples' prompts through the rollout engine (ppo/rollout.py): "hf"
-    (our decode loop, runs anywhere) or "vllm" (needs vLLM installed)."""
+    (our decode loop, runs anywhere) or "vllm" (needs vLLM installed), with weights in ``dtype``."""
     from tqdm import tqdm
 
     from unipipe_ray.core.models import load_tokenizer, resolve_model
@@ -36,7 +37,7 @@ def generate_completions(model_path: str, examples: Sequence, max_new_tokens: in
         raise ValueError(f"unknown engine {engine!r}; expected hf or vllm")
     tokenizer = load_tokenizer(model_path)
     prompts = [tokenize_prompt(ex, tokenizer, max_prompt_length)["input_ids"] for ex in examples]
-    runner = make_rollout_engine(engine, str(resolve_model(model_path)))
+    runner = make_rollout_engine(engine, str(resolve_model(model_path)), dtype=dtype)
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
         samples = runner.generate(prompts[i:i + batch_size], 1, max_new_tokens, temperature=0.0)
@@ -136,15 +137,16 @@ def win_rate_of(scores_a: Sequence[float], scores_b: Sequence[float], n_resample
 def evaluate_model(model_path: str, task, examples: Sequence, *, pairs: Sequence | None = None,
                    reward_model: str | None = None, ref_model: str | None = None, beta: float = 0.1,
                    completions: Sequence[str] | None = None, max_new_tokens: int = 128, max_length: int = 512,
-                   n_resamples: int = 2000, seed: int = 0, progress: bool = True) -> dict:
+                   n_resamples: int = 2000, seed: int = 0, progress: bool = True,
+                   dtype: str = "float32") -> dict:
     """{metric: entry} for one model on held-out ``examples`` (and ``pairs``), as the pipeline report wants.
 
-    Generates greedily unless ``completions`` are given; then evaluate_generations. With ``reward_model``:
-    rm_score (the RM's mean score of the completions) and, with pairs, rm_accuracy. With ``ref_model`` and
-    pairs: implicit_accuracy of this model as a DPO policy against ``ref_model``.
+    Generates greedily (weights in ``dtype``) unless ``completions`` are given; then evaluate_generations.
+    With ``reward_model``: rm_score (the RM's mean score of the completions) and, with pairs, rm_accuracy.
+    With ``ref_model`` and pairs: implicit_accuracy of this model as a DPO policy against ``ref_model``.
     """
     if completions is None:
-        completions = generate_completions(model_path, examples, max_new_tokens, progress=progress)
+        completions = generate_completions(model_path, examples, max_new_tokens, progress=progress, dtype=dtype)
     kw = dict(n_resamples=n_resamples, seed=seed)
     out = evaluate_generations(completions, examples, task, **kw)
     if reward_model is not None:

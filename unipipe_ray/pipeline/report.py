@@ -42,6 +42,7 @@ def write_report(cfg: PipelineConfig, manifest) -> Path:
     from unipipe_ray.data.held_out import pipeline_held_out
     from unipipe_ray.eval.evaluate import evaluate_model, preference_accuracy_of_rm
     from unipipe_ray.eval.summary import entry, without_scores
+    from unipipe_ray.runtime.devices import inference_dtype
 
     run_dir = Path(cfg.run_dir).resolve()
     stages = manifest.data["stages"]
@@ -53,13 +54,14 @@ def write_report(cfg: PipelineConfig, manifest) -> Path:
                                                          if s in done}
     sft = models.get("sft")
     prompts = [tokenize_prompt(ex, tokenizer, 256)["input_ids"] for ex in examples]
+    dtype = inference_dtype(cfg.eval_dtype)  # the report runs in the driver: its device decides "auto"
     results, extra = {}, {}
     for name, path in models.items():
         progress(f"report: evaluating {name} on {len(examples)} held-out examples")
         dpo_ref = (done["dpo"]["config"]["ref_model"] or done["dpo"]["config"]["model"]) if name == "dpo" else None
         result = evaluate_model(path, task, examples, pairs=pairs if name == "dpo" else None, reward_model=rm,
                                 ref_model=str(resolve_model(dpo_ref)) if dpo_ref else None,
-                                beta=cfg.dpo.beta, max_new_tokens=cfg.eval_max_new_tokens)
+                                beta=cfg.dpo.beta, max_new_tokens=cfg.eval_max_new_tokens, dtype=dtype)
         # KL to SFT measures how far a stage trained from SFT moved; the base model is SFT's input, not its
         # output, and sampling its unstopped answers would cost as much as evaluating it.
         if sft and name not in ("sft", "base"):
@@ -68,17 +70,17 @@ def write_report(cfg: PipelineConfig, manifest) -> Path:
     if rm and pairs:
         extra["rm_accuracy"] = preference_accuracy_of_rm(rm, pairs)
     plots = plot_curves(run_dir, list(done))
-    text = _markdown(cfg, manifest, results, extra, plots, len(examples), len(pairs))
+    text = _markdown(cfg, manifest, results, extra, plots, len(examples), len(pairs), dtype)
     write_text_atomic(run_dir / "report.md", text)
     write_text_atomic(run_dir / "report.json", json.dumps(
-        {"models": models, "held_out_examples": len(examples), "held_out_pairs": len(pairs),
+        {"models": models, "held_out_examples": len(examples), "held_out_pairs": len(pairs), "answer_dtype": dtype,
          "results": {k: without_scores(r) for k, r in results.items()},
          "rm": {k: without_scores({k: v})[k] for k, v in extra.items()}}, indent=2, default=float))
     progress(f"report: {run_dir / 'report.md'}")
     return run_dir / "report.md"
 
 
-def _markdown(cfg, manifest, results, extra, plots, n_examples, n_pairs) -> str:
+def _markdown(cfg, manifest, results, extra, plots, n_examples, n_pairs, dtype="float32") -> str:
     from unipipe_ray.eval.summary import markdown_table
 
     stages = manifest.data["stages"]
@@ -86,7 +88,8 @@ def _markdown(cfg, manifest, results, extra, plots, n_examples, n_pairs) -> str:
              f"Run directory `{Path(cfg.run_dir).resolve()}`; base model `{cfg.model}`; task "
              f"`{getattr(cfg, cfg.held_out_sections()[0]).data.task}`; held-out set: {n_examples} examples "
              f"({n_pairs} preference pairs), the {' and '.join(filter(None, cfg.held_out_sections()))} sections' "
-             "splits, never trained on.", "",
+             f"splits, never trained on. Answers are greedy, at most {cfg.eval_max_new_tokens} tokens, weights in "
+             f"{dtype}.", "",
              "| stage | status | seconds | checkpoint |", "|---|---|---|---|"]
     for s in cfg.stages:
         e = stages.get(s, {})

@@ -5,6 +5,7 @@
     actor_device()          inside a plain actor or task: CUDA when Ray gave it a GPU (or a share of one) and
                             CUDA works; outside Ray, CUDA when present; else the CPU
     torch_dtype(name)       the configured dtype ("float32" | "bfloat16") as a torch dtype
+    inference_dtype(name)   "auto" -> "bfloat16" where the device computes it natively, else "float32"
 
 Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned, so inside an actor the first visible GPU is ours:
 "cuda:0" is the right name even when the physical GPU is another one.
@@ -20,6 +21,25 @@ def torch_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}; expected float32 or bfloat16")
     return dtype
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX512-BF16
+    or AMX. Elsewhere torch emulates bf16 on the CPU, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe() for probe in probes if probe is not None)
+
+
+def inference_dtype(name: str, device: torch.device | None = None) -> str:
+    """A configured inference dtype ("float32" | "bfloat16" | "auto") for ``device`` (default: this process's):
+    auto is bfloat16 where the device has it natively (greedy decoding on SmolLM2-135M ran 2x faster than fp32
+    on a 2-core EPYC with AVX512-BF16, same accuracy on 64 arith problems), else float32."""
+    if name != "auto":
+        torch_dtype(name)  # an unknown name fails here, not in the model load
+        return name
+    return "bfloat16" if native_bf16(resolve(device)) else "float32"
 
 
 def _ray_gpu_ids() -> list | None:
