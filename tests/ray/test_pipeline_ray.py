@@ -78,6 +78,9 @@ def test_chain_stops_in_ppo_resumes_there_and_reruns_only_a_changed_dpo(ray_clus
     for row in ("exact_match", "rm_score", "implicit_accuracy", "kl_to_sft"):
         assert f"| {row} |" in report, row
     assert "Reward model: held-out preference accuracy" in report
+    assert "| rm_accuracy |" not in report  # the RM's figure, stated once, not in a policy's column
+    assert json.loads((run_dir / "report.json").read_text())["rm"]["rm_accuracy"]["n"] > 0
+    assert "weights in float32" in report  # the answers' dtype (eval_dtype's default)
     assert {p.name for p in (run_dir / "plots").iterdir()} == {"sft.png", "rm.png", "ppo.png", "dpo.png"}
     figures = json.loads((run_dir / "report.json").read_text())["results"]
     assert set(figures) == {"base", "sft", "ppo", "dpo"}

@@ -67,8 +67,10 @@ def write_report(cfg: PipelineConfig, manifest) -> Path:
         if sft and name not in ("sft", "base"):
             result["kl_to_sft"] = entry(kl_to_reference(path, sft, prompts, cfg.eval_max_new_tokens))
         results[name] = result
-    if rm and pairs:
-        extra["rm_accuracy"] = preference_accuracy_of_rm(rm, pairs)
+    if rm and pairs:  # the RM's accuracy on the held-out pairs: evaluate_model computed it with the DPO model's
+        # pairs; it describes the RM, not that policy, so it leaves the policy's column (and is not scored twice)
+        scored = results.get("dpo", {}).pop("rm_accuracy", None)
+        extra["rm_accuracy"] = scored if scored is not None else preference_accuracy_of_rm(rm, pairs)
     plots = plot_curves(run_dir, list(done))
     text = _markdown(cfg, manifest, results, extra, plots, len(examples), len(pairs), dtype)
     write_text_atomic(run_dir / "report.md", text)
